@@ -1,0 +1,124 @@
+"""``alltoall``: torch.distributed all-to-all (NCCL on GPU, gloo on CPU).
+
+Dispatch sends each token once per destination rank, with the K local-expert ids and
+probs it has there, and the receiver expands rows to experts (as DeepEP does); combine
+sums a token's expert outputs on the expert rank before sending one row back per rank.
+At top-8 over 4 ranks that moves ~2.2x fewer bytes than one row per (token, expert).
+
+Host syncs: exactly one per dispatch, after the count exchange (split sizes must be
+host ints for ``all_to_all_single``). Input validation rides in the same exchange, so
+it costs no extra sync. Combine never syncs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from .. import comm
+from ..permute import GroupPlan, group_plan, permute, unpermute
+from ..protocol import BackendConfig, DispatchInputError, DispatchResult, PendingCheck
+
+
+@dataclass(frozen=True)
+class AllToAllHandle:
+    """What combine needs from one dispatch.
+
+    token_S:     [S] int64 local token index of each sent row (rank-major, token ascending).
+    send_splits: rows sent to each rank (host ints), len R.
+    recv_splits: rows received from each rank (host ints), len R.
+    plan:        grouping of the received rows by local expert.
+    num_tokens:  T, rows of the combine output.
+    """
+
+    token_S: torch.Tensor
+    send_splits: Tuple[int, ...]
+    recv_splits: Tuple[int, ...]
+    plan: GroupPlan
+    num_tokens: int
+
+
+class AllToAllBackend:
+    name = "alltoall"
+
+    def __init__(self, config: BackendConfig):
+        self.cfg = config
+        self.group = config.group
+        self.R = comm.group_size(self.group)
+        self.rank = comm.group_rank(self.group)
+        self.L = config.num_experts // self.R
+
+    @classmethod
+    def availability(cls) -> Optional[str]:
+        if not dist.is_available():
+            return "this torch build has no torch.distributed"
+        return None
+
+    def dispatch(self, x_TH: torch.Tensor, idx_TK: torch.Tensor, probs_TK: torch.Tensor,
+                 check: PendingCheck) -> DispatchResult:
+        R, L, E = self.R, self.L, self.cfg.num_experts
+        T, K = idx_TK.shape
+        dev = x_TH.device
+        H = x_TH.shape[1]
+        valid_TK = (idx_TK >= 0) & (idx_TK < E)
+        rank_TK = torch.where(valid_TK, torch.div(idx_TK, L, rounding_mode="floor"), R)
+        # mask_TR[t, r]: token t has at least one expert on rank r.
+        mask_TR = torch.zeros(T, R + 1, dtype=torch.bool, device=dev)
+        mask_TR.scatter_(1, rank_TK, True)
+        mask_TR = mask_TR[:, :R]
+        ekey = torch.where(valid_TK, idx_TK, E).reshape(-1)
+        counts_E = torch.zeros(E + 1, dtype=torch.long, device=dev)
+        counts_E.scatter_add_(0, ekey, torch.ones_like(ekey))
+        # One message per destination: [rows, per-local-expert rows..., error code, H, K].
+        msg_RC = torch.cat([
+            mask_TR.sum(0, dtype=torch.long).view(R, 1),
+            counts_E[:E].view(R, L),
+            check.code(dev).view(1, 1).expand(R, 1),
+            torch.tensor([[H, K]], dtype=torch.long, device=dev).expand(R, 2),
+        ], dim=1)
+        recv_RC = comm.exchange_ints(msg_RC, self.group)
+        # The single host sync of this dispatch.
+        sent, got = torch.stack([msg_RC.to(recv_RC.device), recv_RC]).tolist()
+        check.raise_if_failed([row[L + 1] for row in got], self.rank)
+        for col, what in ((L + 2, "hidden size"), (L + 3, "top-k width K")):
+            vals = [row[col] for row in got]
+            if any(v != vals[0] for v in vals):
+                raise DispatchInputError(f"dispatch: {what} differs across EP ranks: {vals}")
+        send_splits = [row[0] for row in sent]
+        recv_splits = [row[0] for row in got]
+        tokens_per_expert = [sum(row[1 + l] for row in got) for l in range(L)]
+
+        # Rows in rank-major, token-ascending order; a stable sort avoids nonzero()'s sync.
+        S = sum(send_splits)
+        order = torch.argsort((~mask_TR.t().reshape(-1)).to(torch.int8), stable=True)[:S]
+        token_S = order % max(T, 1)
+        dest_S = torch.div(order, max(T, 1), rounding_mode="floor")
+        on_dest_SK = rank_TK.index_select(0, token_S) == dest_S.unsqueeze(1)
+        lid_SK = torch.where(on_dest_SK, idx_TK.index_select(0, token_S) - dest_S.unsqueeze(1) * L,
+                             -1)
+        probs_SK = probs_TK.index_select(0, token_S) * on_dest_SK
+        # ids ride as float32 (exact below 2**24) beside the probs: one collective for both.
+        meta_SK2 = torch.cat([lid_SK.to(torch.float32), probs_SK], dim=1)
+
+        recv_x = comm.all_to_all(x_TH.index_select(0, token_S), recv_splits, send_splits,
+                                 self.group)
+        recv_meta = comm.all_to_all(meta_SK2, recv_splits, send_splits, self.group)
+        lid_NK = recv_meta[:, :K].detach().to(torch.long)
+        plan = group_plan(lid_NK, L, tokens_per_expert, self.cfg.pad_multiple)
+        tokens, probs = permute(recv_x, recv_meta[:, K:], plan)
+        handle = AllToAllHandle(token_S, tuple(send_splits), tuple(recv_splits), plan, T)
+        return DispatchResult(tokens, torch.tensor(plan.tokens_per_expert, dtype=torch.long),
+                              probs, handle)
+
+    def combine(self, y_NH: torch.Tensor, handle: AllToAllHandle) -> torch.Tensor:
+        per_row = unpermute(y_NH, handle.plan)
+        back = comm.all_to_all(per_row, list(handle.send_splits), list(handle.recv_splits),
+                               self.group)
+        out = back.new_zeros(handle.num_tokens, back.shape[1])
+        if back.dtype in (torch.float16, torch.bfloat16):
+            out = out.float().index_add(0, handle.token_S, back.float()).to(back.dtype)
+        else:
+            out = out.index_add(0, handle.token_S, back)
+        return out

@@ -1,0 +1,71 @@
+"""Helpers shared by the fused-kernel backends (DeepEP, HybridEP, UCCL-EP).
+
+Nothing here imports an optional library. ``agree`` is the one small exchange these
+backends run before touching the library: it settles the dispatch's ``PendingCheck``
+(every rank raises together on bad input) and, in the same all-gather, learns the few
+host integers the library needs to be equal across ranks (hidden size, top-k width,
+token count). One collective and one host sync, the same cost as ``PendingCheck.settle``.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import List, Optional, Sequence
+
+import torch
+
+from . import comm
+from .protocol import DispatchInputError, PendingCheck
+
+
+def agree(check: PendingCheck, group, device: torch.device, ints: Sequence[int]
+          ) -> List[List[int]]:
+    """All-gather ``[check code, *ints]`` over ``group``; raise on every rank if any rank's
+    check failed; return the gathered ``ints`` as host lists, one row per rank."""
+    code = check.code(device).reshape(1).to(torch.int64)
+    msg = torch.cat([code, torch.tensor(list(ints), dtype=torch.int64, device=code.device)])
+    if comm.group_size(group) == 1:
+        rows = [msg.tolist()]
+    else:
+        rows = comm.gather_ints(msg, group).tolist()  # the host sync
+    check.raise_if_failed([r[0] for r in rows], comm.group_rank(group))
+    return [r[1:] for r in rows]
+
+
+def require_equal(rows: List[List[int]], col: int, what: str) -> int:
+    vals = [r[col] for r in rows]
+    if any(v != vals[0] for v in vals):
+        raise DispatchInputError(f"dispatch: {what} differs across EP ranks: {vals}")
+    return vals[0]
+
+
+def import_optional(module: str, hint: str):
+    """Import ``module`` or raise ``ImportError`` whose message says what to install."""
+    try:
+        return importlib.import_module(module)
+    except Exception as exc:  # ImportError, or a broken CUDA extension (OSError, ...)
+        raise ImportError(f"{module} is not importable ({type(exc).__name__}: {exc}); {hint}") \
+            from exc
+
+
+def cuda_reason() -> Optional[str]:
+    if not torch.cuda.is_available():
+        return "needs CUDA GPUs (torch.cuda.is_available() is False)"
+    return None
+
+
+def round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def pad_topk(idx_TK: torch.Tensor, probs_TK: torch.Tensor, K: int):
+    """Widen [T, k] routing to [T, K] with masked (-1, prob 0) slots (k <= K).
+
+    Ranks must agree on K for the fused kernels; a zero-token rank routed from a dense map
+    may have derived a narrower K, which carries no information and is simply widened."""
+    k = idx_TK.shape[1]
+    if k == K:
+        return idx_TK, probs_TK
+    T = idx_TK.shape[0]
+    idx = torch.cat([idx_TK, idx_TK.new_full((T, K - k), -1)], 1)
+    probs = torch.cat([probs_TK, probs_TK.new_zeros(T, K - k)], 1)
+    return idx, probs

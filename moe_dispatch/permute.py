@@ -1,0 +1,134 @@
+"""Local permutation: rows carrying K local-expert slots -> rows grouped by expert, and back.
+
+Every backend ends its dispatch here (after its communication) and starts its combine
+here. ``group_plan`` computes the layout once; ``permute`` and ``unpermute`` apply it.
+The plain torch code below runs everywhere and is the reference; on CUDA a fused Triton
+kernel (``moe_dispatch.kernels``) takes over when available, with identical results.
+
+Shapes: N input rows, K slots per row, L local experts, M output rows (padding included).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """How input rows map to expert-grouped output rows.
+
+    slot_M:            [M_real] int64, flat index ``row * K + k`` of each real output row,
+                       in output order (expert ascending, then input row ascending).
+    dest_M:            [M_real] int64 position of each real row in the padded output, or
+                       None when there is no padding (dest is then arange).
+    num_in_rows:       N.
+    topk:              K.
+    num_out_rows:      M, padding included.
+    tokens_per_expert: per local expert row counts, padding included (host ints).
+    """
+
+    slot_M: torch.Tensor
+    dest_M: Optional[torch.Tensor]
+    num_in_rows: int
+    topk: int
+    num_out_rows: int
+    tokens_per_expert: tuple
+
+    @property
+    def row_M(self) -> torch.Tensor:
+        return torch.div(self.slot_M, self.topk, rounding_mode="floor")
+
+
+def local_expert_counts(lid_NK: torch.Tensor, num_local_experts: int) -> torch.Tensor:
+    """[L] int64 rows per local expert, on the device of ``lid_NK`` (no host sync)."""
+    flat = lid_NK.reshape(-1)
+    key = torch.where(flat >= 0, flat, num_local_experts)
+    counts = torch.zeros(num_local_experts + 1, dtype=torch.long, device=flat.device)
+    counts.scatter_add_(0, key, torch.ones_like(key))
+    return counts[:num_local_experts]
+
+
+def pad_counts(counts: Sequence[int], pad_multiple: Optional[int]) -> List[int]:
+    if not pad_multiple or pad_multiple <= 1:
+        return list(counts)
+    return [-(-c // pad_multiple) * pad_multiple for c in counts]
+
+
+def group_plan(lid_NK: torch.Tensor, num_local_experts: int,
+               tokens_per_expert: Optional[Sequence[int]] = None,
+               pad_multiple: Optional[int] = None) -> GroupPlan:
+    """Plan the grouping of rows by local expert.
+
+    lid_NK:            [N, K] int64 local expert id of each slot, -1 = slot not for this rank.
+    num_local_experts: L.
+    tokens_per_expert: unpadded host counts per local expert if the caller already knows
+                       them (alltoall learns them from its count exchange); otherwise
+                       they are read from the device here, one host sync.
+    pad_multiple:      round each expert's rows up to a multiple of this with zero rows.
+    """
+    N, K = lid_NK.shape
+    if tokens_per_expert is None:
+        tokens_per_expert = local_expert_counts(lid_NK, num_local_experts).tolist()
+    counts = [int(c) for c in tokens_per_expert]
+    m_real = sum(counts)
+    flat = lid_NK.reshape(-1)
+    key = torch.where(flat >= 0, flat, num_local_experts)
+    # Stable sort by expert keeps input-row order within an expert.
+    slot_M = torch.argsort(key, stable=True)[:m_real]
+    padded = pad_counts(counts, pad_multiple)
+    dest_M = None
+    if padded != counts:
+        dev = lid_NK.device
+        expert_M = torch.repeat_interleave(
+            torch.arange(num_local_experts, device=dev),
+            torch.tensor(counts, device=dev), output_size=m_real)
+        shift = torch.tensor([p - c for p, c in zip(_cumsum(padded), _cumsum(counts))],
+                             device=dev, dtype=torch.long)
+        dest_M = torch.arange(m_real, device=dev) + shift[expert_M]
+    return GroupPlan(slot_M, dest_M, N, K, sum(padded), tuple(padded))
+
+
+def _cumsum(xs: Sequence[int]) -> List[int]:
+    out, acc = [], 0
+    for x in xs:
+        out.append(acc)
+        acc += x
+    return out
+
+
+def permute(x_NH: torch.Tensor, probs_NK: torch.Tensor, plan: GroupPlan):
+    """Gather rows into expert-grouped order. Returns (tokens_MH, probs_M float32).
+
+    Padding rows are zeros with prob 0. Differentiable w.r.t. ``x_NH`` and ``probs_NK``.
+    """
+    from . import kernels
+    if kernels.use_triton(x_NH):
+        return kernels.permute(x_NH, probs_NK, plan)
+    row_M = plan.row_M
+    tokens = x_NH.index_select(0, row_M)
+    probs = probs_NK.reshape(-1).float().index_select(0, plan.slot_M)
+    if plan.dest_M is not None:
+        tokens = x_NH.new_zeros(plan.num_out_rows, x_NH.shape[1]).index_copy(
+            0, plan.dest_M, tokens)
+        probs = probs.new_zeros(plan.num_out_rows).index_copy(0, plan.dest_M, probs)
+    return tokens, probs
+
+
+def unpermute(y_MH: torch.Tensor, plan: GroupPlan) -> torch.Tensor:
+    """Sum each input row's expert outputs: [M, H] -> [N, H] (padding rows ignored).
+
+    Low-precision inputs are accumulated in float32 and rounded once.
+    """
+    if y_MH.shape[0] != plan.num_out_rows:
+        raise ValueError(f"combine: expert output has {y_MH.shape[0]} rows, dispatch produced "
+                         f"{plan.num_out_rows}")
+    from . import kernels
+    if kernels.use_triton(y_MH):
+        return kernels.unpermute(y_MH, plan)
+    y = y_MH if plan.dest_M is None else y_MH.index_select(0, plan.dest_M)
+    acc_dtype = torch.float32 if y.dtype in (torch.float16, torch.bfloat16) else y.dtype
+    out = torch.zeros(plan.num_in_rows, y.shape[1], dtype=acc_dtype, device=y.device)
+    out = out.index_add(0, plan.row_M, y.to(acc_dtype))
+    return out.to(y_MH.dtype)

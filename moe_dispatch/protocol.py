@@ -1,0 +1,162 @@
+"""The one protocol every dispatch backend implements.
+
+Shapes: T local tokens, K top-k slots, E global experts, L local experts (E // R),
+R ranks in the EP group, H hidden size, N dispatched rows on this rank.
+
+A backend receives routing in the canonical top-k form (``idx_TK`` int64 with -1 for a
+masked slot, ``probs_TK`` float32, 0 where masked) and returns rows grouped by local
+expert. The probs travel with the rows but are never applied by a backend: experts
+apply them. Everything combine needs is returned as an explicit, immutable handle, so a
+backend holds no per-call state and two layers (or an activation recompute) can never
+read each other's metadata.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional, Protocol, runtime_checkable
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """Construction arguments shared by all backends.
+
+    group:        the expert-parallel process group (already resolved, never None).
+    num_experts:  E, global number of experts; E % group size == 0.
+    pad_multiple: if set, every local expert's row count is rounded up to a multiple of it
+                  with zero rows carrying prob 0 (for FP8 / grouped-GEMM alignment).
+    options:      backend-specific knobs (e.g. ``num_sms`` for DeepEP), passed through
+                  from ``MoETokenDispatcher(..., backend_options={...})``.
+    """
+
+    group: Any
+    num_experts: int
+    pad_multiple: Optional[int] = None
+    options: Any = None
+
+    @property
+    def ep_size(self) -> int:
+        return dist.get_world_size(self.group) if dist.is_initialized() else 1
+
+    @property
+    def ep_rank(self) -> int:
+        return dist.get_rank(self.group) if dist.is_initialized() else 0
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.num_experts // self.ep_size
+
+
+@dataclass(frozen=True)
+class DispatchResult:
+    """What a backend's ``dispatch`` returns.
+
+    tokens_NH:           [N, H], dtype of the input; rows grouped by local expert in ascending
+                         expert id, and within an expert in global token order (source rank,
+                         then token index). Padding rows (pad_multiple) are zeros at the end
+                         of their expert's block.
+    tokens_per_expert_L: [L] int64, rows per local expert (padding included). On the host
+                         for backends that sync; a device tensor in sync-free modes.
+    probs_N:             [N] float32, the routing prob of each row (0 on padding rows);
+                         differentiable w.r.t. the router probs.
+    handle:              frozen metadata that ``combine`` needs; opaque to callers.
+    """
+
+    tokens_NH: torch.Tensor
+    tokens_per_expert_L: torch.Tensor
+    probs_N: torch.Tensor
+    handle: Any
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A token dispatch backend. One file per backend under ``moe_dispatch/backends``.
+
+    ``__init__(self, config: BackendConfig)`` builds it (may allocate communication buffers).
+    ``availability()`` is a classmethod: ``None`` when usable on this machine, else a
+    one-line reason naming what to install.
+    """
+
+    name: ClassVar[str]
+
+    @classmethod
+    def availability(cls) -> Optional[str]: ...
+
+    def dispatch(self, x_TH: torch.Tensor, idx_TK: torch.Tensor, probs_TK: torch.Tensor,
+                 check: "PendingCheck") -> DispatchResult:
+        """Send each token to the ranks owning its experts.
+
+        x_TH:     [T, H] floating hidden states (T may be 0).
+        idx_TK:   [T, K] int64 global expert ids, -1 = masked slot.
+        probs_TK: [T, K] float32 routing probs, 0 where masked.
+        check:    input validation still pending: the backend must settle it on every
+                  rank before its first data collective (see ``PendingCheck``), so that a
+                  rank with bad input makes every rank raise instead of hanging.
+        Gradients must reach ``x_TH`` and ``probs_TK`` through the returned tokens / probs.
+        """
+        ...
+
+    def combine(self, y_NH: torch.Tensor, handle: Any) -> torch.Tensor:
+        """Return [T, H]: for each token the plain sum of its rows of ``y_NH``
+        (padding rows ignored). Differentiable w.r.t. ``y_NH``."""
+        ...
+
+
+class DispatchInputError(ValueError):
+    """Raised on every rank of the group when any rank's dispatch input is invalid."""
+
+
+@dataclass(frozen=True)
+class PendingCheck:
+    """Validation of one dispatch call that has not been agreed across ranks yet.
+
+    host_error:  a message found on the host without touching device data (shapes,
+                 dtypes), or None.
+    device_bad:  a 0-dim int64 tensor, nonzero when a value check failed (expert id out
+                 of range, NaN/inf/negative prob); evaluated on the device, no sync.
+    value_help:  text explaining what ``device_bad`` checked, for the error message.
+
+    Backends that exchange counts anyway fold ``code()`` into that message and call
+    ``raise_if_failed`` on the gathered codes: validation then costs no extra sync.
+    Others call ``settle(group)``: one tiny all-reduce.
+    """
+
+    host_error: Optional[str]
+    device_bad: Optional[torch.Tensor]
+    value_help: str = ""
+
+    def code(self, device: torch.device) -> torch.Tensor:
+        """0-dim int64 on ``device``: 0 ok, 1 value error, 2 host (shape/dtype) error."""
+        if self.host_error is not None:
+            return torch.tensor(2, dtype=torch.int64, device=device)
+        if self.device_bad is None:
+            return torch.zeros((), dtype=torch.int64, device=device)
+        return (self.device_bad != 0).to(torch.int64).to(device)
+
+    def raise_if_failed(self, codes: list[int], my_rank: int) -> None:
+        """Raise ``DispatchInputError`` on every rank if any code is nonzero."""
+        bad = [r for r, c in enumerate(codes) if c]
+        if not bad:
+            return
+        mine = codes[my_rank] if my_rank < len(codes) else 0
+        if mine == 2:
+            raise DispatchInputError(self.host_error)
+        if mine == 1:
+            raise DispatchInputError(self.value_help)
+        raise DispatchInputError(
+            f"dispatch input invalid on EP rank(s) {bad}; this rank's input was fine "
+            "(every rank raises so that none hangs in a collective)")
+
+    def settle(self, group, device: torch.device) -> None:
+        """One all-gather of the codes, then ``raise_if_failed`` (one host sync)."""
+        code = self.code(device).reshape(1)
+        if not dist.is_initialized() or dist.get_world_size(group) == 1:
+            self.raise_if_failed([int(code.item())], 0)
+            return
+        world = dist.get_world_size(group)
+        out = torch.empty(world, dtype=torch.int64, device=device)
+        dist.all_gather_into_tensor(out, code, group=group) if device.type == "cuda" else \
+            dist.all_gather(list(out.chunk(world)), code, group=group)
+        self.raise_if_failed(out.tolist(), dist.get_rank(group))

@@ -1,0 +1,198 @@
+"""Router-output formats and their validation.
+
+Two forms describe the same routing:
+  * top-k:  ``idx_TK`` [T, K] integer expert ids (-1 = masked slot) and ``probs_TK`` [T, K];
+  * dense:  ``routing_map_TE`` [T, E] bool and ``probs_TE`` [T, E] (0 where not routed).
+Backends consume the top-k form (int64 ids, float32 probs). Conversions keep autograd
+through the probs, so router gradients flow whichever form the caller used.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from .protocol import PendingCheck
+
+
+def topk_to_dense(idx_TK: torch.Tensor, probs_TK: torch.Tensor, num_experts: int
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Top-k form -> (routing_map_TE bool, probs_TE same dtype as probs_TK).
+
+    Duplicate ids in a row are summed in ``probs_TE``. Masked slots (-1) are ignored.
+    """
+    T = idx_TK.shape[0]
+    valid_TK = idx_TK >= 0
+    # Masked slots scatter into a spare column E that is cut off afterwards.
+    col_TK = torch.where(valid_TK, idx_TK.long(), num_experts)
+    probs_TE = probs_TK.new_zeros(T, num_experts + 1).scatter_add(
+        1, col_TK, probs_TK * valid_TK)[:, :num_experts]
+    map_TE = torch.zeros(T, num_experts + 1, dtype=torch.bool, device=idx_TK.device)
+    map_TE.scatter_(1, col_TK, True)
+    return map_TE[:, :num_experts], probs_TE
+
+
+def dense_to_topk(routing_map_TE: torch.Tensor, probs_TE: torch.Tensor,
+                  topk: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Dense form -> (idx_TK int64, probs_TK float32), experts ascending within a row.
+
+    topk: K, the most experts any token is routed to. When None it is read from the map,
+          which costs one host sync; pass it (e.g. the router's top-k) to avoid that.
+          Rows with fewer routed experts get -1 slots.
+    """
+    T, E = routing_map_TE.shape
+    if topk is None:
+        topk = int(routing_map_TE.sum(1).max().item()) if T > 0 else 1
+    topk = max(1, min(int(topk), E))
+    # Larger key = smaller expert id, so torch.topk returns routed experts ascending.
+    key_TE = routing_map_TE.to(torch.float32) * torch.arange(
+        E, 0, -1, device=routing_map_TE.device, dtype=torch.float32)
+    key_TK, idx_TK = torch.topk(key_TE, topk, dim=1, sorted=True)
+    valid_TK = key_TK > 0
+    idx_TK = torch.where(valid_TK, idx_TK, torch.full_like(idx_TK, -1))
+    probs_TK = probs_TE.float().gather(1, idx_TK.clamp(min=0)) * valid_TK
+    return idx_TK, probs_TK
+
+
+def expert_capacity(num_tokens: int, topk: int, num_experts: int, capacity_factor: float) -> int:
+    """Rows each expert may take from one rank: ceil(T * K / E * capacity_factor)."""
+    return int(math.ceil(num_tokens * topk / num_experts * capacity_factor))
+
+
+def apply_capacity(idx_TK: torch.Tensor, probs_TK: torch.Tensor, num_experts: int,
+                   capacity_factor: float, policy: str = "probs"
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Drop the overflow of each expert on this rank (before dispatch, no host sync).
+
+    Each expert keeps at most ``expert_capacity(T, K, E, capacity_factor)`` of this rank's
+    slots. policy "probs": keep the highest probs (ties: lower token index first);
+    "position": keep the earliest tokens. Dropped slots become -1 with prob 0, so the token
+    gets no output from that expert and its prob gets zero gradient.
+    """
+    if policy not in ("probs", "position"):
+        raise ValueError(f"capacity_policy must be 'probs' or 'position', got {policy!r}")
+    T, K = idx_TK.shape
+    if T == 0:
+        return idx_TK, probs_TK
+    cap = expert_capacity(T, K, num_experts, capacity_factor)
+    flat_e = idx_TK.reshape(-1)
+    valid = flat_e >= 0
+    e_key = torch.where(valid, flat_e, num_experts)
+    if policy == "probs":
+        # Sort by prob (descending, stable), then stably by expert: rank within expert.
+        p = torch.where(valid, probs_TK.detach().reshape(-1).float(), float("-inf"))
+        order = torch.argsort(-p, stable=True)
+        order = order[torch.argsort(e_key[order], stable=True)]
+    else:
+        order = torch.argsort(e_key, stable=True)
+    sorted_e = e_key[order]
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=idx_TK.device)
+    counts.scatter_add_(0, sorted_e, torch.ones_like(sorted_e))
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(order.numel(), device=idx_TK.device) - starts[sorted_e]
+    keep_sorted = (pos < cap) & (sorted_e < num_experts)
+    keep = torch.empty_like(keep_sorted).scatter_(0, order, keep_sorted).view(T, K)
+    return torch.where(keep, idx_TK, -1), probs_TK * keep
+
+
+def canonicalize(hidden: torch.Tensor, num_experts: int, *,
+                 topk_idx: Optional[torch.Tensor] = None,
+                 topk_probs: Optional[torch.Tensor] = None,
+                 routing_map: Optional[torch.Tensor] = None,
+                 probs: Optional[torch.Tensor] = None,
+                 topk: Optional[int] = None,
+                 check_values: bool = True):
+    """Validate one rank's dispatch input and bring it to the backend form.
+
+    Returns (x_TH, idx_TK int64, probs_TK float32, check). Nothing is raised here for bad
+    input: the error is carried in ``check`` (a ``PendingCheck``) so that the backend
+    raises it on every rank together, after the ranks have agreed, instead of one rank
+    raising while the others wait in a collective. On a host error the returned tensors
+    are empty placeholders of the right rank.
+    """
+    err = _host_errors(hidden, num_experts, topk_idx, topk_probs, routing_map, probs)
+    if err is not None:
+        dev = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
+        H = hidden.shape[-1] if isinstance(hidden, torch.Tensor) and hidden.dim() >= 1 else 0
+        dt = hidden.dtype if isinstance(hidden, torch.Tensor) and hidden.is_floating_point() \
+            else torch.float32
+        return (torch.zeros(0, H, device=dev, dtype=dt),
+                torch.zeros(0, 1, dtype=torch.long, device=dev),
+                torch.zeros(0, 1, dtype=torch.float32, device=dev),
+                PendingCheck(err, None))
+    x_TH = hidden.reshape(-1, hidden.shape[-1])
+    if topk_idx is not None:
+        idx_TK = topk_idx.long()
+        probs_TK = topk_probs.float()
+        bad = None
+        help_ = ("dispatch: topk_idx has an expert id outside [-1, num_experts) or "
+                 "topk_probs has NaN/inf/negative values")
+        if check_values and idx_TK.numel():
+            bad = ((idx_TK < -1) | (idx_TK >= num_experts)).any()
+            bad = bad | ~torch.isfinite(probs_TK).all() | (probs_TK < 0).any()
+        # Masked slots carry no weight whatever the caller put there.
+        probs_TK = probs_TK * (idx_TK >= 0)
+    else:
+        help_ = "dispatch: probs has NaN/inf/negative values"
+        bad = None
+        if check_values and probs.numel():
+            pf = probs.float()
+            bad = ~torch.isfinite(pf).all() | (pf < 0).any()
+        idx_TK, probs_TK = dense_to_topk(routing_map.bool(), probs, topk)
+    return x_TH, idx_TK, probs_TK, PendingCheck(None, bad, help_)
+
+
+def _host_errors(hidden, num_experts, topk_idx, topk_probs, routing_map, probs) -> Optional[str]:
+    if not isinstance(hidden, torch.Tensor):
+        return f"dispatch: hidden must be a torch.Tensor, got {type(hidden).__name__}"
+    if not hidden.is_floating_point():
+        return f"dispatch: hidden must be a floating tensor, got dtype {hidden.dtype}"
+    if hidden.dim() not in (2, 3):
+        return f"dispatch: hidden must be [T, H] or [S, B, H], got shape {tuple(hidden.shape)}"
+    T = hidden.numel() // hidden.shape[-1] if hidden.shape[-1] else hidden.shape[:-1].numel()
+    topk_given = topk_idx is not None or topk_probs is not None
+    dense_given = routing_map is not None or probs is not None
+    if topk_given and dense_given:
+        return "dispatch: give either (topk_idx, topk_probs) or (routing_map, probs), not both"
+    if not topk_given and not dense_given:
+        return "dispatch: give (topk_idx, topk_probs) or (routing_map, probs)"
+    if topk_given:
+        if topk_idx is None or topk_probs is None:
+            return "dispatch: topk_idx and topk_probs must be given together"
+        for name, t in (("topk_idx", topk_idx), ("topk_probs", topk_probs)):
+            if not isinstance(t, torch.Tensor):
+                return f"dispatch: {name} must be a torch.Tensor, got {type(t).__name__}"
+        if topk_idx.is_floating_point() or topk_idx.dtype == torch.bool:
+            return f"dispatch: topk_idx must be an integer tensor, got dtype {topk_idx.dtype}"
+        if not topk_probs.is_floating_point():
+            return f"dispatch: topk_probs must be a floating tensor, got dtype {topk_probs.dtype}"
+        if topk_idx.dim() != 2 or topk_idx.shape[0] != T:
+            return (f"dispatch: topk_idx must be [T, K] with T={T} tokens of hidden "
+                    f"{tuple(hidden.shape)}, got shape {tuple(topk_idx.shape)}")
+        if topk_probs.shape != topk_idx.shape:
+            return (f"dispatch: topk_probs shape {tuple(topk_probs.shape)} does not match "
+                    f"topk_idx shape {tuple(topk_idx.shape)}")
+        for name, t in (("topk_idx", topk_idx), ("topk_probs", topk_probs)):
+            if t.device != hidden.device:
+                return f"dispatch: {name} is on {t.device} but hidden is on {hidden.device}"
+    else:
+        if routing_map is None or probs is None:
+            return "dispatch: routing_map and probs must be given together"
+        for name, t in (("routing_map", routing_map), ("probs", probs)):
+            if not isinstance(t, torch.Tensor):
+                return f"dispatch: {name} must be a torch.Tensor, got {type(t).__name__}"
+        if routing_map.dtype != torch.bool:
+            return f"dispatch: routing_map must be a bool tensor, got dtype {routing_map.dtype}"
+        if not probs.is_floating_point():
+            return f"dispatch: probs must be a floating tensor, got dtype {probs.dtype}"
+        if routing_map.shape != (T, num_experts):
+            return (f"dispatch: routing_map must be [T, E] = [{T}, {num_experts}], "
+                    f"got shape {tuple(routing_map.shape)}")
+        if probs.shape != routing_map.shape:
+            return (f"dispatch: probs shape {tuple(probs.shape)} does not match routing_map "
+                    f"shape {tuple(routing_map.shape)}")
+        for name, t in (("routing_map", routing_map), ("probs", probs)):
+            if t.device != hidden.device:
+                return f"dispatch: {name} is on {t.device} but hidden is on {hidden.device}"
+    return None
