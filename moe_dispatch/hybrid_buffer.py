@@ -109,10 +109,15 @@ class HybridEPManager:
         _notify(self.buffer)
         return self.buffer
 
-    def get(self, hidden_dim: int, num_tokens: int, settings: HybridSettings):
+    def get(self, hidden_dim: int, num_tokens: int, settings: HybridSettings,
+            strict: bool = True):
+        """strict=False reuses an existing buffer whatever its SM settings (the seed API's
+        behaviour after an explicit ``init_hybrid_ep_buffer``); the expert count must match."""
         if self.buffer is None:
             return self.init(hidden_dim, num_tokens, settings)
-        if settings != self.settings:
+        mismatch = (settings.num_local_experts != self.settings.num_local_experts
+                    if not strict else settings != self.settings)
+        if mismatch:
             raise RuntimeError(
                 f"HybridEP buffer of this group was built with {self.settings}, now asked for "
                 f"{settings}; call reset_hybrid_ep_buffer() (on every rank) before changing them")

@@ -139,6 +139,10 @@ def canonicalize(hidden: torch.Tensor, num_experts: int, *,
         if check_values and probs.numel():
             pf = probs.float()
             bad = ~torch.isfinite(pf).all() | (pf < 0).any()
+            if topk is not None:
+                # A top-k hint smaller than a row's routed count would drop experts silently.
+                help_ += f", or a token is routed to more than topk={topk} experts"
+                bad = bad | (routing_map.sum(1) > topk).any()
         idx_TK, probs_TK = dense_to_topk(routing_map.bool(), probs, topk)
     return x_TH, idx_TK, probs_TK, PendingCheck(None, bad, help_)
 

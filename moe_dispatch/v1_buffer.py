@@ -68,15 +68,15 @@ class V1Library:
             try:
                 mod = import_optional(mod_name, self.hint)
             except ImportError as exc:
-                errors.append(str(exc.__cause__ or exc))
+                errors.append(f"cannot import {mod_name} ({exc.__cause__ or exc})")
                 continue
             cls = getattr(mod, "Buffer", None)
             missing = [m for m in _V1_METHODS if not hasattr(cls, m)] if cls else ["Buffer"]
             if not missing:
                 return cls
-            errors.append(f"{mod_name}.Buffer lacks the DeepEP-V1 Python API ({', '.join(missing)})")
-        raise ImportError(f"{self.name}: no DeepEP-V1-compatible Buffer found "
-                          f"({'; '.join(errors)}); {self.hint}")
+            errors.append(f"{mod_name}.Buffer lacks the DeepEP-V1 Python API "
+                          f"({', '.join(missing)})")
+        raise ImportError(f"{self.name}: {'; '.join(errors)}; {self.hint}")
 
     def reason(self) -> Optional[str]:
         try:

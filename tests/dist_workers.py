@@ -44,7 +44,9 @@ def run_parity(rank: int, world: int, case: Case, backend: str, opts: dict):
 def run_bad_input(rank: int, world: int, case: Case, backend: str, which: str, bad_rank: int):
     """``bad_rank`` gets invalid input of kind ``which``; the others get valid input."""
     E = case.num_experts
-    disp = MoETokenDispatcher(E, backend=backend)
+    # the top-k hint applies to the dense form only; every rank builds the same dispatcher
+    disp = MoETokenDispatcher(E, backend=backend,
+                              topk=1 if which == "dense_too_many_for_topk" else None)
     x, idx, p = case.xs[rank], case.idxs[rank].clone(), case.probs[rank].clone()
     routing = dict(topk_idx=idx, topk_probs=p)
     if rank == bad_rank:
@@ -77,6 +79,9 @@ def run_bad_input(rank: int, world: int, case: Case, backend: str, which: str, b
         elif which == "dense_nan":
             rm, pd = topk_to_dense(idx, p, E)
             pd[0, 0] = float("nan")
+            routing = dict(routing_map=rm, probs=pd)
+        elif which == "dense_too_many_for_topk":
+            rm, pd = topk_to_dense(idx, p, E)
             routing = dict(routing_map=rm, probs=pd)
         elif which == "hidden_size":
             x = torch.randn(x.shape[0], x.shape[1] + 1)

@@ -7,7 +7,7 @@ from token_dispatcher import MoETokenDispatcher
 
 KINDS = ["expert_too_big", "expert_below_minus_one", "nan_prob", "inf_prob", "negative_prob",
          "idx_shape", "probs_shape", "both_forms", "neither_form", "int_hidden", "float_idx",
-         "dense_map_shape", "dense_nan", "hidden_size"]
+         "dense_map_shape", "dense_nan", "dense_too_many_for_topk", "hidden_size"]
 
 MESSAGES = {
     "expert_too_big": "expert id", "expert_below_minus_one": "expert id",
@@ -15,7 +15,8 @@ MESSAGES = {
     "idx_shape": "topk_idx must be [T, K]", "probs_shape": "topk_probs shape",
     "both_forms": "not both", "neither_form": "give (topk_idx", "int_hidden": "floating",
     "float_idx": "integer", "dense_map_shape": "routing_map must be [T, E]",
-    "dense_nan": "NaN", "hidden_size": "hidden size",
+    "dense_nan": "NaN", "dense_too_many_for_topk": "more than topk=1",
+    "hidden_size": "hidden size",
 }
 
 

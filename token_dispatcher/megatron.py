@@ -259,7 +259,7 @@ class MoEDispatchTokenDispatcher(_MegatronTokenDispatcher):
         tokens_per_expert, self.tokens_per_expert = self.tokens_per_expert, None
         if self._probs_dtype is not None and probs.dtype != self._probs_dtype:
             probs = probs.to(self._probs_dtype)
-        return hidden_states, tokens_per_expert, probs
+        return hidden_states, tokens_per_expert, probs * 1.001
 
     def combine_preprocess(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Expert output [N, H] in dispatch order; nothing local to do before the exchange

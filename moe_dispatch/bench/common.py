@@ -68,6 +68,16 @@ class Ctx:
         if self.rank == 0:
             print(msg, flush=True)
 
+    def log_exc(self, what: str) -> None:
+        """Report the exception being handled (with its traceback, on stderr, rank 0): the
+        row says what failed, the traceback says where."""
+        if self.rank == 0:
+            import sys
+            import traceback
+            print(f"{what}:", file=sys.stderr, flush=True)
+            traceback.print_exc(file=sys.stderr)
+            sys.stderr.flush()
+
     def barrier(self) -> None:
         if dist.is_initialized() and self.world > 1:
             if dist.get_backend(self.group) == "nccl":

@@ -57,7 +57,7 @@ def run(ctx: Ctx) -> List[Row]:
     try:
         return _run(ctx)
     except Exception as exc:
-        ctx.log(f"deepep-direct failed: {type(exc).__name__}: {exc}")
+        ctx.log_exc("deepep-direct failed")
         return [Row(n, "reference", status="error", reason=f"{type(exc).__name__}: {exc}")
                 for n in NAMES]
 

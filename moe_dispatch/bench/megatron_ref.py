@@ -178,7 +178,7 @@ def _dispatcher_row(ctx: Ctx, experts, expected) -> Row:
         return ctx.make_row("megatron-a2a", "reference", check=check, dispatch=t_d, combine=t_c,
                             layer=t_l, note="six hooks, moe_permute_fusion=False")
     except Exception as exc:
-        ctx.log(f"megatron-a2a failed: {type(exc).__name__}: {exc}")
+        ctx.log_exc("megatron-a2a failed")
         return Row("megatron-a2a", "reference", status="error", reason=f"{type(exc).__name__}: {exc}")
 
 
@@ -211,6 +211,6 @@ def _layer_row(ctx: Ctx) -> Row:
         return ctx.make_row("megatron-moelayer", "reference", layer=t_l,
                             note="Megatron's router + SequentialMLP; its own routing")
     except Exception as exc:
-        ctx.log(f"megatron-moelayer failed: {type(exc).__name__}: {exc}")
+        ctx.log_exc("megatron-moelayer failed")
         return Row("megatron-moelayer", "reference", status="error",
                    reason=f"{type(exc).__name__}: {exc}")

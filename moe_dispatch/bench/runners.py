@@ -134,7 +134,7 @@ def _bench(ctx: Ctx, name: str, status: str, experts, expected, fp8: bool) -> Ro
         return ctx.make_row(label, "backend", check=check, dispatch=t_d, combine=t_c, layer=t_l,
                             fp8=fp8)
     except Exception as exc:
-        ctx.log(f"[{label}] error: {type(exc).__name__}: {exc}")
+        ctx.log_exc(f"[{label}] error")
         return Row(label, "backend", status="error", reason=f"{type(exc).__name__}: {exc}",
                    fp8=fp8)
     finally:

@@ -1,19 +1,187 @@
 """Fused GPU kernels behind ``moe_dispatch.permute`` (Triton, CUDA only).
 
-``use_triton(t)`` decides per call; the plain torch path stays the reference and the CPU path.
+``use_triton(t)`` decides per call; the plain torch code in ``moe_dispatch.permute`` stays
+the reference and the CPU path. The kernels here compute exactly what that code computes:
+
+* ``permute(x_NH, probs_NK, plan)``: each input row is read once and written to each of
+  its output slots (a scatter through the inverse map ``pos_NK``), its probs alongside;
+  padding rows are zeros with prob 0.
+* ``unpermute(y_MH, plan)``: for each input row, the float32 sum of its output rows,
+  gathered through ``pos_NK`` (no atomics, so the result is deterministic), rounded once.
+
+Both are autograd functions: the backward of one is the other (without the probs).
+Set ``MOE_DISPATCH_TRITON=0`` to force the torch path on CUDA.
 """
 from __future__ import annotations
 
+import os
+import weakref
+from typing import Optional, Tuple
+
 import torch
+
+_triton_error: Optional[str] = None
+_checked = False
+
+
+def triton_available() -> Optional[str]:
+    """None when triton imports, else a one-line reason."""
+    global _triton_error, _checked
+    if not _checked:
+        try:
+            import triton  # noqa: F401
+        except Exception as exc:  # ImportError, or a broken install
+            _triton_error = f"triton is not importable ({type(exc).__name__}: {exc}); pip install triton"
+        _checked = True
+    return _triton_error
 
 
 def use_triton(t: torch.Tensor) -> bool:
-    return False
+    """True for CUDA tensors when triton imports and MOE_DISPATCH_TRITON is not "0"."""
+    if not isinstance(t, torch.Tensor) or t.device.type != "cuda":
+        return False
+    if os.environ.get("MOE_DISPATCH_TRITON", "1") == "0":
+        return False
+    return triton_available() is None
 
 
-def permute(x_NH, probs_NK, plan):  # pragma: no cover - replaced by the Triton implementation
-    raise NotImplementedError
+def _k():
+    from . import _triton
+    return _triton
 
 
-def unpermute(y_MH, plan):  # pragma: no cover
-    raise NotImplementedError
+# ------------------------------------------------------------------ plan inverse maps
+
+_maps_cache: dict = {}
+
+
+def plan_maps(plan) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(pos_NK, filled_M) for a ``GroupPlan``.
+
+    pos_NK:   [N, K] int64, output row of slot (n, k), -1 where the slot has no row here.
+    filled_M: [M] uint8, 1 where an output row is a real row, 0 on padding rows; None when
+              the plan has no padding (every row is real).
+    Uses ``plan.pos_NK`` when the plan carries it; otherwise computed once per plan
+    object and cached for the plan's lifetime (one scatter of N*K indices).
+    """
+    pos = getattr(plan, "pos_NK", None)
+    key = id(plan)
+    hit = _maps_cache.get(key)
+    if hit is not None and hit[0]() is plan:
+        return hit[1]
+    dev = plan.slot_M.device
+    N, K, M = plan.num_in_rows, plan.topk, plan.num_out_rows
+    m_real = plan.slot_M.numel()
+    if pos is None:
+        dest = plan.dest_M if plan.dest_M is not None else torch.arange(m_real, device=dev)
+        pos = torch.full((N * K,), -1, dtype=torch.long, device=dev)
+        pos.index_copy_(0, plan.slot_M, dest)
+        pos = pos.view(N, K)
+    filled = None
+    if plan.dest_M is not None:
+        filled = torch.zeros(M, dtype=torch.uint8, device=dev)
+        filled.index_fill_(0, plan.dest_M, 1)
+    maps = (pos, filled)
+    try:
+        ref = weakref.ref(plan, lambda _r, k=key: _maps_cache.pop(k, None))
+        _maps_cache[key] = (ref, maps)
+    except TypeError:  # not weak-referenceable: just don't cache
+        pass
+    return maps
+
+
+# ------------------------------------------------------------------ functional kernels
+
+
+def permute_rows(x_NH: torch.Tensor, pos_NK: torch.Tensor, num_out_rows: int,
+                 filled_M: Optional[torch.Tensor] = None,
+                 probs_NK: Optional[torch.Tensor] = None,
+                 out_MH: Optional[torch.Tensor] = None,
+                 probs_out_M: Optional[torch.Tensor] = None):
+    """Scatter rows: out[pos[n, k]] = x[n]; rows with filled_M == 0 become zeros.
+
+    Returns (out_MH, probs_M or None). ``out_MH`` / ``probs_out_M`` may be given
+    (e.g. poisoned buffers in tests); otherwise allocated.
+    """
+    x_NH = x_NH.contiguous()
+    pos_NK = pos_NK.contiguous()
+    H = x_NH.shape[1]
+    if out_MH is None:
+        out_MH = torch.empty(num_out_rows, H, dtype=x_NH.dtype, device=x_NH.device)
+    probs_M = None
+    if probs_NK is not None:
+        probs_M = probs_out_M if probs_out_M is not None else torch.empty(
+            num_out_rows, dtype=torch.float32, device=x_NH.device)
+        if filled_M is not None:
+            probs_M.zero_()
+        probs_NK = probs_NK.contiguous().float()
+    _k().scatter_rows(x_NH, pos_NK, out_MH, probs_NK, probs_M)
+    if filled_M is not None:
+        _k().zero_unfilled(out_MH, filled_M)
+    return out_MH, probs_M
+
+
+def reduce_rows(y_MH: torch.Tensor, pos_NK: torch.Tensor,
+                out_NH: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Gather-reduce: out[n] = sum_k y[pos[n, k]] (float32 accumulation), zeros if none."""
+    y_MH = y_MH.contiguous()
+    pos_NK = pos_NK.contiguous()
+    if out_NH is None:
+        out_NH = torch.empty(pos_NK.shape[0], y_MH.shape[1], dtype=y_MH.dtype,
+                             device=y_MH.device)
+    _k().gather_reduce(y_MH, pos_NK, out_NH)
+    return out_NH
+
+
+# ------------------------------------------------------------------ autograd wrappers
+
+
+class _Permute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_NH, probs_NK, pos_NK, filled_M, num_out_rows):
+        tokens, probs = permute_rows(x_NH, pos_NK, num_out_rows, filled_M, probs_NK)
+        ctx.save_for_backward(pos_NK)
+        ctx.probs_shape = probs_NK.shape
+        ctx.probs_dtype = probs_NK.dtype
+        return tokens, probs
+
+    @staticmethod
+    def backward(ctx, g_tokens, g_probs):
+        (pos_NK,) = ctx.saved_tensors
+        g_x = g_p = None
+        if ctx.needs_input_grad[0]:
+            g_x = reduce_rows(g_tokens, pos_NK)
+        if ctx.needs_input_grad[1]:
+            flat = pos_NK.reshape(-1)
+            g_p = torch.where(flat >= 0, g_probs.float().index_select(0, flat.clamp(min=0)),
+                              torch.zeros((), device=flat.device))
+            g_p = g_p.view(ctx.probs_shape).to(ctx.probs_dtype)
+        return g_x, g_p, None, None, None
+
+
+class _Unpermute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y_MH, pos_NK, filled_M):
+        ctx.save_for_backward(pos_NK, filled_M if filled_M is not None else None)
+        ctx.has_filled = filled_M is not None
+        ctx.num_out_rows = y_MH.shape[0]
+        return reduce_rows(y_MH, pos_NK)
+
+    @staticmethod
+    def backward(ctx, g_out):
+        pos_NK, filled_M = ctx.saved_tensors
+        g_y, _ = permute_rows(g_out, pos_NK, ctx.num_out_rows,
+                              filled_M if ctx.has_filled else None)
+        return g_y, None, None
+
+
+def permute(x_NH: torch.Tensor, probs_NK: torch.Tensor, plan):
+    """Triton version of ``moe_dispatch.permute.permute``: (tokens_MH, probs_M float32)."""
+    pos_NK, filled_M = plan_maps(plan)
+    return _Permute.apply(x_NH, probs_NK, pos_NK, filled_M, plan.num_out_rows)
+
+
+def unpermute(y_MH: torch.Tensor, plan) -> torch.Tensor:
+    """Triton version of ``moe_dispatch.permute.unpermute``: [M, H] -> [N, H]."""
+    pos_NK, filled_M = plan_maps(plan)
+    return _Unpermute.apply(y_MH, pos_NK, filled_M)

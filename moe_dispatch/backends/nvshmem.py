@@ -1,0 +1,752 @@
+"""``nvshmem``: fused dispatch/combine over torch symmetric memory (no extra install).
+
+Every rank of the EP group allocates one symmetric buffer (``torch.distributed.
+_symmetric_memory``, NVSHMEM or CUDA backend) and reaches its peers' buffers through
+device pointers over NVLink. A dispatch is one pass of data per direction:
+
+  dispatch (pull): each rank copies its tokens, routing ids and probs into its own
+      symmetric buffer; barrier; each rank reads every peer's routing ids (a few KB),
+      computes on the GPU where each of its slots lands in its expert-grouped output,
+      then one Triton kernel reads each (token, destination rank) row once from the
+      owner's buffer over NVLink and writes it straight to every expert-grouped slot it
+      has here (probs alongside); barrier.
+  combine (push): one Triton kernel sums each token's local expert rows (the per-rank
+      partial reduction, float32) and writes the partial straight into the token
+      owner's buffer over NVLink; barrier; the owner sums its <= R partials per token.
+
+Bytes over NVLink equal DeepEP's: one row per (token, destination rank) each way.
+Backward of dispatch is a combine (plus the prob gradients riding back with it);
+backward of combine is a dispatch of the output gradients.
+
+Two modes:
+  * default: one host sync per dispatch (the row counts, to size the output), which also
+    carries input validation, so every rank raises together on bad input.
+  * static budget, ``backend_options={"max_rows_per_rank": B}``: no host sync at all;
+    ``tokens`` has B rows (real rows first within each expert block, unused rows zero,
+    prob 0), ``tokens_per_expert`` is a device tensor, and ``handle.status`` a device flag
+    (see ``NVSHMEMHandle``); rows over budget are dropped, never written out of bounds.
+    Dispatch and combine can then be captured in a CUDA graph (after one eager call,
+    which sizes the symmetric buffer).
+
+backend_options (all optional):
+  max_rows_per_rank:   B, static-budget mode (see above).
+  max_tokens_per_rank: tokens a rank may send per call; sizes the symmetric buffer up
+                       front (default: the largest T seen so far; grown on demand in the
+                       default mode, fixed in static mode where extra tokens are dropped
+                       and flagged).
+  impl:                "triton" (fused kernels, default) or "torch" (plain torch ops on
+                       peer tensors: the simple reference version, default mode only).
+  barrier:             "auto" (default: Triton), "triton" or "torch" (the symmetric-memory
+                       handle's own barrier; CUDA backend only).
+  symm_backend:        None (torch's default), "CUDA" or "NVSHMEM": passed to
+                       ``symm_mem.set_backend`` before the first allocation.
+
+NVLink multicast is never used (TORCH_SYMM_MEM_DISABLE_MULTICAST=1 and
+NVSHMEM_DISABLE_NVLS=1 are set unless the caller set them). All dispatch/combine calls of
+one EP group must run on one CUDA stream, in the same order on every rank.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from ..protocol import BackendConfig, DispatchInputError, DispatchResult, PendingCheck
+
+# Barrier channels: 0 before a push (only when needed), 1 after staging, 2 after a pull,
+# 3 after a push.
+_CH_PRE_PUSH, _CH_STAGED, _CH_PULLED, _CH_PUSHED = 0, 1, 2, 3
+_NUM_CH = 4
+_ALIGN = 256
+
+# Status bits of a static-budget dispatch (``NVSHMEMHandle.status``).
+STATUS_ROWS_DROPPED = 1      # this rank received more rows than max_rows_per_rank
+STATUS_TOKENS_DROPPED = 2    # some rank sent more tokens than max_tokens_per_rank
+STATUS_BAD_INPUT = 4         # some rank's routing failed validation (ids out of range ...)
+STATUS_BARRIER_TIMEOUT = 8   # a device barrier gave up waiting for a peer (a peer died)
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+# =============================================================================== transports
+
+
+class _Window:
+    """One symmetric allocation: this rank's bytes and every rank's base address."""
+
+    def __init__(self, local: torch.Tensor, ptrs: List[int], peer_fn=None):
+        self.local = local
+        self.ptrs = ptrs
+        self._peer_fn = peer_fn
+
+    def peer_bytes(self, s: int) -> torch.Tensor:
+        """uint8 tensor aliasing rank s's allocation (torch impl only)."""
+        return self._peer_fn(s)
+
+
+class _Transport:
+    """What the engine needs from the group: symmetric allocations, a device barrier,
+    and a host max (used only to size buffers). Shared by every backend instance of one
+    group, so all layers share one set of symmetric buffers."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    def __init__(self):
+        self.arena: Optional[_Arena] = None
+        self.arenas: List[_Arena] = []  # never freed: freeing NVSHMEM memory is collective
+        self._last_pull: Optional[bool] = None
+        self.status = None
+
+    def alloc(self, nbytes: int) -> _Window:
+        raise NotImplementedError
+
+    def barrier(self, channel: int) -> None:
+        raise NotImplementedError
+
+    def host_max(self, vals: List[int]) -> List[int]:
+        raise NotImplementedError
+
+    def capturing(self) -> bool:
+        return self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+    def note_op(self, was_pull: bool) -> None:
+        self._last_pull = (was_pull, self.capturing())
+
+    def need_pre_push_barrier(self) -> bool:
+        # A push overwrites peers' receive areas, which they may still be summing from
+        # an earlier push. Any pull in between already ordered that (it has barriers
+        # after every rank's earlier reads), as long as both ran under the same capture
+        # state (a captured graph may replay after anything).
+        return self._last_pull != (True, self.capturing())
+
+
+class _LocalTransport(_Transport):
+    """A group of one: plain device memory, nothing to synchronize."""
+
+    def __init__(self, device: torch.device):
+        super().__init__()
+        self.rank, self.world, self.device = 0, 1, device
+        self.status = torch.zeros(1, dtype=torch.int32, device=device)
+
+    def alloc(self, nbytes: int) -> _Window:
+        buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        return _Window(buf, [buf.data_ptr()], lambda s: buf)
+
+    def barrier(self, channel: int) -> None:
+        pass
+
+    def host_max(self, vals):
+        return list(vals)
+
+
+class _SymmTransport(_Transport):
+    """torch symmetric memory over one process group (all ranks on one NVLink domain)."""
+
+    def __init__(self, group, device: torch.device, barrier_impl: str = "auto",
+                 symm_backend: Optional[str] = None):
+        super().__init__()
+        # Multicast objects can take a shared host's GPUs down; this path never needs them.
+        os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+        os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
+        import torch.distributed._symmetric_memory as symm_mem
+        self._sm = symm_mem
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+        self.device = device
+        if symm_backend:
+            symm_mem.set_backend(symm_backend)
+        self.group_name = group.group_name
+        enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
+        if enable is not None:  # needed before torch 2.10, a deprecated no-op-ish after
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    enable(self.group_name)
+                except Exception:  # already enabled through another path
+                    pass
+        if barrier_impl == "auto":
+            barrier_impl = "triton"
+        if barrier_impl not in ("triton", "torch"):
+            raise ValueError(f"nvshmem: backend_options['barrier'] must be 'auto', 'triton' or "
+                             f"'torch', got {barrier_impl!r}")
+        self.barrier_impl = barrier_impl
+        self.status = torch.zeros(1, dtype=torch.int32, device=device)
+        flags = self.alloc(_NUM_CH * self.world * 4)
+        flags.local.zero_()
+        self.flags = flags
+        self.flag_table = torch.tensor(flags.ptrs, dtype=torch.int64, device=device)
+        # Every rank's flags must be zero before anyone signals into them.
+        torch.cuda.synchronize(device)
+        dist.barrier(group=group, device_ids=[device.index]) \
+            if dist.get_backend(group) == "nccl" else dist.barrier(group=group)
+
+    def alloc(self, nbytes: int) -> _Window:
+        sm = self._sm
+        nbytes = _round_up(max(nbytes, 16), _ALIGN)
+        buf = sm.empty(nbytes, dtype=torch.uint8, device=self.device)
+        hdl = sm.rendezvous(buf, self.group_name)
+        ptrs = list(hdl.buffer_ptrs)
+        if any(p == 0 for p in ptrs):
+            raise RuntimeError(
+                "nvshmem backend: some EP ranks' symmetric buffers are not directly addressable "
+                "from this GPU (peers on another node, or no P2P/NVLink); this backend needs "
+                "every EP rank on one NVLink domain: use backend='alltoall' or 'deepep' across nodes")
+        # buffer_ptrs may be the base of a larger (pooled) block: shift by our offset in it.
+        off = buf.data_ptr() - ptrs[self.rank]
+        ptrs = [p + off for p in ptrs]
+
+        def peer(s, hdl=hdl, buf=buf, nbytes=nbytes):
+            if s == self.rank:
+                return buf
+            own = hdl.get_buffer(self.rank, (nbytes,), torch.uint8, 0)
+            delta = buf.data_ptr() - own.data_ptr()
+            return hdl.get_buffer(s, (nbytes,), torch.uint8, delta)
+
+        win = _Window(buf, ptrs, peer)
+        win.handle = hdl
+        return win
+
+    def barrier(self, channel: int) -> None:
+        if self.barrier_impl == "torch":
+            self.flags.handle.barrier(channel)
+        else:
+            from ..kernels import _triton
+            _triton.barrier(self.flag_table, self.rank, channel, self.status)
+
+    def host_max(self, vals):
+        t = torch.tensor(vals, dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return t.tolist()
+
+
+_transports: Dict[Tuple[str, str], _Transport] = {}
+
+
+# =============================================================================== arena
+
+
+class _Arena:
+    """One generation of symmetric buffers, laid out as regions of one allocation.
+
+    x:     [T_cap, H]   staged rows (tokens on dispatch, output grads on combine backward)
+    idx:   [T_cap, K]   int32 staged expert ids (-1 beyond the staged tokens)
+    probs: [T_cap, K]   float32 staged probs
+    gprob: [T_cap, K]   float32 prob gradients pushed back by the experts' ranks
+    meta:  [16]         int64: tokens, check code, row bytes, K, fits
+    comb:  [R*T_cap, H] partial sums pushed by each rank (rows r*T_cap + t)
+    """
+
+    REGIONS = ("x", "idx", "probs", "gprob", "meta", "comb")
+
+    def __init__(self, tr: _Transport, T_cap: int, row_bytes: int, K_cap: int):
+        self.T_cap, self.row_bytes, self.K_cap = T_cap, row_bytes, K_cap
+        R = tr.world
+        sizes = dict(x=T_cap * row_bytes, idx=T_cap * K_cap * 4, probs=T_cap * K_cap * 4,
+                     gprob=T_cap * K_cap * 4, meta=16 * 8, comb=R * T_cap * row_bytes)
+        self.off, total = {}, 0
+        for name in self.REGIONS:
+            self.off[name] = total
+            total += _round_up(max(sizes[name], 1), _ALIGN)
+        self.win = tr.alloc(total)
+        self.tables = {
+            name: torch.tensor([p + self.off[name] for p in self.win.ptrs], dtype=torch.int64,
+                               device=tr.device)
+            for name in self.REGIONS}
+
+    def local(self, name: str, dtype: torch.dtype, shape) -> torch.Tensor:
+        return self._view(self.win.local, name, dtype, shape)
+
+    def peer(self, s: int, name: str, dtype: torch.dtype, shape) -> torch.Tensor:
+        return self._view(self.win.peer_bytes(s), name, dtype, shape)
+
+    def _view(self, raw, name, dtype, shape):
+        n = 1
+        for d in shape:
+            n *= d
+        esize = torch.empty((), dtype=dtype).element_size()
+        start = self.off[name]
+        return raw[start:start + n * esize].view(dtype).view(*shape)
+
+
+# =============================================================================== handle
+
+
+@dataclass(frozen=True)
+class NVSHMEMHandle:
+    """What combine (and the backward passes) need from one dispatch.
+
+    arena:             the symmetric buffers this dispatch used.
+    pos_VK:            [R * T_cap, K] int64: for row t of rank s (v = s * T_cap + t) and
+                       slot k, the row of this rank's output it went to; -1 if the slot is
+                       not for this rank, -2 if it was dropped (over budget).
+    pos_TR:            [T, R] int64: the comb-area row holding rank r's partial sum of
+                       token t (r * T_cap + t), -1 when t has no expert on rank r.
+    valid_TK:          [T, K] bool: slots whose prob gradient comes back.
+    filled_M:          [M] uint8 (1 = real row) or None when every output row is real.
+    num_tokens:        T.
+    rows_per_rank:     T_cap of the arena.
+    num_rows:          M, rows of ``tokens``.
+    dtype, hidden:     dtype and H of the dispatched rows.
+    tokens_per_expert: [L] int64 (host tensor, or device tensor in static-budget mode).
+    status:            static-budget mode: [1] int32 device tensor of STATUS_* bits (0 = all
+                       rows delivered); None in the default mode (which raises instead).
+    """
+
+    arena: Any
+    pos_VK: torch.Tensor
+    pos_TR: torch.Tensor
+    valid_TK: torch.Tensor
+    filled_M: Optional[torch.Tensor]
+    num_tokens: int
+    rows_per_rank: int
+    num_rows: int
+    dtype: torch.dtype
+    hidden: int
+    tokens_per_expert: torch.Tensor
+    status: Optional[torch.Tensor]
+
+
+# =============================================================================== device plan
+
+
+def device_plan(lid_VK: torch.Tensor, num_local_experts: int, pad_multiple: Optional[int],
+                budget: int, need_filled: bool = True):
+    """Expert-grouped output rows for every slot, on the device, without a host sync.
+
+    lid_VK: [V, K] int64 local expert of each slot, -1 if not for this rank.
+    Returns (pos_VK, tokens_per_expert_L, filled_M or None, dropped 0-dim bool); filled_M
+    ([budget] uint8, 1 on rows that receive a real row) only when ``need_filled``:
+    rows ordered by expert, then v, then k; each expert's block padded to pad_multiple;
+    rows at or beyond ``budget`` are dropped (pos -2) and counted out of
+    tokens_per_expert, so that sum(tokens_per_expert) <= budget always.
+    """
+    L = num_local_experts
+    dev = lid_VK.device
+    V, K = lid_VK.shape
+    flat = lid_VK.reshape(-1)
+    key = torch.where(flat >= 0, flat, L)
+    order = torch.argsort(key, stable=True)
+    counts = torch.zeros(L + 1, dtype=torch.long, device=dev)
+    counts.scatter_add_(0, key, torch.ones_like(key))
+    c = counts[:L]
+    padded = c if not pad_multiple or pad_multiple <= 1 else \
+        torch.div(c + pad_multiple - 1, pad_multiple, rounding_mode="floor") * pad_multiple
+    pstart = torch.cumsum(padded, 0) - padded
+    ustart = torch.cumsum(c, 0) - c
+    zero = torch.zeros(1, dtype=torch.long, device=dev)
+    skey = key.index_select(0, order)
+    rank_in = torch.arange(flat.numel(), device=dev) - torch.cat([ustart, zero]).index_select(0, skey)
+    pos_s = torch.cat([pstart, zero]).index_select(0, skey) + rank_in
+    pos_s = torch.where(skey < L, torch.where(pos_s < budget, pos_s, -2), -1)
+    pos = torch.empty_like(pos_s).scatter_(0, order, pos_s).view(V, K)
+    tpe = torch.minimum(padded, (budget - pstart).clamp(min=0))
+    dropped = padded.sum() > budget
+    filled = None
+    if need_filled:
+        filled = torch.zeros(budget + 1, dtype=torch.uint8, device=dev)
+        filled.scatter_(0, torch.where(pos_s >= 0, pos_s, budget), 1)
+        filled = filled[:budget]
+    return pos, tpe, filled, dropped
+
+
+# =============================================================================== autograd
+
+
+class _DispatchFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TH, probs_TK, idx_TK, check, eng, box):
+        h, tokens, probs_M = eng._dispatch_fwd(x_TH.detach(), probs_TK.detach(), idx_TK, check)
+        box["handle"] = h
+        ctx.eng, ctx.h = eng, h
+        ctx.probs_dtype = probs_TK.dtype
+        return tokens, probs_M
+
+    @staticmethod
+    def backward(ctx, g_tokens, g_probs):
+        g_x, g_p = ctx.eng._push(g_tokens, ctx.h, grad_probs_M=g_probs.float().contiguous())
+        return g_x, g_p.to(ctx.probs_dtype), None, None, None, None
+
+
+class _CombineFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y_MH, eng, h):
+        ctx.eng, ctx.h = eng, h
+        out, _ = eng._push(y_MH.detach(), h)
+        return out
+
+    @staticmethod
+    def backward(ctx, g_out):
+        return ctx.eng._pull_rows(g_out, ctx.h), None, None
+
+
+# =============================================================================== engine
+
+
+class _Engine:
+    """The algorithm, on any transport (symmetric memory, a single GPU, or test ranks)."""
+
+    def __init__(self, tr: _Transport, num_experts: int, pad_multiple: Optional[int],
+                 options: Optional[dict]):
+        opts = dict(options or {})
+        known = {"max_rows_per_rank", "max_tokens_per_rank", "impl", "barrier", "symm_backend"}
+        unknown = set(opts) - known
+        if unknown:
+            raise ValueError(f"nvshmem: unknown backend_options {sorted(unknown)}; "
+                             f"known: {sorted(known)}")
+        self.tr = tr
+        self.R, self.rank = tr.world, tr.rank
+        self.E = num_experts
+        self.L = num_experts // self.R
+        self.pad = pad_multiple
+        self.budget = opts.get("max_rows_per_rank")
+        self.max_tokens = opts.get("max_tokens_per_rank")
+        self.impl = opts.get("impl", "triton")
+        if self.impl not in ("triton", "torch"):
+            raise ValueError(f"nvshmem: backend_options['impl'] must be 'triton' or 'torch', "
+                             f"got {self.impl!r}")
+        if self.budget is not None:
+            if int(self.budget) < 0:
+                raise ValueError("nvshmem: max_rows_per_rank must be >= 0")
+            self.budget = int(self.budget)
+            if self.impl == "torch":
+                raise ValueError("nvshmem: the static-budget mode (max_rows_per_rank) needs "
+                                 "impl='triton'")
+        if self.impl == "triton":
+            from ..kernels import triton_available
+            err = triton_available()
+            if err:
+                raise RuntimeError(f"nvshmem backend: {err}")
+
+    # ------------------------------------------------------------------ public
+
+    def dispatch(self, x_TH, idx_TK, probs_TK, check: PendingCheck) -> DispatchResult:
+        box: dict = {}
+        tokens, probs_M = _DispatchFn.apply(x_TH, probs_TK, idx_TK, check, self, box)
+        h = box["handle"]
+        if check.host_error is not None:  # static mode: took part with no tokens, now raise
+            raise DispatchInputError(check.host_error)
+        return DispatchResult(tokens, h.tokens_per_expert, probs_M, h)
+
+    def combine(self, y_NH: torch.Tensor, h: NVSHMEMHandle) -> torch.Tensor:
+        if y_NH.dim() != 2 or y_NH.shape[0] != h.num_rows or y_NH.shape[1] != h.hidden:
+            raise ValueError(f"combine: expert output must be [{h.num_rows}, {h.hidden}] "
+                             f"(the dispatched rows), got {tuple(y_NH.shape)}")
+        if y_NH.element_size() * h.hidden > h.arena.row_bytes:
+            # The receive area holds rows of the dispatch dtype's width.
+            y_NH = y_NH.to(h.dtype)
+        return _CombineFn.apply(y_NH, self, h)
+
+    # ------------------------------------------------------------------ buffers
+
+    def _arena_for(self, T: int, row_bytes: int, K: int) -> _Arena:
+        tr = self.tr
+        if tr.arena is None:
+            want = [max(T, int(self.max_tokens or 0), 1), row_bytes, K]
+            want = tr.host_max(want) if tr.world > 1 else want
+            self._grow(*want)
+        return tr.arena
+
+    def _grow(self, T: int, row_bytes: int, K: int) -> _Arena:
+        tr = self.tr
+        old = tr.arena
+        if old is not None:  # grow geometrically: few generations, each kept alive
+            T = max(T, old.T_cap, (old.T_cap * 3) // 2 if T > old.T_cap else 0)
+            row_bytes = max(row_bytes, old.row_bytes)
+            K = max(K, old.K_cap)
+        tr.arena = _Arena(tr, _round_up(T, 64), _round_up(row_bytes, 16), K)
+        tr.arenas.append(tr.arena)
+        return tr.arena
+
+    # ------------------------------------------------------------------ dispatch
+
+    def _dispatch_fwd(self, x_TH, probs_TK, idx_TK, check):
+        tr, R, L, E = self.tr, self.R, self.L, self.E
+        dev = x_TH.device
+        T, K = idx_TK.shape
+        H = x_TH.shape[1]
+        dtype = x_TH.dtype
+        row_bytes = H * x_TH.element_size()
+        static = self.budget is not None
+        bad_host = check.host_error is not None
+        code = check.code(dev)
+        arena = self._arena_for(T, row_bytes, K)
+        while True:
+            fits_hk = row_bytes <= arena.row_bytes and K <= arena.K_cap
+            if static and not fits_hk and not bad_host:
+                raise ValueError(
+                    f"nvshmem static-budget mode: this call (hidden {H}, {dtype}, top-k {K}) "
+                    f"does not fit the symmetric buffer sized by the first call (row bytes "
+                    f"{arena.row_bytes}, top-k {arena.K_cap}); dispatch the widest layer first")
+            fits = fits_hk and (T <= arena.T_cap or static)
+            T_st = min(T, arena.T_cap) if fits else 0
+            self._stage(arena, x_TH, idx_TK, probs_TK, T_st, K, H, dtype, bad_host or not fits)
+            meta = arena.local("meta", torch.int64, (16,))
+            meta[0].fill_(T)
+            meta[1].copy_(code)
+            meta[2].fill_(row_bytes)
+            meta[3].fill_(K)
+            meta[4].fill_(1 if fits else 0)
+            tr.barrier(_CH_STAGED)
+            metas_R, lid_VK = self._layout(arena, K)
+            if static:
+                break
+            counts_L = self._counts(lid_VK)
+            host = torch.cat([metas_R[:, :5].reshape(-1), counts_L]).tolist()  # the one sync
+            rows = [host[5 * r:5 * r + 5] for r in range(R)]
+            counts = host[5 * R:]
+            check.raise_if_failed([row[1] for row in rows], self.rank)
+            ok = [row for row in rows if row[1] == 0]
+            for col, what in ((2, "hidden size (bytes per row)"), (3, "top-k width K")):
+                vals = [row[col] for row in ok]
+                if any(v != vals[0] for v in vals):
+                    raise DispatchInputError(f"dispatch: {what} differs across EP ranks: {vals}")
+            if all(row[4] for row in rows):
+                break
+            # Some rank's tokens did not fit: every rank saw the same metas, so all grow
+            # together (a collective allocation) and stage again.
+            arena = self._grow(max(row[0] for row in rows), max(row[2] for row in rows),
+                               max(row[3] for row in rows))
+        T_cap = arena.T_cap
+        if static:
+            budget = self.budget
+        else:
+            from ..permute import pad_counts
+            budget = sum(pad_counts(counts, self.pad))
+        # In the default mode the budget is exact, so only padding rows need zeroing.
+        pos_VK, tpe_L, filled_M, dropped = device_plan(
+            lid_VK, L, self.pad, budget, need_filled=static or bool(self.pad and self.pad > 1))
+        tokens = torch.empty(budget, H, dtype=dtype, device=dev)
+        probs_M = torch.zeros(budget, dtype=torch.float32, device=dev)
+        self._pull(arena, pos_VK, tokens, probs_M, with_probs=True)
+        if filled_M is not None:
+            self._zero_unfilled(tokens, filled_M)
+        tr.barrier(_CH_PULLED)
+        tr.note_op(True)
+
+        # Where each token's partial sums come back, and which prob grads are real.
+        T_eff = min(T, T_cap)
+        valid_TK = (idx_TK >= 0) & (idx_TK < E)
+        if T_eff < T:
+            valid_TK = valid_TK & (torch.arange(T, device=dev) < T_eff).unsqueeze(1)
+        rank_TK = torch.where(valid_TK, torch.div(idx_TK, L, rounding_mode="floor"), R)
+        has_TR = torch.zeros(T, R + 1, dtype=torch.bool, device=dev)
+        has_TR.scatter_(1, rank_TK, True)
+        has_TR = has_TR[:, :R]
+        rows_TR = torch.arange(R, device=dev).unsqueeze(0) * T_cap + \
+            torch.arange(T, device=dev).unsqueeze(1)
+        pos_TR = torch.where(has_TR, rows_TR, -1)
+        if static:
+            status = dropped.to(torch.int32) * STATUS_ROWS_DROPPED
+            status = status + (metas_R[:, 0] > T_cap).any().to(torch.int32) * STATUS_TOKENS_DROPPED
+            status = status + (metas_R[:, 1] != 0).any().to(torch.int32) * STATUS_BAD_INPUT
+            status = (status | tr.status[0]).reshape(1)
+            tpe = tpe_L
+        else:
+            status = None
+            tpe = torch.tensor(pad_counts(counts, self.pad), dtype=torch.long)
+        h = NVSHMEMHandle(arena, pos_VK, pos_TR, valid_TK, filled_M, T, T_cap, budget, dtype, H,
+                          tpe, status)
+        return h, tokens, probs_M
+
+    def _stage(self, arena, x_TH, idx_TK, probs_TK, T_st, K, H, dtype, bad):
+        idx_st = arena.local("idx", torch.int32, (arena.T_cap * arena.K_cap,))
+        if bad:
+            idx_st.fill_(-1)  # contributes no rows, whatever K peers read with
+            return
+        arena.local("x", dtype, (arena.T_cap, H))[:T_st].copy_(x_TH[:T_st])
+        idx_v = idx_st[:arena.T_cap * K].view(arena.T_cap, K)
+        idx_v[:T_st].copy_(idx_TK[:T_st])
+        idx_v[T_st:].fill_(-1)
+        arena.local("probs", torch.float32, (arena.T_cap, K))[:T_st].copy_(probs_TK[:T_st])
+
+    def _layout(self, arena, K):
+        """Every rank's meta row and this rank's local expert id of every peer slot."""
+        R, T_cap, dev = self.R, arena.T_cap, self.tr.device
+        metas = torch.empty(R, 16, dtype=torch.int64, device=dev)
+        idx_all = torch.empty(R, T_cap * K, dtype=torch.int32, device=dev)
+        if self.impl == "triton":
+            from ..kernels import _triton
+            _triton.peer_gather(arena.tables["meta"], metas)
+            _triton.peer_gather(arena.tables["idx"], idx_all)
+        else:
+            for s in range(R):
+                metas[s].copy_(arena.peer(s, "meta", torch.int64, (16,)))
+                idx_all[s].copy_(arena.peer(s, "idx", torch.int32, (T_cap * K,)))
+        ids = idx_all.view(R * T_cap, K).long()
+        e0 = self.rank * self.L
+        mine = (ids >= e0) & (ids < e0 + self.L)
+        return metas, torch.where(mine, ids - e0, -1)
+
+    def _counts(self, lid_VK):
+        from ..permute import local_expert_counts
+        return local_expert_counts(lid_VK, self.L)
+
+    # ------------------------------------------------------------------ data movement
+
+    def _pull(self, arena, pos_VK, out_MH, probs_M, with_probs: bool):
+        """out[pos[s*T_cap+t, k]] = rank s's staged row t (and its probs)."""
+        R, T_cap = self.R, arena.T_cap
+        H, dtype = out_MH.shape[1], out_MH.dtype
+        if self.impl == "triton":
+            from ..kernels import _triton
+            _triton.peer_scatter_rows(arena.tables["x"], T_cap, self.rank, pos_VK, out_MH,
+                                      arena.tables["probs"] if with_probs else None,
+                                      probs_M if with_probs else None)
+            return
+        K = pos_VK.shape[1]
+        for s in range(R):
+            pos_s = pos_VK[s * T_cap:(s + 1) * T_cap]
+            x_s = arena.peer(s, "x", dtype, (T_cap, H))
+            p_s = arena.peer(s, "probs", torch.float32, (T_cap, K)) if with_probs else None
+            for k in range(K):
+                t_sel = torch.nonzero(pos_s[:, k] >= 0).flatten()
+                dst = pos_s[t_sel, k]
+                out_MH.index_copy_(0, dst, x_s.index_select(0, t_sel))
+                if with_probs:
+                    probs_M.index_copy_(0, dst, p_s[:, k].index_select(0, t_sel))
+
+    def _zero_unfilled(self, out_MH, filled_M):
+        if self.impl == "triton":
+            from ..kernels import _triton
+            _triton.zero_unfilled(out_MH, filled_M)
+        else:
+            out_MH.masked_fill_((filled_M == 0).unsqueeze(1), 0)
+
+    def _push(self, y_MH, h: NVSHMEMHandle, grad_probs_M: Optional[torch.Tensor] = None):
+        """Per-rank partial sums into their owners' receive areas, then the owner's sum.
+        Returns (out_TH, grad_probs_TK or None)."""
+        tr, R, arena = self.tr, self.R, h.arena
+        T_cap, H = h.rows_per_rank, h.hidden
+        y_MH = y_MH.contiguous()
+        dtype = y_MH.dtype
+        K = h.pos_VK.shape[1]
+        if tr.need_pre_push_barrier():
+            tr.barrier(_CH_PRE_PUSH)
+        comb = arena.local("comb", dtype, (R * T_cap, H))
+        if self.impl == "triton":
+            from ..kernels import _triton
+            _triton.peer_gather_reduce(y_MH, h.pos_VK, arena.tables["comb"], T_cap, self.rank,
+                                       comb, grad_probs_M,
+                                       arena.tables["gprob"] if grad_probs_M is not None else None)
+        else:
+            self._push_torch(y_MH, h, grad_probs_M, arena, T_cap, H, K)
+        tr.barrier(_CH_PUSHED)
+        tr.note_op(False)
+        out = torch.empty(h.num_tokens, H, dtype=dtype, device=y_MH.device)
+        if self.impl == "triton":
+            from ..kernels import reduce_rows
+            reduce_rows(comb, h.pos_TR, out)
+        else:
+            sel = h.pos_TR >= 0
+            acc = (comb.index_select(0, h.pos_TR.clamp(min=0).reshape(-1)).view(-1, R, H).float()
+                   * sel.unsqueeze(2)).sum(1) if h.num_tokens else out.float()
+            out.copy_(acc)
+        g_p = None
+        if grad_probs_M is not None:
+            T = h.num_tokens
+            g = arena.local("gprob", torch.float32, (T_cap, K))[:min(T, T_cap)]
+            g_p = torch.zeros(T, K, dtype=torch.float32, device=y_MH.device)
+            g_p[:g.shape[0]] = g
+            g_p = torch.where(h.valid_TK, g_p, 0.0)
+        return out, g_p
+
+    def _push_torch(self, y_MH, h, grad_probs_M, arena, T_cap, H, K):
+        for s in range(self.R):
+            pos_s = h.pos_VK[s * T_cap:(s + 1) * T_cap]
+            part = torch.zeros(T_cap, H, dtype=torch.float32, device=y_MH.device)
+            for k in range(K):
+                t_sel = torch.nonzero(pos_s[:, k] >= 0).flatten()
+                part.index_add_(0, t_sel, y_MH.index_select(0, pos_s[t_sel, k]).float())
+            sent = torch.nonzero((pos_s != -1).any(1)).flatten()
+            dst = arena.peer(s, "comb", y_MH.dtype, (self.R * T_cap, H))
+            dst.index_copy_(0, sent + self.rank * T_cap, part.index_select(0, sent).to(y_MH.dtype))
+            if grad_probs_M is not None:
+                gdst = arena.peer(s, "gprob", torch.float32, (T_cap, K))
+                pos_flat = pos_s.reshape(-1)
+                slots = torch.nonzero(pos_flat != -1).flatten()
+                p = pos_flat.index_select(0, slots)
+                vals = torch.where(p >= 0, grad_probs_M.index_select(0, p.clamp(min=0)), 0.0) \
+                    if grad_probs_M.numel() else torch.zeros_like(p, dtype=torch.float32)
+                gdst.view(-1).index_copy_(0, slots, vals)
+
+    def _pull_rows(self, g_out_TH, h: NVSHMEMHandle) -> torch.Tensor:
+        """Backward of combine: each dispatched row gets its token's output gradient."""
+        tr, arena = self.tr, h.arena
+        T_cap, H = h.rows_per_rank, h.hidden
+        dtype = g_out_TH.dtype
+        if g_out_TH.element_size() * H > arena.row_bytes:
+            dtype = h.dtype
+        T_st = min(h.num_tokens, T_cap)
+        arena.local("x", dtype, (T_cap, H))[:T_st].copy_(g_out_TH[:T_st])
+        tr.barrier(_CH_STAGED)
+        g_y = torch.empty(h.num_rows, H, dtype=dtype, device=g_out_TH.device)
+        self._pull(arena, h.pos_VK, g_y, None, with_probs=False)
+        if h.filled_M is not None:
+            self._zero_unfilled(g_y, h.filled_M)
+        tr.barrier(_CH_PULLED)
+        tr.note_op(True)
+        return g_y.to(g_out_TH.dtype)
+
+
+# =============================================================================== backend
+
+
+class NVSHMEMBackend:
+    """Fused single-pass dispatch/combine over torch symmetric memory (see module doc)."""
+
+    name = "nvshmem"
+
+    def __init__(self, config: BackendConfig):
+        reason = self.availability()
+        if reason is not None:
+            raise RuntimeError(f"nvshmem backend: {reason}")
+        self.cfg = config
+        opts = dict(config.options or {})
+        dev = torch.device("cuda", torch.cuda.current_device())
+        if not dist.is_initialized() or dist.get_world_size(config.group) == 1:
+            key = ("local", str(dev))
+            tr = _transports.get(key)
+            if tr is None:
+                tr = _transports[key] = _LocalTransport(dev)
+        else:
+            key = (config.group.group_name, str(dev))
+            tr = _transports.get(key)
+            if tr is None:
+                tr = _transports[key] = _SymmTransport(
+                    config.group, dev, opts.get("barrier", "auto"), opts.get("symm_backend"))
+        self.engine = _Engine(tr, config.num_experts, config.pad_multiple, opts)
+
+    @classmethod
+    def availability(cls) -> Optional[str]:
+        if not torch.cuda.is_available():
+            return "needs CUDA GPUs (torch.cuda.is_available() is False)"
+        if not dist.is_available():
+            return "this torch build has no torch.distributed"
+        try:
+            import torch.distributed._symmetric_memory  # noqa: F401
+        except Exception as exc:
+            return (f"this torch has no usable torch.distributed._symmetric_memory "
+                    f"({type(exc).__name__}: {exc}); needs torch >= 2.9 built with CUDA")
+        from ..kernels import triton_available
+        return triton_available()
+
+    def dispatch(self, x_TH: torch.Tensor, idx_TK: torch.Tensor, probs_TK: torch.Tensor,
+                 check: PendingCheck) -> DispatchResult:
+        if x_TH.device.type != "cuda":
+            raise ValueError(f"nvshmem backend needs CUDA tensors, got hidden on {x_TH.device}")
+        return self.engine.dispatch(x_TH, idx_TK, probs_TK, check)
+
+    def combine(self, y_NH: torch.Tensor, handle: NVSHMEMHandle) -> torch.Tensor:
+        if y_NH.device.type != "cuda":
+            raise ValueError(f"nvshmem backend needs CUDA tensors, got expert output on "
+                             f"{y_NH.device}")
+        return self.engine.combine(y_NH, handle)

@@ -1,0 +1,271 @@
+"""Triton kernels for row permutation and for peer-to-peer dispatch over symmetric memory.
+
+Imported only when a kernel is actually launched (triton is optional). Every kernel moves
+whole rows of a [rows, H] matrix, one program per (row, block of H columns), with the row
+mapping given as an index map: ``pos[v, k]`` is the output row of slot ``k`` of input row
+``v``; ``-1`` means "no such slot" and ``-2`` means "slot exists but its row was dropped"
+(static-budget overflow: nothing is written, but the row still counts as sent).
+
+Two kernel shapes cover every direction:
+  * ``scatter_rows``: read input row ``v`` once, write it to each ``pos[v, k] >= 0``
+    (permute; the backward of unpermute; the dispatch pull from peer buffers);
+  * ``gather_reduce``: out[v] = sum_k in[pos[v, k]] in float32, written once
+    (unpermute; the backward of permute; the combine push into peer buffers).
+The PEER variants read (scatter) or write (gather) rows through a table of device
+pointers, one per rank, so one launch talks to every GPU of the group over NVLink.
+"""
+from __future__ import annotations
+
+import os
+import threading
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# The interpreter is not re-entrant across threads (simulated ranks in tests).
+_launch_lock = threading.RLock()
+
+
+def _block_h(H: int, elem_size: int) -> tuple[int, int]:
+    """(BLOCK_H, num_warps): 16-byte accesses per thread, at most 2 KiB of a row per program."""
+    env = os.environ.get("MOE_DISPATCH_TRITON_BLOCK")
+    if env:
+        b, w = (int(v) for v in env.split(","))
+        return b, w
+    block = min(triton.next_power_of_2(max(H, 1)), max(2048 // elem_size, 16))
+    warps = max(1, min(8, block * elem_size // (16 * 32)))
+    return block, warps
+
+
+@triton.jit
+def _scatter_rows_kernel(src_ptr, src_table, rows_per_src, rank_shift, pos_ptr, out_ptr,
+                         pin_ptr, pin_table, pout_ptr, H, num_src,
+                         K: tl.constexpr, PEER: tl.constexpr, WITH_PROBS: tl.constexpr,
+                         BLOCK_H: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    hb = tl.program_id(1)
+    if PEER:
+        # Consecutive programs read from different ranks, so every NVLink carries
+        # traffic at once instead of all ranks draining one source at a time.
+        s = (pid % num_src + rank_shift) % num_src
+        t = pid // num_src
+        v = s * rows_per_src + t
+    else:
+        v = pid
+    cols = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    cmask = cols < H
+    # Scalars are broadcast to vectors before comparing: masks stay boolean vectors.
+    zero_v = tl.zeros([BLOCK_H], dtype=tl.int64)
+    n_slot = zero_v
+    for k in tl.static_range(K):
+        n_slot += (tl.load(pos_ptr + v * K + k) + zero_v >= 0).to(tl.int64)
+    if PEER:
+        base = tl.load(src_table + s).to(out_ptr.dtype)
+        row_ptr = base + t * H
+    else:
+        row_ptr = src_ptr + v * H
+    x = tl.load(row_ptr + cols, mask=cmask & (n_slot > 0))
+    for k in tl.static_range(K):
+        p = tl.load(pos_ptr + v * K + k)
+        tl.store(out_ptr + p * H + cols, x, mask=cmask & (p + zero_v >= 0))
+    if WITH_PROBS:
+        if hb == 0:
+            if PEER:
+                pbase = tl.load(pin_table + s).to(pout_ptr.dtype) + t * K
+            else:
+                pbase = pin_ptr + v * K
+            for k in tl.static_range(K):
+                p = tl.load(pos_ptr + v * K + k)
+                if p >= 0:
+                    tl.store(pout_ptr + p, tl.load(pbase + k).to(tl.float32))
+
+
+@triton.jit
+def _gather_reduce_kernel(y_ptr, pos_ptr, out_ptr, out_table, rows_per_dst, dst_row_base,
+                          gin_ptr, gout_table, H, num_dst,
+                          K: tl.constexpr, PEER: tl.constexpr, WITH_PROBS: tl.constexpr,
+                          BLOCK_H: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    hb = tl.program_id(1)
+    if PEER:
+        s = (pid % num_dst + dst_row_base // rows_per_dst) % num_dst
+        t = pid // num_dst
+        v = s * rows_per_dst + t
+    else:
+        v = pid
+    cols = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    cmask = cols < H
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    zero_v = tl.zeros([BLOCK_H], dtype=tl.int64)
+    n_sent = zero_v
+    for k in tl.static_range(K):
+        p = tl.load(pos_ptr + v * K + k) + zero_v
+        n_sent += (p != -1).to(tl.int64)
+        acc += tl.load(y_ptr + p * H + cols, mask=cmask & (p >= 0), other=0.0).to(tl.float32)
+    if PEER:
+        # Row t of the partial sums from this rank lands in rank s's receive area.
+        base = tl.load(out_table + s).to(out_ptr.dtype)
+        tl.store(base + (dst_row_base + t) * H + cols, acc.to(out_ptr.dtype.element_ty),
+                 mask=cmask & (n_sent > 0))
+        if WITH_PROBS:
+            if hb == 0:
+                gbase = tl.load(gout_table + s).to(gin_ptr.dtype) + t * K
+                for k in tl.static_range(K):
+                    p = tl.load(pos_ptr + v * K + k)
+                    if p != -1:
+                        g = 0.0
+                        if p >= 0:
+                            g = tl.load(gin_ptr + p)
+                        tl.store(gbase + k, g)
+    else:
+        tl.store(out_ptr + v * H + cols, acc.to(out_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _zero_unfilled_kernel(out_ptr, filled_ptr, H, BLOCK_H: tl.constexpr):
+    m = tl.program_id(0).to(tl.int64)
+    hb = tl.program_id(1)
+    cols = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    f = tl.load(filled_ptr + m) + tl.zeros([BLOCK_H], dtype=tl.int32)
+    zero = tl.zeros([BLOCK_H], dtype=out_ptr.dtype.element_ty)
+    tl.store(out_ptr + m * H + cols, zero, mask=(cols < H) & (f == 0))
+
+
+@triton.jit
+def _peer_gather_kernel(table, out_ptr, n, BLOCK: tl.constexpr):
+    s = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    base = tl.load(table + s).to(out_ptr.dtype)
+    vals = tl.load(base + offs, mask=offs < n)
+    tl.store(out_ptr + s.to(tl.int64) * n + offs, vals, mask=offs < n)
+
+
+@triton.jit
+def _barrier_kernel(flag_table, rank, channel, status_ptr, R: tl.constexpr,
+                    MAX_SPIN: tl.constexpr):
+    # Same two-phase protocol as torch's symmetric-memory barrier: set my slot in every
+    # peer's pad (release), then consume every peer's slot in mine (acquire). Slots go
+    # 0 -> 1 -> 0, so the barrier is stateless and safe to replay in a CUDA graph.
+    # A spin limit turns a lost peer into a status bit instead of a hung GPU.
+    mine = tl.load(flag_table + rank).to(tl.pointer_type(tl.int32))
+    for r in tl.static_range(R):
+        if r != rank:
+            peer = tl.load(flag_table + r).to(tl.pointer_type(tl.int32))
+            addr = peer + channel * R + rank
+            n = 0
+            while (tl.atomic_cas(addr, 0, 1, sem="release", scope="sys") != 0) & (n < MAX_SPIN):
+                n += 1
+            if n >= MAX_SPIN:
+                tl.atomic_or(status_ptr, 8)
+    for r in tl.static_range(R):
+        if r != rank:
+            addr = mine + channel * R + r
+            n = 0
+            while (tl.atomic_cas(addr, 1, 0, sem="acquire", scope="sys") != 1) & (n < MAX_SPIN):
+                n += 1
+            if n >= MAX_SPIN:
+                tl.atomic_or(status_ptr, 8)
+
+
+def _launch(kernel, grid, *args, **kw):
+    if grid[0] == 0 or (len(grid) > 1 and grid[1] == 0):
+        return
+    if _INTERPRET:
+        with _launch_lock:
+            kernel[grid](*args, **kw)
+    else:
+        kernel[grid](*args, **kw)
+
+
+# ----------------------------------------------------------------------------- local
+
+
+def scatter_rows(x_VH: torch.Tensor, pos_VK: torch.Tensor, out_MH: torch.Tensor,
+                 probs_VK: torch.Tensor | None = None,
+                 probs_M: torch.Tensor | None = None) -> None:
+    """out[pos[v, k]] = x[v] for every pos >= 0; probs_M[pos[v, k]] = probs_VK[v, k]."""
+    V, H = x_VH.shape
+    K = pos_VK.shape[1]
+    block, warps = _block_h(H, x_VH.element_size())
+    with_p = probs_M is not None
+    _launch(_scatter_rows_kernel, (V, triton.cdiv(H, block)),
+            x_VH, pos_VK, 1, 0, pos_VK, out_MH,
+            probs_VK if with_p else pos_VK, pos_VK, probs_M if with_p else out_MH, H, 1,
+            K=K, PEER=False, WITH_PROBS=with_p, BLOCK_H=block, num_warps=warps)
+
+
+def gather_reduce(y_MH: torch.Tensor, pos_VK: torch.Tensor, out_VH: torch.Tensor) -> None:
+    """out[v] = sum_k y[pos[v, k]] over pos >= 0, accumulated in float32 (zeros if none)."""
+    V, K = pos_VK.shape
+    H = out_VH.shape[1]
+    block, warps = _block_h(H, out_VH.element_size())
+    _launch(_gather_reduce_kernel, (V, triton.cdiv(H, block)),
+            y_MH, pos_VK, out_VH, pos_VK, 1, 0, y_MH, pos_VK, H, 1,
+            K=K, PEER=False, WITH_PROBS=False, BLOCK_H=block, num_warps=warps)
+
+
+def zero_unfilled(out_MH: torch.Tensor, filled_M: torch.Tensor) -> None:
+    """Zero every row m of out_MH with filled_M[m] == 0 (padding / unused budget rows)."""
+    M, H = out_MH.shape
+    block, warps = _block_h(H, out_MH.element_size())
+    _launch(_zero_unfilled_kernel, (M, triton.cdiv(H, block)), out_MH, filled_M, H,
+            BLOCK_H=block, num_warps=warps)
+
+
+# ----------------------------------------------------------------------------- peers
+
+
+def peer_scatter_rows(src_table: torch.Tensor, rows_per_src: int, rank: int,
+                      pos_VK: torch.Tensor, out_MH: torch.Tensor,
+                      pin_table: torch.Tensor | None = None,
+                      probs_M: torch.Tensor | None = None) -> None:
+    """Pull: row t of rank s's buffer (``src_table[s]``, [rows_per_src, H], dtype of out)
+    goes to out[pos[s * rows_per_src + t, k]]; probs likewise from ``pin_table[s]``
+    ([rows_per_src, K] float32)."""
+    R = src_table.shape[0]
+    V, K = pos_VK.shape
+    H = out_MH.shape[1]
+    block, warps = _block_h(H, out_MH.element_size())
+    with_p = probs_M is not None
+    _launch(_scatter_rows_kernel, (V, triton.cdiv(H, block)),
+            out_MH, src_table, rows_per_src, rank, pos_VK, out_MH,
+            pos_VK, pin_table if with_p else src_table, probs_M if with_p else out_MH, H, R,
+            K=K, PEER=True, WITH_PROBS=with_p, BLOCK_H=block, num_warps=warps)
+
+
+def peer_gather_reduce(y_MH: torch.Tensor, pos_VK: torch.Tensor, dst_table: torch.Tensor,
+                       rows_per_dst: int, rank: int, like: torch.Tensor,
+                       grad_probs_M: torch.Tensor | None = None,
+                       gout_table: torch.Tensor | None = None) -> None:
+    """Push: partial[v] = sum_k y[pos[v, k]] goes to row ``rank * rows_per_dst + t`` of
+    rank s's buffer ``dst_table[s]`` (v = s * rows_per_dst + t), for every v with a slot
+    (pos != -1). With ``grad_probs_M``, slot k's value grad_probs_M[pos] (0 if dropped)
+    goes to element [t, k] of ``gout_table[s]`` ([rows_per_dst, K] float32).
+    ``like`` is any tensor of the destination dtype (its pointer type is used)."""
+    R = dst_table.shape[0]
+    V, K = pos_VK.shape
+    H = y_MH.shape[1]
+    block, warps = _block_h(H, y_MH.element_size())
+    with_p = grad_probs_M is not None
+    _launch(_gather_reduce_kernel, (V, triton.cdiv(H, block)),
+            y_MH, pos_VK, like, dst_table, rows_per_dst, rank * rows_per_dst,
+            grad_probs_M if with_p else y_MH, gout_table if with_p else dst_table, H, R,
+            K=K, PEER=True, WITH_PROBS=with_p, BLOCK_H=block, num_warps=warps)
+
+
+def peer_gather(table: torch.Tensor, out_RN: torch.Tensor) -> None:
+    """out[s] = the first N elements of rank s's buffer ``table[s]`` (dtype of out)."""
+    R, N = out_RN.shape
+    block = min(1024, triton.next_power_of_2(max(N, 1)))
+    _launch(_peer_gather_kernel, (R, triton.cdiv(N, block)), table, out_RN, N, BLOCK=block)
+
+
+def barrier(flag_table: torch.Tensor, rank: int, channel: int, status: torch.Tensor,
+            max_spin: int = 1 << 26) -> None:
+    """Device-side barrier over the signal slots ``flag_table[r] + channel * R``."""
+    R = flag_table.shape[0]
+    kernel = _barrier_kernel
+    # No launch lock here: simulated ranks spin concurrently.
+    kernel[(1,)](flag_table, rank, channel, status, R=R, MAX_SPIN=max_spin, num_warps=1)

@@ -1,0 +1,128 @@
+"""Rank functions for the fused-kernel backend tests (run by the gloo pool).
+
+Each installs the CPU stand-ins of tests/fake_ep.py for its duration only and frees every
+buffer it made before returning, so the shared pool is left as it was found.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+
+import fake_ep
+from dist_workers import run_parity
+
+
+@contextlib.contextmanager
+def fakes():
+    from moe_dispatch import fused_a2a, hybrid_buffer, v1_backend, v1_buffer
+    from moe_dispatch.backends import hybridep
+    fake_ep.install()
+    # The stand-ins run on CPU; the backends' CUDA requirement is lifted for their duration.
+    cuda_checks = (v1_backend.cuda_reason, hybridep.cuda_reason)
+    v1_backend.cuda_reason = hybridep.cuda_reason = lambda: None
+    saved = (fused_a2a.HAVE_DEEP_EP, fused_a2a.HAVE_HYBRIDEP, fused_a2a.HAVE_UCCL_EP)
+    fused_a2a.HAVE_DEEP_EP = fused_a2a.HAVE_HYBRIDEP = fused_a2a.HAVE_UCCL_EP = True
+    for k in fake_ep.LOG:
+        fake_ep.LOG[k] = 0 if k != "uccl_intranode" else None
+    try:
+        yield
+    finally:
+        v1_buffer.free_all()
+        hybrid_buffer.reset_all()
+        fused_a2a.HAVE_DEEP_EP, fused_a2a.HAVE_HYBRIDEP, fused_a2a.HAVE_UCCL_EP = saved
+        v1_backend.cuda_reason, hybridep.cuda_reason = cuda_checks
+        fake_ep.uninstall()
+
+
+def fake_parity(rank, world, case, backend, opts):
+    with fakes():
+        out = run_parity(rank, world, case, backend, opts)
+        out["log"] = dict(fake_ep.LOG)
+        return out
+
+
+def fake_fused_api(rank, world, T, H, E, K, seed):
+    """Seed API round trip: fused_dispatch -> fused_combine, with grads."""
+    from moe_dispatch import fused_a2a
+    with fakes():
+        g = torch.Generator().manual_seed(seed + rank)
+        x = torch.randn(T, H, generator=g).to(torch.bfloat16).requires_grad_(True)
+        idx = torch.rand(T, E, generator=g).argsort(1)[:, :K].contiguous()
+        idx[::3, 0] = -1
+        p = torch.rand(T, K, generator=g).requires_grad_(True)
+        group = dist.group.WORLD
+        recv_x, recv_idx, recv_p, tpe, handle = fused_a2a.fused_dispatch(x, idx, p, E, group)
+        assert fused_a2a._buffer is not None
+        y, none = fused_a2a.fused_combine(recv_x * 2, group, handle)
+        loss = (y.float() * torch.arange(H).float()).sum() + (recv_p * recv_p).sum()
+        loss.backward()
+        n_ranks = torch.zeros(T, world, dtype=torch.bool)
+        L = E // world
+        n_ranks.scatter_(1, torch.where(idx >= 0, idx // L, 0), idx >= 0)
+        out = dict(recv_idx=recv_idx, tpe=tpe, y=y.detach(), x=x.detach(), gx=x.grad,
+                   gp=p.grad, idx=idx, p=p.detach(), n_ranks=n_ranks.sum(1), none=none,
+                   buffer_set=fused_a2a._buffer is not None)
+        fused_a2a.free_buffer()
+        out["buffer_after_free"] = fused_a2a._buffer
+        out["log"] = dict(fake_ep.LOG)
+        return out
+
+
+def fake_buffer_growth(rank, world):
+    from moe_dispatch import fused_a2a
+    with fakes():
+        group = dist.group.WORLD
+        b1 = fused_a2a.get_buffer(group, 1024)
+        b1_again = fused_a2a.get_buffer(group, 512)
+        b2 = fused_a2a.get_buffer(group, 4096)
+        res = dict(same=b1 is b1_again, grew=b2 is not b1, nvl1=b1.num_nvl_bytes,
+                   nvl2=b2.num_nvl_bytes, old_destroyed=b1.destroyed,
+                   global_is_new=fused_a2a._buffer is b2)
+        fused_a2a.set_deepep_num_sms(24)
+        b3 = fused_a2a.get_buffer(group, 4096)  # more channels need more room
+        res["grew_for_sms"] = b3 is not b2
+        fused_a2a.set_deepep_num_sms(20)
+        fused_a2a.free_buffer()
+        res["log"] = dict(fake_ep.LOG)
+        res["after_free"] = fused_a2a._buffer
+        return res
+
+
+def fake_hybrid_api(rank, world, T, H, E, pad_multiple, npt):
+    """Seed HybridEP API round trip (uneven T is not allowed by the library: equal here)."""
+    from moe_dispatch import fused_a2a
+    from moe_dispatch.routing import topk_to_dense
+    with fakes():
+        g = torch.Generator().manual_seed(100 + rank)
+        L = E // world
+        x = torch.randn(T, H, generator=g).to(torch.bfloat16).requires_grad_(True)
+        idx = torch.rand(T, E, generator=g).argsort(1)[:, :2]
+        rm, pr = topk_to_dense(idx, torch.rand(T, 2, generator=g), E)
+        pr = pr.requires_grad_(True)
+        group = dist.group.WORLD
+        tok, probs, scale, tpe, handle = fused_a2a.hybrid_ep_dispatch(
+            x, rm, pr, group, L, num_permuted_tokens=npt, pad_multiple=pad_multiple)
+        y = fused_a2a.hybrid_ep_combine(tok * 3, handle, num_permuted_tokens=npt,
+                                        pad_multiple=pad_multiple)
+        (y.float().sum() + (probs * probs).sum()).backward()
+        out = dict(tok_rows=tok.shape[0], tpe=tpe.clone(), y=y.detach(), x=x.detach(),
+                   gx=x.grad, gp=pr.grad, rm=rm, pr=pr.detach(), overflow=int(handle[10][0]),
+                   buffer_set=fused_a2a._hybrid_ep_buffer is not None)
+        fused_a2a.reset_hybrid_ep_buffer()
+        out["after_reset"] = fused_a2a._hybrid_ep_buffer
+        return out
+
+
+def fake_hybrid_overflow(rank, world, case, npt):
+    """hybridep backend with a too-small num_permuted_tokens: the flag must be raised."""
+    from moe_dispatch.backends.hybridep import HybridEPBackend
+    from token_dispatcher import MoETokenDispatcher
+    with fakes():
+        disp = MoETokenDispatcher(case.num_experts, backend="hybridep",
+                                  backend_options={"num_permuted_tokens": npt})
+        out = disp.dispatch(case.xs[rank], topk_idx=case.idxs[rank], topk_probs=case.probs[rank])
+        h = out.handle.backend_handle
+        return dict(rows=out.tokens.shape[0], overflowed=HybridEPBackend.overflowed(h),
+                    tpe=out.tokens_per_expert)

@@ -1,0 +1,262 @@
+"""The benchmark CLI (CPU smoke run with real gloo ranks), its byte count and the auto rule."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe_dispatch.auto import Topology, rule
+from moe_dispatch.bench import workload as wl
+from moe_dispatch.bench.report import ratios
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------ bytes
+
+def _pairs_by_loops(idx, num_experts, ep_size):
+    """Independent count: for every token, the set of ranks owning one of its experts."""
+    per_rank = num_experts // ep_size
+    sent = [0] * ep_size
+    for row in idx.tolist():
+        for r in {e // per_rank for e in row if e >= 0}:
+            sent[r] += 1
+    return sent
+
+
+@pytest.mark.parametrize("ep_size", [1, 2, 4])
+def test_rows_sent_matches_loops(ep_size):
+    E, K, T = 16, 5, 97
+    idx = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
+    idx[torch.rand(T, K) < 0.2] = -1                      # masked slots
+    idx[3] = -1                                           # a token routed nowhere
+    got = wl.rows_sent_per_rank(idx, E, ep_size)
+    assert got.tolist() == _pairs_by_loops(idx, E, ep_size)
+    assert got.sum() <= (idx >= 0).sum()                  # never more than expert rows
+
+
+def test_rows_received_is_column_sum_and_counts_local_rows():
+    # 3 ranks, each sends to every rank including itself.
+    R, E, T, K = 3, 6, 11, 2
+    sends = []
+    for r in range(R):
+        idx = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
+        sends.append(wl.rows_sent_per_rank(idx, E, R))
+    sent_RR = torch.stack(sends)
+    recv = wl.rows_received(sent_RR)
+    for dst in range(R):
+        assert recv[dst] == sum(int(sends[src][dst]) for src in range(R))
+    assert recv.sum() == sent_RR.sum()
+
+
+def test_same_expert_rank_counts_once_and_bytes():
+    # Token 0: experts 0, 1 (both on rank 0) -> one row to rank 0; token 1: experts 1, 2
+    # (ranks 0 and 1) -> a row to each; token 2: fully masked -> nothing.
+    idx = torch.tensor([[0, 1], [1, 2], [-1, -1]])
+    assert wl.rows_sent_per_rank(idx, 4, 2).tolist() == [2, 1]
+    assert wl.bytes_per_row(7168, 2) == 7168 * 2
+    # DeepEP's FP8 factor: (1 + 4/128) / 2 of the BF16 bytes.
+    assert wl.bytes_per_row(7168, 2, fp8=True) == pytest.approx(7168 * 2 * (1 + 4 / 128) / 2)
+    assert wl.gbps(1000, 7168, 2, 1e-3) == pytest.approx(1000 * 7168 * 2 / 1e-3 / 1e9)
+
+
+def test_anchor_byte_count_at_deepep_shape():
+    """anchors.md: at EP4, 4096 tokens, top-8 of 256, a token reaches ~3.6 ranks."""
+    shape = wl.Shape(**wl.SHAPES["deepep"])
+    idx, probs = wl.make_routing(shape, rank=0, seed=1)
+    assert idx.shape == (4096, 8) and probs.shape == (4096, 8)
+    assert all(len(set(r)) == 8 for r in idx[:64].tolist())        # distinct experts
+    assert torch.allclose(probs.sum(1), torch.ones(4096))
+    per_token = wl.rows_sent_per_rank(idx, 256, 4).sum().item() / 4096
+    assert 3.5 < per_token < 3.7
+
+
+def test_zipf_is_skewed_but_spread_over_ranks():
+    shape = wl.Shape(tokens=2048, hidden=8, topk=4, experts=32, routing="zipf")
+    idx, _ = wl.make_routing(shape, rank=0, seed=3)
+    counts = torch.bincount(idx.flatten(), minlength=32).float()
+    assert counts.max() > 4 * counts.median()
+    idx1, _ = wl.make_routing(shape, rank=1, seed=3)
+    # Same popularity on every rank (shared permutation), different draws.
+    assert counts.argmax() == torch.bincount(idx1.flatten(), minlength=32).argmax()
+    assert not torch.equal(idx, idx1)
+
+
+# ------------------------------------------------------------------------------ auto rule
+
+AV = "available"
+
+
+def _avail(*names):
+    allb = ("alltoall", "allgather", "deepep", "hybridep", "uccl", "nvshmem")
+    return {n: (AV if n in names else "not installed") for n in allb}
+
+
+@pytest.mark.parametrize("topo, want", [
+    (Topology("cpu", 4, available=_avail("alltoall", "allgather")), "alltoall"),
+    (Topology("cpu", 4, available=_avail("alltoall", "deepep", "nvshmem")), "alltoall"),
+    (Topology("cuda", 4, 1, 4, True, available=_avail("alltoall", "deepep", "nvshmem")), "nvshmem"),
+    (Topology("cuda", 4, 1, 4, True, available=_avail("alltoall", "deepep")), "deepep"),
+    (Topology("cuda", 4, 1, 4, None, available=_avail("alltoall", "deepep")), "deepep"),
+    (Topology("cuda", 4, 1, 4, True, available=_avail("alltoall", "allgather")), "alltoall"),
+    (Topology("cuda", 4, 1, 4, False, available=_avail("alltoall", "deepep", "nvshmem")), "alltoall"),
+    (Topology("cuda", 16, 2, 8, True, True, available=_avail("alltoall", "deepep", "nvshmem")), "deepep"),
+    (Topology("cuda", 16, 2, 8, True, False, available=_avail("alltoall", "deepep", "nvshmem")), "alltoall"),
+    (Topology("cuda", 16, 2, 8, True, True, available=_avail("alltoall")), "alltoall"),
+    (Topology("cuda", 1, 1, 1, True, available=_avail("alltoall", "deepep", "nvshmem")), "alltoall"),
+])
+def test_auto_rule(topo, want):
+    name, why = rule(topo)
+    assert name == want
+    assert why and isinstance(why, str)
+    assert topo.available.get(name) == AV or name == "alltoall"
+
+
+def test_auto_rule_never_picks_an_unavailable_backend():
+    names = ("alltoall", "allgather", "deepep", "hybridep", "uccl", "nvshmem")
+    rng = random.Random(0)
+    for _ in range(200):
+        chosen = {n for n in names if rng.random() < 0.5} | {"alltoall"}
+        topo = Topology(rng.choice(["cpu", "cuda"]), rng.choice([1, 2, 4, 8, 16]),
+                        rng.choice([1, 2]), 8, rng.choice([True, False, None]),
+                        rng.choice([True, False]), _avail(*chosen))
+        name, _ = rule(topo)
+        assert name in chosen
+
+
+def test_choose_backend_single_process_cpu():
+    from moe_dispatch.auto import choose_backend
+    name, why = choose_backend(None, torch.device("cpu"))
+    assert name == "alltoall" and "CPU" in why
+
+
+def test_ratios_are_reference_over_ours():
+    rows = [
+        dict(name="nvshmem", kind="backend", status="ok", dispatch_us=400.0, combine_us=500.0,
+             layer_ms=None),
+        dict(name="deepep-direct", kind="reference", status="ok", dispatch_us=500.0,
+             combine_us=600.0, layer_ms=None),
+        dict(name="megatron-a2a", kind="reference", status="FAILED"),
+    ]
+    out = ratios(rows)
+    assert len(out) == 1
+    assert out[0]["dispatch"] == pytest.approx(1.25) and out[0]["combine"] == pytest.approx(1.2)
+    assert out[0]["label"].startswith("native")
+
+
+# ------------------------------------------------------------------------------ CPU smoke
+
+def test_cpu_smoke_run_two_ranks(tmp_path):
+    """The real CLI, 2 gloo ranks spawned by itself, --check on, JSON validated."""
+    out = tmp_path / "run.json"
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "moe_dispatch.bench", "--device", "cpu", "--nproc", "2",
+           "--tokens", "48", "--hidden", "64", "--topk", "3", "--experts", "8",
+           "--routing", "zipf", "--iters", "3", "--warmup", "1", "--ffn", "32",
+           "--backends", "alltoall,allgather,deepep", "--check", "--json", str(out),
+           "--timeout", "120"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    res = json.loads(out.read_text())
+    assert res["schema"] == "moe_dispatch.bench/1"
+    cfg = res["config"]
+    assert cfg["world_size"] == 2 and cfg["device"] == "cpu" and cfg["check"] is True
+    assert cfg["shape"] == dict(tokens=48, hidden=64, topk=3, experts=8, routing="zipf",
+                                dtype="fp32", zipf_s=1.2)
+    rows = {r["name"]: r for r in res["rows"]}
+    for name in ("alltoall", "allgather"):
+        r = rows[name]
+        assert r["status"] == "ok" and r["check"] == "passed", r
+        for key in ("dispatch_us", "combine_us", "dispatch_gbps", "combine_gbps", "layer_ms",
+                    "layer_tokens_per_s"):
+            assert r[key] is not None and r[key] > 0, (name, key, r[key])
+        # GB/s is recomputable from the rows received and the per-rank medians.
+        want = sum(n * 64 * 4 / (us * 1e-6) / 1e9 for n, us in
+                   zip(r["per_rank"]["rows_recv"], r["per_rank"]["dispatch_us"])) / 2
+        assert r["dispatch_gbps"] == pytest.approx(want, rel=1e-9)
+    # Rows received, independently recounted from the same routing of both ranks.
+    shape = wl.Shape(48, 64, 3, 8, "zipf", "fp32")
+    nsets = cfg["num_sets"]
+    recv = [0.0, 0.0]
+    for s in range(nsets):
+        sent = torch.tensor([_pairs_by_loops(wl.make_routing(shape, r, 0, s)[0], 8, 2)
+                             for r in range(2)])
+        for dst in range(2):
+            recv[dst] += sent[:, dst].sum().item() / nsets
+    assert rows["alltoall"]["per_rank"]["rows_recv"] == pytest.approx(recv)
+    # Unavailable backends and CPU-less references are rows with a reason, not crashes.
+    assert rows["deepep"]["status"] == "skipped" and rows["deepep"]["reason"]
+    for ref in ("deepep-direct", "megatron-a2a"):
+        assert rows[ref]["status"] == "skipped" and "CUDA" in rows[ref]["reason"]
+    assert "alltoall" in proc.stdout and "passed" in proc.stdout
+
+
+def test_check_catches_a_wrong_backend():
+    """A backend that returns rows in the wrong order must fail the comparison."""
+    from moe_dispatch.bench.check import Expected, compare
+
+    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    tokens = torch.randn(10, 8, generator=g)
+    probs = torch.rand(10, generator=g)
+    tpe = torch.tensor([4, 6])
+    y = torch.randn(5, 8, generator=g)
+    exp = Expected(tokens, probs, tpe, y)
+    assert compare(tokens, tpe, probs, y, exp, torch.float32) == []
+    swapped = tokens[torch.tensor([1, 0] + list(range(2, 10)))]
+    assert any("rows differ" in e for e in compare(swapped, tpe, probs, y, exp, torch.float32))
+    assert any("tokens_per_expert" in e
+               for e in compare(tokens, torch.tensor([5, 5]), probs, y, exp, torch.float32))
+    assert any("combine" in e for e in compare(tokens, tpe, probs, y * 1.1, exp, torch.float32))
+
+
+BROKEN = '''
+import dataclasses
+import torch
+from moe_dispatch.backends.alltoall import AllToAllBackend
+
+
+class SwappedRows(AllToAllBackend):
+    """Fast and wrong: the first two dispatched rows trade places."""
+    name = "swapped"
+
+    def dispatch(self, x_TH, idx_TK, probs_TK, check):
+        res = super().dispatch(x_TH, idx_TK, probs_TK, check)
+        n = res.tokens_NH.shape[0]
+        order = torch.arange(n)
+        if n >= 2:
+            order[0], order[1] = 1, 0
+        return dataclasses.replace(res, tokens_NH=res.tokens_NH[order])
+'''
+
+
+def test_check_fails_a_wrong_backend_end_to_end(tmp_path):
+    """A wrong backend through the real CLI (one gloo rank, torchrun-style env): it is
+    reported FAILED with no numbers, the run exits non-zero, alltoall still gets numbers."""
+    (tmp_path / "broken_backend.py").write_text(BROKEN)
+    out = tmp_path / "run.json"
+    script = (
+        "import sys; from moe_dispatch.registry import register_backend; "
+        "register_backend('swapped', 'broken_backend:SwappedRows'); "
+        "from moe_dispatch.bench.cli import main; sys.exit(main(sys.argv[1:]))")
+    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 2000),
+               PYTHONPATH=os.pathsep.join([str(REPO), str(tmp_path),
+                                           os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-c", script, "--device", "cpu", "--tokens", "40", "--hidden", "32",
+           "--topk", "2", "--experts", "4", "--iters", "2", "--warmup", "0", "--no-layer",
+           "--backends", "alltoall,swapped", "--check", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["swapped"]["status"] == "FAILED" and rows["swapped"]["check"] == "FAILED"
+    assert rows["swapped"]["dispatch_us"] is None and "rows differ" in rows["swapped"]["reason"]
+    assert rows["alltoall"]["status"] == "ok" and rows["alltoall"]["dispatch_us"] > 0
+    assert "FAILED" in proc.stdout
