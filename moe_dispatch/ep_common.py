@@ -13,6 +13,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from .routing import pad_topk  # noqa: F401  (re-exported for the EP backends)
+
 from . import comm
 from .protocol import DispatchInputError, PendingCheck
 
@@ -55,17 +57,3 @@ def cuda_reason() -> Optional[str]:
 
 def round_up(x: int, m: int) -> int:
     return -(-x // m) * m
-
-
-def pad_topk(idx_TK: torch.Tensor, probs_TK: torch.Tensor, K: int):
-    """Widen [T, k] routing to [T, K] with masked (-1, prob 0) slots (k <= K).
-
-    Ranks must agree on K for the fused kernels; a zero-token rank routed from a dense map
-    may have derived a narrower K, which carries no information and is simply widened."""
-    k = idx_TK.shape[1]
-    if k == K:
-        return idx_TK, probs_TK
-    T = idx_TK.shape[0]
-    idx = torch.cat([idx_TK, idx_TK.new_full((T, K - k), -1)], 1)
-    probs = torch.cat([probs_TK, probs_TK.new_zeros(T, K - k)], 1)
-    return idx, probs

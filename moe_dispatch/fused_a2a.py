@@ -32,7 +32,6 @@ Differences from the original, all deliberate:
 from __future__ import annotations
 
 import logging
-from typing import Optional
 
 import torch
 

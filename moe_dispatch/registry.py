@@ -8,7 +8,7 @@ fallback to another backend.
 from __future__ import annotations
 
 import importlib
-from typing import Dict, Optional, Type
+from typing import Dict, Optional
 
 _BACKENDS: Dict[str, str] = {
     "alltoall": "moe_dispatch.backends.alltoall:AllToAllBackend",

@@ -55,6 +55,20 @@ def dense_to_topk(routing_map_TE: torch.Tensor, probs_TE: torch.Tensor,
     return idx_TK, probs_TK
 
 
+def pad_topk(idx_TK: torch.Tensor, probs_TK: torch.Tensor, K: int):
+    """Widen [T, k] routing to [T, K] with masked (-1, prob 0) slots (k <= K).
+
+    Ranks must agree on K for the wire format; a zero-token rank routed from a dense map
+    derives a narrower K, which carries no information and is simply widened."""
+    k = idx_TK.shape[1]
+    if k == K:
+        return idx_TK, probs_TK
+    T = idx_TK.shape[0]
+    idx = torch.cat([idx_TK, idx_TK.new_full((T, K - k), -1)], 1)
+    probs = torch.cat([probs_TK, probs_TK.new_zeros(T, K - k)], 1)
+    return idx, probs
+
+
 def expert_capacity(num_tokens: int, topk: int, num_experts: int, capacity_factor: float) -> int:
     """Rows each expert may take from one rank: ceil(T * K / E * capacity_factor)."""
     return int(math.ceil(num_tokens * topk / num_experts * capacity_factor))

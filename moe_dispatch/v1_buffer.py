@@ -21,7 +21,6 @@ live in a module-level table keyed by library and group, never on a class.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -232,6 +231,7 @@ class V1BufferManager:
         self.rebuilds = 0
         self._rdma = None
         self._intranode = None
+        self._sizes: Dict[Any, Tuple[int, int]] = {}
 
     @property
     def rdma(self) -> bool:
@@ -246,10 +246,17 @@ class V1BufferManager:
         return self._intranode
 
     def sizes(self, hidden_bytes: int, num_sms: Optional[int] = None) -> Tuple[int, int]:
-        with_rdma = self.rdma and self.num_ranks > NUM_MAX_NVL_PEERS
-        if self.library.name == "uccl" and self.intranode():
-            with_rdma = False
-        return required_bytes(self.buffer_cls, self.num_ranks, hidden_bytes, num_sms, with_rdma)
+        # Cached: every dispatch and combine asks, and the library builds its whole
+        # recommended-config table each time it is consulted.
+        key = (hidden_bytes, num_sms, getattr(self.buffer_cls, "num_sms", None))
+        hit = self._sizes.get(key)
+        if hit is None:
+            with_rdma = self.rdma and self.num_ranks > NUM_MAX_NVL_PEERS
+            if self.library.name == "uccl" and self.intranode():
+                with_rdma = False
+            hit = self._sizes[key] = required_bytes(self.buffer_cls, self.num_ranks,
+                                                    hidden_bytes, num_sms, with_rdma)
+        return hit
 
     def get(self, hidden_bytes: int, num_sms: Optional[int] = None):
         nvl, rdma = self.sizes(hidden_bytes, num_sms)
@@ -489,8 +496,3 @@ class V1Combine(torch.autograd.Function):
 
 def new_box() -> _Box:
     return _Box()
-
-
-def env_int(name: str) -> Optional[int]:
-    v = os.environ.get(name)
-    return int(v) if v not in (None, "") else None

@@ -50,10 +50,6 @@ class Config:
         raise RuntimeError("Assertion failed: NVSHMEM is disable during compilation")
 
 
-def _cfg_table(recv_send):
-    return {n: recv_send[n] for n in recv_send}
-
-
 _DISPATCH = {2: 24, 4: 6, 8: 6}
 _COMBINE = {2: 10, 4: 9, 8: 4}
 
@@ -113,9 +109,11 @@ class Buffer:
 
     @staticmethod
     def _events(previous_event, async_finish, allocate_on_comm_stream):
+        # Like DeepEP: an EventOverlap without an event counts as no previous event.
+        event = getattr(previous_event, "event", None)
         if allocate_on_comm_stream:
-            assert previous_event is not None and async_finish
-        if previous_event is not None:
+            assert event is not None and async_finish
+        if event is not None:
             assert async_finish
 
     def get_dispatch_layout(self, topk_idx, num_experts, previous_event=None, async_finish=False,

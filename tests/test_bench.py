@@ -170,6 +170,10 @@ def test_cpu_smoke_run_two_ranks(tmp_path):
     assert cfg["world_size"] == 2 and cfg["device"] == "cpu" and cfg["check"] is True
     assert cfg["shape"] == dict(tokens=48, hidden=64, topk=3, experts=8, routing="zipf",
                                 dtype="fp32", zipf_s=1.2)
+    assert res["complete"] is True
+    # The auto rule ran on the real 2-rank gloo group (topology gathered from both ranks).
+    assert cfg["auto"]["choice"] == "alltoall" and "CPU" in cfg["auto"]["reason"]
+    assert cfg["auto"]["num_nodes"] == 1
     rows = {r["name"]: r for r in res["rows"]}
     for name in ("alltoall", "allgather"):
         r = rows[name]

@@ -17,6 +17,8 @@ SCENARIOS = {
     "hot_expert_topk": (lambda R: [10] * R, dict(skew="one_expert"), {}),
     "zipf": (lambda R: [16] * R, dict(skew="zipf"), {}),
     "dense_form": (lambda R: [7 + r for r in range(R)], dict(mask_frac=0.2), {"form": "dense"}),
+    "dense_zero_token_rank": (lambda R: [0] + [7] * (R - 1), dict(mask_frac=0.2),
+                              {"form": "dense"}),
     "dense_form_topk_hint": (lambda R: [6] * R, dict(topk=3), {"form": "dense", "topk": 3}),
     "shape_SBH": (lambda R: [8] * R, dict(mask_frac=0.1), {"shape3d": True}),
     "capacity_probs": (lambda R: [16] * R, dict(skew="zipf"), {"capacity_factor": 0.6}),

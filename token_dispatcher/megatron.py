@@ -176,7 +176,8 @@ class MoEDispatchTokenDispatcher(_MegatronTokenDispatcher):
         self.drop_and_pad = bool(config.moe_pad_expert_input_to_capacity)
         if self.drop_and_pad and config.moe_expert_capacity_factor is None:
             raise ValueError("moe_pad_expert_input_to_capacity needs moe_expert_capacity_factor")
-        self.pad_multiple = (get_align_size_for_quantization(config)
+        # Alignment 0 (megatron-core >= 0.19 without fp8/fp4) means no padding.
+        self.pad_multiple = (get_align_size_for_quantization(config) or None
                              if config.moe_router_padding_for_quantization else None)
         self.backend = resolve_backend(config, backend)
         options = {}
@@ -259,7 +260,7 @@ class MoEDispatchTokenDispatcher(_MegatronTokenDispatcher):
         tokens_per_expert, self.tokens_per_expert = self.tokens_per_expert, None
         if self._probs_dtype is not None and probs.dtype != self._probs_dtype:
             probs = probs.to(self._probs_dtype)
-        return hidden_states, tokens_per_expert, probs * 1.001
+        return hidden_states, tokens_per_expert, probs
 
     def combine_preprocess(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Expert output [N, H] in dispatch order; nothing local to do before the exchange

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from .. import comm
 from ..permute import GroupPlan, group_plan, permute, unpermute
+from ..routing import pad_topk
 from ..protocol import BackendConfig, DispatchInputError, DispatchResult, PendingCheck
 
 
@@ -62,10 +63,12 @@ class AllGatherBackend:
         # The single host sync of this dispatch.
         table = comm.gather_ints(msg, self.group).tolist()
         check.raise_if_failed([row[3] for row in table], me)
-        for col, what in ((1, "top-k width K"), (2, "hidden size")):
-            vals = [row[col] for row in table]
-            if any(v != vals[0] for v in vals):
-                raise DispatchInputError(f"dispatch: {what} differs across EP ranks: {vals}")
+        hiddens = [row[2] for row in table]
+        if any(h != H for h in hiddens):
+            raise DispatchInputError(f"dispatch: hidden size differs across EP ranks: {hiddens}")
+        # Gathered rows must have one width; a narrower K is widened with -1 slots.
+        K = max(row[1] for row in table)
+        idx_TK, probs_TK = pad_topk(idx_TK, probs_TK, K)
         t_max = max(row[0] for row in table)
         tokens_per_expert = [sum(row[4 + me * L + l] for row in table) for l in range(L)]
 

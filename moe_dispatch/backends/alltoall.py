@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from .. import comm
 from ..permute import GroupPlan, group_plan, permute, unpermute
+from ..routing import pad_topk
 from ..protocol import BackendConfig, DispatchInputError, DispatchResult, PendingCheck
 
 
@@ -82,10 +83,14 @@ class AllToAllBackend:
         # The single host sync of this dispatch.
         sent, got = torch.stack([msg_RC.to(recv_RC.device), recv_RC]).tolist()
         check.raise_if_failed([row[L + 1] for row in got], self.rank)
-        for col, what in ((L + 2, "hidden size"), (L + 3, "top-k width K")):
-            vals = [row[col] for row in got]
-            if any(v != vals[0] for v in vals):
-                raise DispatchInputError(f"dispatch: {what} differs across EP ranks: {vals}")
+        hiddens = [row[L + 2] for row in got]
+        if any(h != H for h in hiddens):
+            raise DispatchInputError(f"dispatch: hidden size differs across EP ranks: {hiddens}")
+        # Metadata rows must have one width everywhere; a narrower K is widened with -1 slots.
+        K = max(row[L + 3] for row in got)
+        idx_TK, probs_TK = pad_topk(idx_TK, probs_TK, K)
+        if K != rank_TK.shape[1]:
+            rank_TK = torch.where(idx_TK >= 0, torch.div(idx_TK, L, rounding_mode="floor"), R)
         send_splits = [row[0] for row in sent]
         recv_splits = [row[0] for row in got]
         tokens_per_expert = [sum(row[1 + l] for row in got) for l in range(L)]

@@ -62,6 +62,7 @@ from ..protocol import BackendConfig, DispatchInputError, DispatchResult, Pendin
 _CH_PRE_PUSH, _CH_STAGED, _CH_PULLED, _CH_PUSHED = 0, 1, 2, 3
 _NUM_CH = 4
 _ALIGN = 256
+_T_ROUND = 64  # token capacity granularity of the symmetric buffer
 
 # Status bits of a static-budget dispatch (``NVSHMEMHandle.status``).
 STATUS_ROWS_DROPPED = 1      # this rank received more rows than max_rows_per_rank
@@ -425,6 +426,14 @@ class _Engine:
             err = triton_available()
             if err:
                 raise RuntimeError(f"nvshmem backend: {err}")
+        # Set to a list to record (phase, CUDA event) pairs (benchmark breakdowns).
+        self.profile: Optional[list] = None
+
+    def _mark(self, name: str) -> None:
+        if self.profile is not None and self.tr.device.type == "cuda":
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.profile.append((name, ev))
 
     # ------------------------------------------------------------------ public
 
@@ -462,7 +471,7 @@ class _Engine:
             T = max(T, old.T_cap, (old.T_cap * 3) // 2 if T > old.T_cap else 0)
             row_bytes = max(row_bytes, old.row_bytes)
             K = max(K, old.K_cap)
-        tr.arena = _Arena(tr, _round_up(T, 64), _round_up(row_bytes, 16), K)
+        tr.arena = _Arena(tr, _round_up(T, _T_ROUND), _round_up(row_bytes, 16), K)
         tr.arenas.append(tr.arena)
         return tr.arena
 
@@ -477,6 +486,7 @@ class _Engine:
         row_bytes = H * x_TH.element_size()
         static = self.budget is not None
         bad_host = check.host_error is not None
+        self._mark("dispatch")
         code = check.code(dev)
         arena = self._arena_for(T, row_bytes, K)
         while True:
@@ -495,14 +505,24 @@ class _Engine:
             meta[2].fill_(row_bytes)
             meta[3].fill_(K)
             meta[4].fill_(1 if fits else 0)
+            self._mark("stage")
             tr.barrier(_CH_STAGED)
+            self._mark("barrier")
             metas_R, lid_VK = self._layout(arena, K)
             if static:
                 break
             counts_L = self._counts(lid_VK)
-            host = torch.cat([metas_R[:, :5].reshape(-1), counts_L]).tolist()  # the one sync
+            self._mark("layout")
+            host = torch.cat([metas_R[:, :5].reshape(-1), counts_L,
+                              tr.status.to(torch.int64)]).tolist()  # the one sync
+            self._mark("host_sync")
             rows = [host[5 * r:5 * r + 5] for r in range(R)]
-            counts = host[5 * R:]
+            counts = host[5 * R:5 * R + L]
+            if host[-1] & STATUS_BARRIER_TIMEOUT:
+                raise RuntimeError(
+                    "nvshmem: a device barrier timed out waiting for a peer rank (a rank died, "
+                    "or ranks called dispatch/combine in different orders); results since are "
+                    "invalid")
             check.raise_if_failed([row[1] for row in rows], self.rank)
             ok = [row for row in rows if row[1] == 0]
             for col, what in ((2, "hidden size (bytes per row)"), (3, "top-k width K")):
@@ -526,11 +546,14 @@ class _Engine:
             lid_VK, L, self.pad, budget, need_filled=static or bool(self.pad and self.pad > 1))
         tokens = torch.empty(budget, H, dtype=dtype, device=dev)
         probs_M = torch.zeros(budget, dtype=torch.float32, device=dev)
+        self._mark("plan")
         self._pull(arena, pos_VK, tokens, probs_M, with_probs=True)
         if filled_M is not None:
             self._zero_unfilled(tokens, filled_M)
+        self._mark("pull")
         tr.barrier(_CH_PULLED)
         tr.note_op(True)
+        self._mark("barrier_end")
 
         # Where each token's partial sums come back, and which prob grads are real.
         T_eff = min(T, T_cap)
@@ -629,6 +652,7 @@ class _Engine:
         y_MH = y_MH.contiguous()
         dtype = y_MH.dtype
         K = h.pos_VK.shape[1]
+        self._mark("combine")
         if tr.need_pre_push_barrier():
             tr.barrier(_CH_PRE_PUSH)
         comb = arena.local("comb", dtype, (R * T_cap, H))
@@ -639,17 +663,20 @@ class _Engine:
                                        arena.tables["gprob"] if grad_probs_M is not None else None)
         else:
             self._push_torch(y_MH, h, grad_probs_M, arena, T_cap, H, K)
+        self._mark("push")
         tr.barrier(_CH_PUSHED)
         tr.note_op(False)
+        self._mark("barrier")
         out = torch.empty(h.num_tokens, H, dtype=dtype, device=y_MH.device)
         if self.impl == "triton":
             from ..kernels import reduce_rows
             reduce_rows(comb, h.pos_TR, out)
         else:
-            sel = h.pos_TR >= 0
-            acc = (comb.index_select(0, h.pos_TR.clamp(min=0).reshape(-1)).view(-1, R, H).float()
-                   * sel.unsqueeze(2)).sum(1) if h.num_tokens else out.float()
-            out.copy_(acc)
+            # Rows nobody wrote hold garbage: select, never multiply by a 0 mask.
+            parts = comb.index_select(0, h.pos_TR.clamp(min=0).reshape(-1)).view(-1, R, H)
+            parts = torch.where((h.pos_TR >= 0).unsqueeze(2), parts.float(), 0.0)
+            out.copy_(parts.sum(1))
+        self._mark("reduce")
         g_p = None
         if grad_probs_M is not None:
             T = h.num_tokens

@@ -8,17 +8,17 @@ code path and the checks are).
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as _dt
 import os
 import socket
 import sys
-import traceback
 from typing import List, Optional
 
 import torch
 import torch.distributed as dist
 
-from .common import Ctx, Row, agree
+from .common import Ctx, Row
 from .timing import Clock
 from .workload import SHAPES, Shape, build_sets, num_sets_for, routing_stats
 
@@ -33,10 +33,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap.add_argument("--backends", default="all",
                     help="comma-separated backend names, or 'all' (default: every registered "
                          "backend; unavailable ones are listed as skipped with the reason)")
-    ap.add_argument("--shape", choices=sorted(SHAPES), default=None,
-                    help="preset: deepep (4096 tok/rank, H 7168, top-8 of 256), small (128 tok/rank, "
-                         "H 7168, top-8 of 256), mid (4096 tok/rank, H 2048, top-6 of 64); "
-                         "explicit flags override it (default: deepep)")
+    ap.add_argument("--shape", default=None,
+                    help="preset(s), comma-separated to run several in one launch: deepep (4096 "
+                         "tok/rank, H 7168, top-8 of 256), small (128 tok/rank, H 7168, top-8 of "
+                         "256), mid (4096 tok/rank, H 2048, top-6 of 64); explicit --tokens/"
+                         "--hidden/--topk/--experts override it (default: deepep)")
     ap.add_argument("--tokens", type=int, help="tokens per rank (T)")
     ap.add_argument("--hidden", type=int, help="hidden size (H)")
     ap.add_argument("--topk", type=int, help="experts per token (K)")
@@ -67,6 +68,15 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                     help="skip the DeepEP-direct and Megatron-Core reference rows")
     ap.add_argument("--deepep-sms", type=int, default=24,
                     help="SMs for DeepEP (direct and our deepep backend); anchors used 24")
+    ap.add_argument("--opt", action="append", default=[], metavar="BACKEND:KEY=VAL[,KEY=VAL]",
+                    help="backend_options for one backend's row (repeatable), e.g. "
+                         "--opt deepep:num_sms=20")
+    ap.add_argument("--variant", action="append", default=[],
+                    metavar="LABEL=BACKEND[:KEY=VAL,...]",
+                    help="an extra row: BACKEND with these backend_options, shown as LABEL "
+                         "(repeatable), e.g. --variant nvshmem-budget=nvshmem:max_rows_per_rank=65536; "
+                         "under --check a variant whose row layout differs (static budgets) is "
+                         "checked through combine and the real rows")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", metavar="PATH", help="write the results as JSON here")
     ap.add_argument("--plot", metavar="PATH", help="write a PNG chart here (needs matplotlib)")
@@ -77,22 +87,33 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap.add_argument("--timeout", type=float, default=600.0,
                     help="seconds before a stuck collective aborts the run")
     args = ap.parse_args(argv)
-    preset = dict(SHAPES[args.shape or "deepep"])
-    for k in ("tokens", "hidden", "topk", "experts"):
-        if getattr(args, k) is not None:
-            preset[k] = getattr(args, k)
-        setattr(args, k, preset[k])
+    shape_names = [n.strip() for n in (args.shape or "deepep").split(",") if n.strip()]
+    for n in shape_names:
+        if n not in SHAPES:
+            ap.error(f"--shape {n!r}: choose from {sorted(SHAPES)}")
+    if len(set(shape_names)) != len(shape_names):
+        ap.error("--shape lists a preset twice")
+    args.runs = []
+    for n in shape_names:
+        run_spec = dict(SHAPES[n])
+        for k in ("tokens", "hidden", "topk", "experts"):
+            if getattr(args, k) is not None:
+                run_spec[k] = getattr(args, k)
+            if run_spec[k] <= 0:
+                ap.error(f"--{k} must be positive")
+        if run_spec["topk"] > run_spec["experts"]:
+            ap.error(f"--topk ({run_spec['topk']}) must not exceed --experts ({run_spec['experts']})")
+        run_spec["ffn"] = args.ffn if args.ffn is not None else max(1, min(run_spec["hidden"], 1024) // 2)
+        run_spec["name"] = n
+        args.runs.append(run_spec)
+    _apply_run(args, args.runs[0])
     if args.layer_iters is None:
         args.layer_iters = max(1, args.iters // 2)
-    if args.ffn is None:
-        args.ffn = max(1, min(args.hidden, 1024) // 2)
-    for k in ("tokens", "hidden", "topk", "experts", "iters", "ffn"):
+    for k in ("iters", "ffn", "layer_iters"):
         if getattr(args, k) <= 0:
-            ap.error(f"--{k} must be positive")
+            ap.error(f"--{k.replace('_', '-')} must be positive")
     if args.warmup < 0:
         ap.error("--warmup must be >= 0")
-    if args.topk > args.experts:
-        ap.error(f"--topk ({args.topk}) must not exceed --experts ({args.experts})")
     names = ALL_BACKENDS if args.backends == "all" else tuple(
         b.strip() for b in args.backends.split(",") if b.strip())
     from ..registry import backend_names
@@ -102,7 +123,65 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         ap.error(f"unknown backend(s) {bad}; choose from {sorted(known)}")
     args.backend_list = [b for b in names if b in known] if args.backends != "all" else \
         [b for b in backend_names()]
+    args.backend_opts = {}
+    for item in args.opt:
+        name, _, kv = item.partition(":")
+        if name not in known or not kv:
+            ap.error(f"--opt {item!r}: expected BACKEND:KEY=VAL[,KEY=VAL] with a known backend")
+        args.backend_opts.setdefault(name, {}).update(_parse_kv(ap, kv, item))
+    args.variants = []
+    for item in args.variant:
+        label, _, rest = item.partition("=")
+        name, _, kv = rest.partition(":")
+        if not label or name not in known:
+            ap.error(f"--variant {item!r}: expected LABEL=BACKEND[:KEY=VAL,...] with a known backend")
+        if label in known or label in [v[0] for v in args.variants]:
+            ap.error(f"--variant {item!r}: label {label!r} is taken")
+        args.variants.append((label, name, _parse_kv(ap, kv, item) if kv else {}))
     return args
+
+
+def _parse_kv(ap, kv: str, item: str) -> dict:
+    out = {}
+    for part in kv.split(","):
+        k, eq, v = part.partition("=")
+        if not eq or not k:
+            ap.error(f"{item!r}: {part!r} is not KEY=VAL")
+        out[k.strip()] = _value(v.strip())
+    return out
+
+
+def _value(v: str):
+    low = v.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low == "none":
+        return None
+    for conv in (int, float):
+        try:
+            return conv(v)
+        except ValueError:
+            pass
+    return v
+
+
+def _apply_run(args, run_spec: dict) -> None:
+    for k in ("tokens", "hidden", "topk", "experts", "ffn"):
+        setattr(args, k, run_spec[k])
+    args.shape_name = run_spec["name"]
+
+
+def output_path(path: Optional[str], shape_name: str, several: bool) -> Optional[str]:
+    """Where one shape's output goes: PATH itself for a single shape; with several shapes
+    ``{shape}`` in PATH is replaced, or ``-<shape>`` is put before the extension."""
+    if not path:
+        return None
+    if "{shape}" in path:
+        return path.replace("{shape}", shape_name)
+    if not several:
+        return path
+    root, ext = os.path.splitext(path)
+    return f"{root}-{shape_name}{ext}"
 
 
 # ----------------------------------------------------------------------------- launching
@@ -174,32 +253,47 @@ def _init(args):
 
 def _worker(args) -> int:
     rank, world, local_rank, local_world, device = _init(args)
+    rc = 0
     try:
-        result = run(args, rank, world, local_rank, local_world, device)
-        if rank == 0:
-            from . import report
-            print(report.table(result), flush=True)
-            if args.json:
-                report.write_json(result, args.json)
-                print(f"JSON written to {args.json}", flush=True)
-            if args.plot:
-                msg = report.plot(result, args.plot)
-                print(msg or f"chart written to {args.plot}", flush=True)
-        bad = [r for r in result["rows"] if r["status"] == "FAILED"]
-        return 3 if bad else 0
+        several = len(args.runs) > 1
+        for run_spec in args.runs:
+            a = copy.copy(args)
+            _apply_run(a, run_spec)
+            path = output_path(args.json, a.shape_name, several)
+            result = run(a, rank, world, local_rank, local_world, device, partial_json=path)
+            if rank == 0:
+                from . import report
+                print(report.table(result), flush=True)
+                if path:
+                    report.write_json(result, path)
+                    print(f"JSON written to {path}", flush=True)
+                path = output_path(args.plot, a.shape_name, several)
+                if path:
+                    msg = report.plot(result, path)
+                    print(msg or f"chart written to {path}", flush=True)
+                print("", flush=True)
+            if any(r["status"] == "FAILED" for r in result["rows"]):
+                rc = 3
+        return rc
     finally:
         _teardown()
 
 
 def _teardown():
-    # DeepEP buffers must go before the process group, or destroy_process_group can hang.
-    try:
-        from .. import fused_a2a
-        free = getattr(fused_a2a, "free_buffer", None)
-        if free is not None:
-            free()
-    except Exception:
-        pass
+    # Communication buffers (DeepEP, UCCL, HybridEP) must go before the process group, or
+    # destroy_process_group can hang. Each release hook is optional: only what was loaded.
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    for module, fn in (("moe_dispatch.bench.megatron_ref", "teardown"),
+                       ("moe_dispatch.v1_buffer", "free_all"),
+                       ("moe_dispatch.fused_a2a", "free_buffer"),
+                       ("moe_dispatch.fused_a2a", "reset_hybrid_ep_buffer")):
+        mod = sys.modules.get(module)
+        if mod is not None and callable(getattr(mod, fn, None)):
+            try:
+                getattr(mod, fn)()
+            except Exception:
+                pass
     if dist.is_initialized():
         try:
             dist.barrier()
@@ -217,9 +311,17 @@ def _device_name(device: torch.device) -> str:
 
 
 def run(args, rank: int, world: int, local_rank: int, local_world: int,
-        device: torch.device) -> dict:
-    """Run the whole benchmark on this rank; every rank returns the same result dict."""
+        device: torch.device, partial_json: Optional[str] = None) -> dict:
+    """Run the whole benchmark on this rank; every rank returns the same result dict.
+
+    partial_json: rank 0 rewrites this file after every finished row (``"complete":
+    false``), so a crash in one backend (a segfault in a native library takes the whole
+    process group down) still leaves the rows measured before it.
+    Execution order: the alltoall check reference, the reference rows, then the backends
+    in the order asked for; the table lists backends first.
+    """
     from .. import available_backends
+    from . import report
 
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     shape = Shape(args.tokens, args.hidden, args.topk, args.experts, args.routing, dtype,
@@ -235,55 +337,70 @@ def run(args, rank: int, world: int, local_rank: int, local_world: int,
     ctx = Ctx(args, shape, rank, world, local_rank, local_world, num_nodes, device, group,
               sets, clock)
     ctx.log(f"moe_dispatch.bench: {world} rank(s) on {num_nodes} node(s), {_device_name(device)}, "
-            f"shape {shape.as_dict()}, {nsets} input sets")
+            f"{args.shape_name} shape {shape.as_dict()}, {nsets} input sets")
 
     avail = available_backends()
-    rows: List[Row] = []
-    experts = None
+    experts, experts_label = None, None
     if not args.no_layer:
         from .experts import build_experts
         L = shape.experts // world
         experts, experts_label = build_experts(shape.experts, L, rank * L, shape.hidden,
                                                args.ffn, shape.torch_dtype, device)
-    else:
-        experts_label = None
+    # What backend="auto" would pick here, and the topology it saw (collective).
+    from ..auto import detect_topology, rule
+    topo = detect_topology(group, device)
+    auto_name, auto_why = rule(topo)
+    ctx.log(f"auto would choose {auto_name!r}: {auto_why}")
+    import platform
+    config = dict(
+        date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        command="python -m moe_dispatch.bench " + " ".join(sys.argv[1:]),
+        hosts=sorted(set(hosts)), world_size=world, num_nodes=num_nodes,
+        local_world_size=local_world, device=device.type, device_name=_device_name(device),
+        torch=torch.__version__, cuda=torch.version.cuda,
+        nccl=".".join(map(str, torch.cuda.nccl.version())) if device.type == "cuda" else None,
+        python=platform.python_version(),
+        preset=args.shape_name, shape=shape.as_dict(), iters=args.iters, warmup=args.warmup,
+        layer_iters=args.layer_iters, num_sets=nsets, l2_flush=not args.no_l2_flush,
+        ffn=args.ffn, experts_impl=experts_label, check=args.check, fp8=args.fp8,
+        deepep_sms=args.deepep_sms, seed=args.seed, backend_options=args.backend_opts,
+        variants=[dict(label=l, backend=b, options=o) for l, b, o in args.variants],
+        available_backends=avail,
+        auto=dict(choice=auto_name, reason=auto_why, num_nodes=topo.num_nodes,
+                  gpus_per_node=topo.gpus_per_node, peer_access=topo.peer_access,
+                  deepep_internode=topo.deepep_internode))
+    refs: List[Row] = []
+    ours: List[Row] = []
+
+    def result(complete: bool) -> dict:
+        rows_d = [r.as_dict() for r in ours + refs]
+        return dict(schema=report.SCHEMA, complete=complete, config=config,
+                    routing=routing_stats(sets, shape), rows=rows_d,
+                    ratios=report.ratios(rows_d))
+
+    def progress() -> None:
+        if partial_json and rank == 0:
+            report.write_json(result(False), partial_json)
 
     from . import runners
     dense, a2a = runners.check_references(ctx) if args.check else (None, None)
-    for name in args.backend_list:
-        exp = dense if (name == "alltoall" or a2a is None) else a2a
-        rows.extend(runners.bench_backend(ctx, name, avail.get(name, "not registered"),
-                                          experts, exp))
-    expected = a2a if a2a is not None else dense
-
     if not args.no_references:
         from . import deepep_ref, megatron_ref
-        rows.extend(deepep_ref.run(ctx))
-        rows.extend(megatron_ref.run(ctx, experts, expected))
-
-    from . import report
-    rows_d = [r.as_dict() for r in rows]
-    import platform
-    result = dict(
-        schema=report.SCHEMA,
-        config=dict(
-            date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            command="python -m moe_dispatch.bench " + " ".join(sys.argv[1:]),
-            hosts=sorted(set(hosts)), world_size=world, num_nodes=num_nodes,
-            local_world_size=local_world, device=device.type, device_name=_device_name(device),
-            torch=torch.__version__, cuda=torch.version.cuda,
-            nccl=".".join(map(str, torch.cuda.nccl.version())) if device.type == "cuda" else None,
-            python=platform.python_version(),
-            shape=shape.as_dict(), iters=args.iters, warmup=args.warmup,
-            layer_iters=args.layer_iters, num_sets=nsets, l2_flush=not args.no_l2_flush,
-            ffn=args.ffn, experts_impl=experts_label, check=args.check, fp8=args.fp8,
-            deepep_sms=args.deepep_sms, seed=args.seed,
-            available_backends=avail),
-        routing=routing_stats(sets, shape),
-        rows=rows_d,
-        ratios=report.ratios(rows_d),
-    )
-    return result
+        refs.extend(deepep_ref.run(ctx))
+        progress()
+        refs.extend(megatron_ref.run(ctx, experts, a2a if a2a is not None else dense))
+        progress()
+    for name in args.backend_list:
+        exp = dense if (name == "alltoall" or a2a is None) else a2a
+        ours.extend(runners.bench_backend(ctx, name, avail.get(name, "not registered"),
+                                          experts, exp))
+        progress()
+        for label, vname, vopts in args.variants:
+            if vname == name:
+                ours.extend(runners.bench_backend(ctx, vname, avail.get(vname, "not registered"),
+                                                  experts, exp, label=label, options=vopts))
+                progress()
+    return result(True)
 
 
 def _gather_obj(obj, world):

@@ -48,7 +48,7 @@ def run(ctx: Ctx) -> List[Row]:
         reason = "DeepEP dispatches BF16 (or FP8) tokens only; run with --dtype bf16"
     else:
         try:
-            import deep_ep  # noqa: F401
+            import deep_ep  # noqa: F401  (only whether it imports)
         except Exception as exc:  # missing or broken build
             reason = f"deep_ep not importable ({type(exc).__name__}: {exc}); build DeepEP v1.2.1"
     ok, msg = agree(ctx, reason is None, reason or "")
@@ -68,7 +68,7 @@ def _run(ctx: Ctx) -> List[Row]:
     from ..permute import group_plan, permute, unpermute
 
     args, shape, sets, group = ctx.args, ctx.shape, ctx.sets, ctx.group
-    R, E, K, H = ctx.world, shape.experts, shape.topk, shape.hidden
+    R, E, H = ctx.world, shape.experts, shape.hidden
     L = E // R
     deep_ep.Buffer.set_num_sms(args.deepep_sms)
     dcfg = deep_ep.Buffer.get_dispatch_config(R)
@@ -147,7 +147,6 @@ def _run(ctx: Ctx) -> List[Row]:
                                                   config=dcfg), args.iters, args.warmup)
                     rows.append(ctx.make_row("deepep-direct-fp8", "reference", check=check,
                                              dispatch=t_fp8, fp8=True))
-            del handles
     finally:
         torch.cuda.synchronize()
         ctx.barrier()

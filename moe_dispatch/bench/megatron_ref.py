@@ -12,7 +12,7 @@
   router picks the experts, so only the layer column is reported.
 
 Megatron-Core needs its parallel state: ``initialize_model_parallel(tp=1, pp=1, ep=R)`` is
-called here and torn down at the end. Anything that fails becomes a ``skipped: reason`` or
+called here once per launch and torn down at the end (``teardown``). Anything that fails becomes a ``skipped: reason`` or
 ``error`` row; the bench goes on.
 """
 from __future__ import annotations
@@ -49,7 +49,7 @@ def run(ctx: Ctx, experts, expected=None) -> List[Row]:
     if not ok:
         return _rows("skipped", msg)
     try:
-        ps = _init_parallel_state(ctx)
+        _init_parallel_state(ctx)
     except Exception as exc:
         ok, msg = agree(ctx, False, f"parallel state init failed: {type(exc).__name__}: {exc}")
         return _rows("skipped", msg)
@@ -60,12 +60,19 @@ def run(ctx: Ctx, experts, expected=None) -> List[Row]:
             rows.append(_layer_row(ctx))
         return rows
     finally:
-        try:
-            torch.cuda.synchronize()
-            ctx.barrier()
+        torch.cuda.synchronize()
+        ctx.barrier()
+
+
+def teardown() -> None:
+    """Drop Megatron's parallel state (its process groups) if this module set it up; the
+    state is kept across the shapes of one launch to spare re-creating NCCL groups."""
+    try:
+        from megatron.core import parallel_state as ps
+        if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
-        except Exception:
-            pass
+    except Exception:
+        pass
 
 
 def _init_parallel_state(ctx: Ctx):
@@ -187,11 +194,18 @@ def _layer_row(ctx: Ctx) -> Row:
     T, H = shape.tokens, shape.hidden
     layer, err = None, ""
     try:
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+        from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
         from megatron.core.transformer.moe.moe_layer import MoELayer
 
-        spec = get_gpt_layer_local_spec(num_experts=shape.experts, moe_grouped_gemm=False)
-        layer = MoELayer(_config(ctx), spec.submodules.mlp.submodules).to(ctx.device)
+        # Local (no Transformer Engine) modules. Older releases return a ModuleSpec, newer
+        # ones a partial of MoELayer with its submodules bound.
+        spec = get_moe_module_spec(use_te=False, num_experts=shape.experts,
+                                   moe_grouped_gemm=False)
+        if hasattr(spec, "submodules"):
+            layer = MoELayer(_config(ctx), spec.submodules)
+        else:
+            layer = spec(config=_config(ctx))
+        layer = layer.to(ctx.device)
     except Exception as exc:
         err = f"MoELayer construction failed: {type(exc).__name__}: {exc}"
     ok, msg = agree(ctx, layer is not None, err)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 SCHEMA = "moe_dispatch.bench/1"
 
@@ -57,7 +57,7 @@ def table(result: dict) -> str:
     sh = cfg["shape"]
     lines = [
         f"moe_dispatch.bench  {cfg['world_size']} ranks ({cfg['num_nodes']} node(s)) on "
-        f"{cfg['device_name']}  |  T={sh['tokens']}/rank H={sh['hidden']} K={sh['topk']} "
+        f"{cfg['device_name']}  |  {cfg.get('preset') or 'custom'}: T={sh['tokens']}/rank H={sh['hidden']} K={sh['topk']} "
         f"E={sh['experts']} {sh['routing']} {sh['dtype']}  |  iters={cfg['iters']} "
         f"warmup={cfg['warmup']} sets={cfg['num_sets']}",
         f"rows received per rank (distinct token x rank pairs, local included): "
@@ -65,6 +65,9 @@ def table(result: dict) -> str:
         f"{result['routing']['ranks_per_token']:.2f} ranks; {result['routing']['expert_rows']} "
         f"token-expert pairs per rank)",
     ]
+    if result.get("complete") is False:
+        lines.append("INCOMPLETE: the run stopped before every row was measured "
+                     "(the rows below are those finished)")
     hdr = (f"{'path':<26}{'kind':<10}{'check':<9}{'dispatch us':>12}{'GB/s':>8}"
            f"{'combine us':>12}{'GB/s':>8}{'layer ms':>10}{'tok/s/GPU':>12}  note")
     lines += [hdr, "-" * len(hdr)]

@@ -18,20 +18,23 @@ from .common import Ctx, Row, agree
 CHECK_SETS = 2
 
 
-def _options(ctx: Ctx, name: str, fp8: bool = False) -> dict:
+def _options(ctx: Ctx, name: str, fp8: bool = False, extra: Optional[dict] = None) -> dict:
     opts = {}
     if name == "deepep":
-        opts["num_sms"] = ctx.args.deepep_sms
+        opts["num_sms"] = ctx.args.deepep_sms   # the same SM count as the DeepEP-direct rows
+    opts.update(getattr(ctx.args, "backend_opts", {}).get(name, {}))
+    if extra:
+        opts.update(extra)
     if fp8:
         opts["fp8"] = True
     return opts
 
 
-def make_dispatcher(ctx: Ctx, name: str, fp8: bool = False):
+def make_dispatcher(ctx: Ctx, name: str, fp8: bool = False, extra: Optional[dict] = None):
     from token_dispatcher import MoETokenDispatcher
 
     return MoETokenDispatcher(num_experts=ctx.shape.experts, ep_group=None, backend=name,
-                              backend_options=_options(ctx, name, fp8) or None)
+                              backend_options=_options(ctx, name, fp8, extra) or None)
 
 
 def check_references(ctx: Ctx) -> Tuple[list, Optional[list]]:
@@ -58,10 +61,13 @@ def check_references(ctx: Ctx) -> Tuple[list, Optional[list]]:
     return dense, outs
 
 
-def bench_backend(ctx: Ctx, name: str, status: str, experts, expected) -> List[Row]:
-    """Rows for one backend (plus its FP8 row with --fp8)."""
-    rows = [_bench(ctx, name, status, experts, expected, fp8=False)]
-    if ctx.args.fp8:
+def bench_backend(ctx: Ctx, name: str, status: str, experts, expected, *,
+                  label: Optional[str] = None, options: Optional[dict] = None) -> List[Row]:
+    """Rows for one backend (plus its FP8 row with --fp8). ``label``/``options``: a variant
+    row (the backend with extra backend_options)."""
+    rows = [_bench(ctx, name, status, experts, expected, fp8=False, label=label,
+                   options=options)]
+    if ctx.args.fp8 and label is None:
         rows.append(_bench(ctx, name, status, None, None, fp8=True))
     gc.collect()
     if ctx.device.type == "cuda":
@@ -70,9 +76,11 @@ def bench_backend(ctx: Ctx, name: str, status: str, experts, expected) -> List[R
     return rows
 
 
-def _bench(ctx: Ctx, name: str, status: str, experts, expected, fp8: bool) -> Row:
+def _bench(ctx: Ctx, name: str, status: str, experts, expected, fp8: bool,
+           label: Optional[str] = None, options: Optional[dict] = None) -> Row:
     args, sets = ctx.args, ctx.sets
-    label = name + ("-fp8" if fp8 else "")
+    variant = label is not None
+    label = label or (name + ("-fp8" if fp8 else ""))
     if status != "available":
         return Row(label, "backend", status="skipped", reason=status, fp8=fp8)
     if fp8:
@@ -82,7 +90,7 @@ def _bench(ctx: Ctx, name: str, status: str, experts, expected, fp8: bool) -> Ro
                        reason="this backend has no FP8 dispatch")
     disp, err = None, ""
     try:
-        disp = make_dispatcher(ctx, name, fp8)
+        disp = make_dispatcher(ctx, name, fp8, options)
     except Exception as exc:
         err = f"construction failed: {type(exc).__name__}: {exc}"
     ok, msg = agree(ctx, disp is not None, err)
@@ -98,7 +106,7 @@ def _bench(ctx: Ctx, name: str, status: str, experts, expected, fp8: bool) -> Ro
                     out, y = chk.run_backend(disp, sets[s])
                     errs += [f"set {s}: {e}" for e in chk.compare(
                         out.tokens, out.tokens_per_expert, out.probs, y, exp,
-                        ctx.shape.torch_dtype)]
+                        ctx.shape.torch_dtype, exact_layout=not variant)]
                     del out, y
             except Exception as exc:
                 errs.append(f"{type(exc).__name__}: {exc}")
@@ -131,11 +139,10 @@ def _bench(ctx: Ctx, name: str, status: str, experts, expected, fp8: bool) -> Ro
                 y.backward(st.x_TH)
 
             t_l = ctx.clock.run(step, args.layer_iters, args.warmup, setup=setup)
+        note = ",".join(f"{k}={v}" for k, v in (options or {}).items()) if variant else ""
         return ctx.make_row(label, "backend", check=check, dispatch=t_d, combine=t_c, layer=t_l,
-                            fp8=fp8)
+                            fp8=fp8, note=note)
     except Exception as exc:
         ctx.log_exc(f"[{label}] error")
         return Row(label, "backend", status="error", reason=f"{type(exc).__name__}: {exc}",
                    fp8=fp8)
-    finally:
-        del disp

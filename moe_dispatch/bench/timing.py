@@ -44,7 +44,7 @@ class Clock:
         self._dist = dist.is_initialized() and dist.get_world_size(group) > 1
         self._flush = torch.empty(64 << 20, dtype=torch.int32, device=device) \
             if (self.cuda and flush_l2) else None
-        self._one = torch.ones(1, device=device if self._nccl() else "cpu")
+        self._one = torch.zeros(1, device=device if self._nccl() else "cpu")
 
     def _nccl(self) -> bool:
         return dist.is_initialized() and dist.get_backend(self.group) == "nccl"

@@ -152,9 +152,11 @@ class _Permute(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             g_x = reduce_rows(g_tokens, pos_NK)
         if ctx.needs_input_grad[1]:
+            # Slots with no row read a trailing zero.
             flat = pos_NK.reshape(-1)
-            g_p = torch.where(flat >= 0, g_probs.float().index_select(0, flat.clamp(min=0)),
-                              torch.zeros((), device=flat.device))
+            g_ext = torch.cat([g_probs.float(), g_probs.new_zeros(1, dtype=torch.float32)])
+            M = g_probs.shape[0]
+            g_p = g_ext.index_select(0, torch.where(flat >= 0, flat, M))
             g_p = g_p.view(ctx.probs_shape).to(ctx.probs_dtype)
         return g_x, g_p, None, None, None
 

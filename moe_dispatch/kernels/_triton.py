@@ -115,9 +115,8 @@ def _gather_reduce_kernel(y_ptr, pos_ptr, out_ptr, out_table, rows_per_dst, dst_
                 for k in tl.static_range(K):
                     p = tl.load(pos_ptr + v * K + k)
                     if p != -1:
-                        g = 0.0
-                        if p >= 0:
-                            g = tl.load(gin_ptr + p)
+                        # dropped slots (-2) send back a zero gradient
+                        g = tl.load(gin_ptr + tl.maximum(p, 0), mask=p >= 0, other=0.0)
                         tl.store(gbase + k, g)
     else:
         tl.store(out_ptr + v * H + cols, acc.to(out_ptr.dtype.element_ty), mask=cmask)
@@ -154,7 +153,7 @@ def _barrier_kernel(flag_table, rank, channel, status_ptr, R: tl.constexpr,
         if r != rank:
             peer = tl.load(flag_table + r).to(tl.pointer_type(tl.int32))
             addr = peer + channel * R + rank
-            n = 0
+            n = tl.full([], 0, tl.int32)
             while (tl.atomic_cas(addr, 0, 1, sem="release", scope="sys") != 0) & (n < MAX_SPIN):
                 n += 1
             if n >= MAX_SPIN:
@@ -162,7 +161,7 @@ def _barrier_kernel(flag_table, rank, channel, status_ptr, R: tl.constexpr,
     for r in tl.static_range(R):
         if r != rank:
             addr = mine + channel * R + r
-            n = 0
+            n = tl.full([], 0, tl.int32)
             while (tl.atomic_cas(addr, 1, 0, sem="acquire", scope="sys") != 1) & (n < MAX_SPIN):
                 n += 1
             if n >= MAX_SPIN:
@@ -262,9 +261,15 @@ def peer_gather(table: torch.Tensor, out_RN: torch.Tensor) -> None:
     _launch(_peer_gather_kernel, (R, triton.cdiv(N, block)), table, out_RN, N, BLOCK=block)
 
 
+_MAX_SPIN = int(os.environ.get("MOE_DISPATCH_BARRIER_SPIN", str(1 << 26)))
+
+
 def barrier(flag_table: torch.Tensor, rank: int, channel: int, status: torch.Tensor,
-            max_spin: int = 1 << 26) -> None:
-    """Device-side barrier over the signal slots ``flag_table[r] + channel * R``."""
+            max_spin: int = _MAX_SPIN) -> None:
+    """Device-side barrier over the signal slots ``flag_table[r] + channel * R``.
+
+    Gives up after ``max_spin`` polls of one slot (about a minute by default, long enough
+    for a peer compiling a kernel) and ORs STATUS_BARRIER_TIMEOUT (8) into ``status``."""
     R = flag_table.shape[0]
     kernel = _barrier_kernel
     # No launch lock here: simulated ranks spin concurrently.

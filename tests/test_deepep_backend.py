@@ -1,0 +1,247 @@
+"""The deepep / uccl / hybridep adapters: sizing math, options, availability, and parity on
+real gloo ranks with CPU stand-ins of the libraries (tests/fake_ep.py). The libraries
+themselves are proven on GPUs by tests/test_gpu_backends.py."""
+import pytest
+import torch
+
+from moe_dispatch import available_backends
+from moe_dispatch.protocol import BackendConfig
+from moe_dispatch.registry import BackendUnavailableError, get_backend_class
+from moe_dispatch.testing import make_case, reference_dispatch, reference_moe, rel_err
+from moe_dispatch.v1_buffer import (check_group_size, library_for_module, nvl_size_hint,
+                                    DEEP_EP, UCCL)
+
+from test_dispatch_parity import _check
+
+
+# ------------------------------------------------------------------ sizing math
+
+
+def _hand_hint(num_sms, recv, hidden_bytes, R, nvshmem):
+    ch, nvl, rdma = num_sms // 2, min(R, 8), max(R // 8, 1)
+    slots = ch * nvl * recv
+    n = ch * nvl * (2 * rdma + 3) * 4 + slots * (hidden_bytes + 128 * 8 + 128 * 4 + 128 * 4)
+    n += slots * 8 if nvshmem else 0
+    return (n + 127) // 128 * 128
+
+
+def test_nvl_hint_deepep_benchmark_shape():
+    # EP4, hidden 7168 BF16, DeepEP's default 20 SMs and 256-token NVL ring:
+    # 10 channels x 4 peers x 256 slots x (14336 + 1024 + 512 + 512) bytes + heads.
+    assert nvl_size_hint(20, 256, 7168 * 2, 4) == 167_773_056
+    assert nvl_size_hint(20, 256, 7168 * 2, 4) == _hand_hint(20, 256, 14336, 4, False)
+
+
+@pytest.mark.parametrize("R", [2, 4, 8, 16, 32])
+@pytest.mark.parametrize("sms", [2, 20, 24, 132])
+@pytest.mark.parametrize("hb", [256, 4096, 14336])
+def test_nvl_hint_formula(R, sms, hb):
+    for nvshmem in (False, True):
+        got = nvl_size_hint(sms, 256, hb, R, nvshmem)
+        assert got == _hand_hint(sms, 256, hb, R, nvshmem)
+        assert got % 128 == 0
+
+
+def test_nvl_hint_monotone():
+    base = nvl_size_hint(20, 256, 4096, 4)
+    assert nvl_size_hint(24, 256, 4096, 4) > base          # more channels
+    assert nvl_size_hint(20, 256, 8192, 4) > base          # wider rows
+    assert nvl_size_hint(20, 256, 4096, 8) > base          # more peers
+    # beyond 8 ranks the NVLink part stops growing (the rest goes over RDMA)
+    assert nvl_size_hint(20, 256, 4096, 16) == nvl_size_hint(20, 256, 4096, 8) + 10 * 8 * 2 * 4
+
+
+def test_group_size_rules():
+    for R in (2, 4, 8):
+        check_group_size(R, rdma=False, library="deep_ep")
+    check_group_size(16, rdma=True, library="deep_ep")
+    with pytest.raises(ValueError, match="NVSHMEM"):
+        check_group_size(16, rdma=False, library="deep_ep")
+    for R in (3, 6, 12):
+        with pytest.raises(ValueError, match="EP sizes"):
+            check_group_size(R, rdma=True, library="deep_ep")
+
+
+# ------------------------------------------------------------------ availability, options
+
+
+def test_availability_reasons_name_what_to_install():
+    import importlib.util
+    av = available_backends()
+    if importlib.util.find_spec("deep_ep") is None:
+        for name in ("deepep", "hybridep"):
+            assert av[name] != "available"
+            assert "\n" not in av[name]
+            assert "install" in av[name] and "DeepEP" in av[name]
+        assert "hybrid-ep" in av["hybridep"]
+        assert "v1.2.1" in av["deepep"]
+        with pytest.raises(BackendUnavailableError, match="deepep"):
+            get_backend_class("deepep")
+    if importlib.util.find_spec("uccl") is None:
+        assert av["uccl"] != "available" and "\n" not in av["uccl"]
+        assert "uccl" in av["uccl"] and "install" in av["uccl"]
+        # never DeepEP in disguise: the reason is about UCCL even if deep_ep were present
+        assert "deep_ep" not in av["uccl"].split(";")[0]
+
+
+def test_uccl_library_is_not_deep_ep():
+    assert UCCL.name == "uccl" and all(c.startswith("uccl") for c in UCCL.candidates)
+    assert library_for_module("deep_ep") is DEEP_EP
+    other = library_for_module("my_v1_lib")
+    assert other.name == "my_v1_lib" and other.candidates == ("my_v1_lib",)
+
+
+def _make(backend_cls, options, E=8):
+    return backend_cls(BackendConfig(group=None, num_experts=E, options=options))
+
+
+def test_option_validation_single_process():
+    # One rank needs no library: options are still validated.
+    from moe_dispatch.backends.deepep import DeepEPBackend
+    from moe_dispatch.backends.hybridep import HybridEPBackend
+    from moe_dispatch.backends.uccl import UCCLBackend
+    with pytest.raises(ValueError, match="unknown backend_options"):
+        _make(DeepEPBackend, {"nmu_sms": 20})
+    with pytest.raises(ValueError, match="even"):
+        _make(DeepEPBackend, {"num_sms": 21})
+    with pytest.raises(ValueError, match="async_finish"):
+        _make(DeepEPBackend, {"allocate_on_comm_stream": True})
+    with pytest.raises(ValueError, match="unknown backend_options"):
+        _make(DeepEPBackend, {"buffer_module": "deep_ep"})  # only the uccl adapter takes it
+    _make(UCCLBackend, {"buffer_module": "deep_ep", "num_sms": 24})
+    with pytest.raises(ValueError, match="multiple of pad_multiple"):
+        HybridEPBackend(BackendConfig(None, 8, pad_multiple=16, options={"num_permuted_tokens": 40}))
+    with pytest.raises(ValueError, match="requires num_permuted_tokens"):
+        _make(HybridEPBackend, {"tokens_per_rank": 64})
+
+
+@pytest.mark.parametrize("name", ["deepep", "uccl", "hybridep"])
+def test_single_rank_is_local_permutation(name):
+    """With one rank nothing is communicated: the backend equals the dense reference."""
+    from moe_dispatch.registry import _load
+    from moe_dispatch.routing import canonicalize
+    cls = _load(name)
+    case = make_case(1, [13], 16, 6, 2, mask_frac=0.2)
+    be = cls(BackendConfig(group=None, num_experts=6, pad_multiple=4))
+    x = case.xs[0].clone().requires_grad_(True)
+    p = case.probs[0].clone().requires_grad_(True)
+    x_TH, idx, probs, check = canonicalize(x, 6, topk_idx=case.idxs[0], topk_probs=p)
+    res = be.dispatch(x_TH, idx, probs, check)
+    tok, tpe, pr = reference_dispatch(case, 0, 4)
+    assert torch.equal(res.tokens_per_expert_L, tpe)
+    assert torch.equal(res.tokens_NH, tok) and torch.equal(res.probs_N, pr)
+    from moe_dispatch.testing import local_experts
+    y = be.combine(local_experts(case.W, 0)(res.tokens_NH, res.tokens_per_expert_L, res.probs_N),
+                   res.handle)
+    (y * case.gouts[0]).sum().backward()
+    ys, gx, gp = reference_moe(case)
+    assert rel_err(y, ys[0]) < 1e-5 and rel_err(x.grad, gx[0]) < 1e-5
+    assert rel_err(p.grad, gp[0]) < 1e-5
+
+
+# ------------------------------------------------------------------ multi-rank with stand-ins
+
+SCENARIOS = {
+    "uneven": (lambda R: [6 + 5 * r for r in range(R)], dict(mask_frac=0.2), {}),
+    "zero_token_rank": (lambda R: [0] + [9] * (R - 1), dict(mask_frac=0.1), {}),
+    "skew_one_expert": (lambda R: [10] * R, dict(skew="one_expert"), {}),
+    "zipf_pad": (lambda R: [12] * R, dict(skew="zipf"), {"pad_multiple": 4}),
+    "dense_zero_rank": (lambda R: [0] + [7] * (R - 1), dict(), {"form": "dense"}),
+    "all_empty": (lambda R: [0] * R, dict(), {}),
+}
+
+
+def _bf16_case(R, name, seed):
+    tokens, kw, opts = SCENARIOS[name]
+    kw = dict(kw)
+    topk = kw.pop("topk", 3)
+    case = make_case(R, tokens(R), 16, 4 * R, topk, seed=seed, dtype=torch.bfloat16, **kw)
+    # The test expert runs in BF16 too; the reference in float64 from the same BF16 values.
+    return case, opts
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("backend,extra", [
+    ("deepep", {}),
+    ("deepep", {"backend_options": {"num_sms": 24, "async_finish": True,
+                                    "allocate_on_comm_stream": True}}),
+    ("uccl", {}),
+    ("hybridep", {}),
+])
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_parity_with_standins(gloo_pool, world, backend, extra, scenario):
+    if world == 4 and scenario in ("all_empty", "dense_zero_rank") and extra:
+        pytest.skip("covered at world 2")
+    seed = int(torch.randint(0, 2 ** 31 - 1, (1,)))
+    case, opts = _bf16_case(world, scenario, seed)
+    opts = {**opts, **extra}
+    res = gloo_pool(world).run("ep_workers", "fake_parity", case, backend, opts)
+    _check(res, case, opts, tol=3e-2)
+    if backend == "uccl":
+        assert res[0]["log"]["uccl_intranode"] is True  # one host: NVLink-only buffer
+    if backend in ("deepep", "uccl") and any(res[0]["log"].values()):
+        assert res[0]["log"]["built"] <= 1
+
+
+def test_parity_deepep_fp32_input_roundtrips_via_bf16(gloo_pool):
+    case = make_case(2, [7, 5], 16, 8, 2, seed=3)
+    res = gloo_pool(2).run("ep_workers", "fake_parity", case, "deepep", {})
+    ys, gx, _ = reference_moe(case)
+    for r in range(2):
+        assert res[r]["y"].dtype == torch.float32
+        assert rel_err(res[r]["y"], ys[r]) < 3e-2
+        assert rel_err(res[r]["gx"], gx[r]) < 3e-2
+
+
+def test_seed_fused_api_roundtrip(gloo_pool):
+    T, H, E, K = 11, 16, 8, 3
+    res = gloo_pool(2).run("ep_workers", "fake_fused_api", T, H, E, K, 7)
+    for r, out in enumerate(res):
+        # combine(2 * dispatch(x)) = 2 * x * (number of ranks the token reached)
+        want = (out["x"].float() * 2 * out["n_ranks"].unsqueeze(1)).to(torch.bfloat16)
+        assert torch.equal(out["y"], want)
+        assert out["none"] is None and out["buffer_set"] and out["buffer_after_free"] is None
+        assert out["tpe"].device.type == "cpu" and out["tpe"].dtype == torch.int64
+        # d loss / d x = 2 * arange(H) per reached rank; d loss / d p = 2 p on the slot's rank
+        want_gx = 2 * torch.arange(H).float() * out["n_ranks"].unsqueeze(1).float()
+        assert torch.allclose(out["gx"].float(), want_gx, rtol=1e-2)
+        want_gp = torch.where(out["idx"] >= 0, 2 * out["p"], 0.0)
+        assert torch.allclose(out["gp"], want_gp, atol=1e-6)
+        assert out["log"]["destroyed"] == out["log"]["built"] == 1
+    assert int(sum(o["tpe"].sum() for o in res)) == sum(
+        int((o["idx"] >= 0).sum()) for o in res)
+
+
+def test_buffer_growth_and_free(gloo_pool):
+    res = gloo_pool(2).run("ep_workers", "fake_buffer_growth")
+    for out in res:
+        assert out["same"] and out["grew"] and out["nvl2"] > out["nvl1"]
+        assert out["old_destroyed"] and out["global_is_new"] and out["grew_for_sms"]
+        assert out["after_free"] is None
+        assert out["log"]["built"] == out["log"]["destroyed"] == 3
+
+
+@pytest.mark.parametrize("pad,npt", [(None, None), (4, None), (None, 64)])
+def test_seed_hybrid_api_roundtrip(gloo_pool, pad, npt):
+    world, T, H, E = 2, 12, 16, 8
+    res = gloo_pool(world).run("ep_workers", "fake_hybrid_api", T, H, E, pad, npt)
+    for out in res:
+        # combine(3 * dispatch(x)) = 3 * x * (number of experts the token was routed to)
+        n = out["rm"].sum(1, keepdim=True).float()
+        assert torch.allclose(out["y"].float(), out["x"].float() * 3 * n, rtol=2e-2)
+        assert torch.allclose(out["gx"].float(), 3 * n.expand(-1, H), rtol=2e-2)
+        assert torch.allclose(out["gp"], torch.where(out["rm"], 2 * out["pr"], 0.0), atol=1e-6)
+        if npt:
+            assert out["tok_rows"] == npt and out["overflow"] == 0
+        else:
+            assert out["tok_rows"] == int(out["tpe"].sum())
+        if pad:
+            assert all(int(c) % pad == 0 for c in out["tpe"])
+        assert out["buffer_set"] and out["after_reset"] is None
+
+
+def test_hybridep_overflow_flag_surfaces(gloo_pool):
+    case = make_case(2, [16, 16], 16, 8, 4, seed=5)
+    res = gloo_pool(2).run("ep_workers", "fake_hybrid_overflow", case, 8)
+    assert all(r["rows"] == 8 for r in res)
+    assert all(r["overflowed"] for r in res)  # 16 tokens x 4 slots over 2 ranks >> 8 rows

@@ -1,0 +1,613 @@
+"""The ``nvshmem`` backend on GPUs: one process per GPU, NCCL + torch symmetric memory.
+
+    torchrun --nproc-per-node 4 tests/test_gpu_nvshmem.py           # every check
+    torchrun --nproc-per-node 4 tests/test_gpu_nvshmem.py --bench   # DeepEP-shape timing
+    torchrun --nproc-per-node 4 -m pytest -q tests/test_gpu_nvshmem.py
+
+Checks: parity with ``alltoall`` and with the single-process dense reference (forward
+and backward: tokens, tokens_per_expert, probs, combine output, grads of hidden and
+probs), with skew, a zero-token rank, -1 slots, padding, bf16; the plain-torch version;
+the static-budget (sync-free) mode including overflow; a CUDA-graph capture of
+dispatch -> experts -> combine replayed with new inputs. Each check runs on every rank,
+compares after all communication is done, and the ranks agree on the verdict, so one
+failure is reported without hanging the others. Fresh random data every run.
+Skipped (under pytest) without CUDA or outside torchrun.
+
+MOE_NVSHMEM_TEST_CPU=1 runs the same checks on CPU processes (gloo) to debug this harness
+without GPUs: "symmetric memory" is then a set of shared files every rank maps, and the
+Triton kernels run under TRITON_INTERPRET=1 (the CUDA-only checks are skipped).
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+
+pytestmark = pytest.mark.gpu
+
+CPU_MODE = os.environ.get("MOE_NVSHMEM_TEST_CPU") == "1"
+if __name__ != "__main__" and (CPU_MODE or not torch.cuda.is_available()
+                               or int(os.environ.get("WORLD_SIZE", "1")) < 2):
+    pytest.skip("needs CUDA GPUs under torchrun (WORLD_SIZE >= 2)", allow_module_level=True)
+if CPU_MODE:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+DEV = torch.device("cpu" if CPU_MODE else "cuda")
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from moe_dispatch.protocol import BackendConfig, PendingCheck  # noqa: E402
+from moe_dispatch.registry import get_backend_class  # noqa: E402
+from moe_dispatch.testing import expert_fn, make_case, reference_dispatch, reference_moe, rel_err  # noqa: E402
+
+
+def _init():
+    if not dist.is_initialized():
+        if CPU_MODE:
+            dist.init_process_group("gloo")
+        else:
+            local = int(os.environ["LOCAL_RANK"])
+            torch.cuda.set_device(local)
+            dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _sync():
+    if not CPU_MODE:
+        torch.cuda.synchronize()
+
+
+def _log(*a):
+    if dist.get_rank() == 0:
+        print(*a, flush=True)
+
+
+def _shared_seed() -> int:
+    seed = torch.randint(0, 2 ** 31 - 1, (1,), device=DEV)
+    dist.broadcast(seed, 0)
+    return int(seed.item())
+
+
+def _agree(ok: bool) -> bool:
+    flag = torch.tensor([0 if ok else 1], device=DEV)
+    dist.all_reduce(flag)
+    return flag.item() == 0
+
+
+def _backend(name, E, pad=None, options=None, group=None):
+    group = group or dist.group.WORLD
+    if CPU_MODE and name == "nvshmem":
+        return _CpuNVSHMEM(group, E, pad, options)
+    return get_backend_class(name)(BackendConfig(group, E, pad, options))
+
+
+class _ShmTransport:
+    """CPU stand-in for symmetric memory: each allocation is one shared file per rank,
+    mapped by every rank, so peer addresses are real addresses in this process."""
+
+    _n = 0
+
+    def __new__(cls, group):
+        from moe_dispatch.backends import nvshmem
+
+        class T(nvshmem._Transport):
+            def __init__(self):
+                super().__init__()
+                self.group = group
+                self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+                self.device = DEV
+                self.status = torch.zeros(1, dtype=torch.int32)
+                self.tag = f"{os.environ.get('MASTER_PORT', '0')}_{os.getppid()}"
+
+            def alloc(self, nbytes):
+                _ShmTransport._n += 1
+                name = lambda r: f"/dev/shm/moe_nvshmem_test_{self.tag}_{_ShmTransport._n}_{r}"  # noqa: E731
+                mine = torch.from_file(name(self.rank), shared=True, size=nbytes, dtype=torch.uint8)
+                mine.fill_(255)  # NaN poison
+                dist.barrier(group=self.group)
+                maps = [mine if r == self.rank else
+                        torch.from_file(name(r), shared=True, size=nbytes, dtype=torch.uint8)
+                        for r in range(self.world)]
+                dist.barrier(group=self.group)
+                os.unlink(name(self.rank))
+                return nvshmem._Window(mine, [m.data_ptr() for m in maps], lambda s: maps[s])
+
+            def barrier(self, channel):
+                dist.barrier(group=self.group)
+
+            def host_max(self, vals):
+                t = torch.tensor(vals, dtype=torch.int64)
+                dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+                return t.tolist()
+
+        return T()
+
+
+_cpu_transports = {}
+
+
+class _CpuNVSHMEM:
+    def __init__(self, group, E, pad, options):
+        from moe_dispatch.backends import nvshmem
+        tr = _cpu_transports.get(group.group_name)
+        if tr is None:
+            tr = _cpu_transports[group.group_name] = _ShmTransport(group)
+        self.engine = nvshmem._Engine(tr, E, pad, options)
+
+    def dispatch(self, *a):
+        return self.engine.dispatch(*a)
+
+    def combine(self, *a):
+        return self.engine.combine(*a)
+
+
+def _experts(W, offset, tokens, tpe, probs):
+    """Expert l of this rank on its rows (host split); rows past sum(tpe) give zeros."""
+    outs, start = [], 0
+    for l, n in enumerate(tpe.tolist()):
+        outs.append(expert_fn(W[offset + l].to(tokens.dtype), tokens[start:start + n]))
+        start += n
+    outs.append(tokens[start:] * 0)
+    return torch.cat(outs) * probs.to(tokens.dtype).unsqueeze(1)
+
+
+def _graph_experts(scale_L, tokens, tpe, probs):
+    """Sync-free experts for CUDA graphs: row scaled by its expert's factor and its prob."""
+    rows = torch.arange(tokens.shape[0], device=tokens.device)
+    e_row = torch.searchsorted(torch.cumsum(tpe, 0), rows, right=True)
+    scale = torch.cat([scale_L, scale_L.new_zeros(1)]).index_select(0, e_row)
+    return tokens * (scale * probs).to(tokens.dtype).unsqueeze(1)
+
+
+def _run(be, case, rank, dtype, W, backward=True):
+    dev = DEV
+    x = case.xs[rank].to(dev, dtype).clone().requires_grad_(True)
+    idx = case.idxs[rank].to(dev)
+    p = case.probs[rank].to(dev).clone().requires_grad_(True)
+    res = be.dispatch(x, idx, p, PendingCheck(None, None))
+    L = case.num_experts // dist.get_world_size()
+    y = be.combine(_experts(W, rank * L, res.tokens_NH, res.tokens_per_expert_L, res.probs_N),
+                   res.handle)
+    if backward:
+        (y.float() * case.gouts[rank].to(dev).float()).sum().backward()
+    st = getattr(res.handle, "status", None)
+    return dict(tokens=res.tokens_NH.detach().cpu(), tpe=res.tokens_per_expert_L.cpu(),
+                tpe_device=res.tokens_per_expert_L.device.type,
+                probs=res.probs_N.detach().cpu(), y=y.detach().float().cpu(),
+                gx=None if x.grad is None else x.grad.float().cpu(),
+                gp=None if p.grad is None else p.grad.cpu(),
+                status=None if st is None else int(st.item()))
+
+
+def _compare_ref(res, case, rank, pad, tol, budget=None):
+    errs = []
+    tok_ref, tpe_ref, p_ref = reference_dispatch(case, rank, pad)
+    n = tok_ref.shape[0]
+    if not torch.equal(res["tpe"], tpe_ref):
+        errs.append(f"tokens_per_expert {res['tpe'].tolist()} != {tpe_ref.tolist()}")
+    rows = res["tokens"].shape[0]
+    if budget is None and rows != n:
+        errs.append(f"{rows} rows, expected {n}")
+    elif budget is not None:
+        if rows != budget:
+            errs.append(f"{rows} rows, expected the budget {budget}")
+        if not ((res["tokens"][n:] == 0).all() and (res["probs"][n:] == 0).all()):
+            errs.append("rows past the real ones are not zero")
+        if res["status"] != 0:
+            errs.append(f"status {res['status']}")
+    if not errs:
+        if not torch.equal(res["tokens"][:n], tok_ref.to(res["tokens"].dtype)):
+            errs.append(f"tokens differ (max {float((res['tokens'][:n].float() - tok_ref.float()).abs().max()):.3g})")
+        if not torch.equal(res["probs"][:n], p_ref):
+            errs.append("probs differ")
+    ys, gxs, gps = reference_moe(case)
+    for key, ref in (("y", ys[rank]), ("gx", gxs[rank]), ("gp", gps[rank])):
+        e = rel_err(res[key], ref)
+        if not e <= tol:
+            errs.append(f"{key} rel. error {e:.2e} > {tol}")
+    return errs
+
+
+def _compare_pair(a, b, tol, what):
+    errs = []
+    for key in ("tpe", "tokens", "probs"):
+        if not torch.equal(a[key], b[key]):
+            errs.append(f"{key} differs from {what}")
+    for key in ("y", "gx", "gp"):
+        if a[key] is None and b[key] is None:
+            continue
+        e = rel_err(a[key], b[key])
+        if not e <= tol:
+            errs.append(f"{key} vs {what}: rel. error {e:.2e} > {tol}")
+    return errs
+
+
+# ===================================================================== checks
+
+CASES = {
+    # name: (tokens(R, r), case kwargs, pad, dtype, hidden, experts per rank, topk)
+    "uniform": (lambda R, r: 96, {}, None, torch.float32, 64, 8, 4),
+    "masked_slots": (lambda R, r: 80 + 8 * r, dict(mask_frac=0.3), None, torch.float32, 64, 8, 4),
+    "zipf_skew": (lambda R, r: 64 + 32 * r, dict(skew="zipf"), None, torch.float32, 64, 8, 4),
+    "zero_token_rank": (lambda R, r: 0 if r == 1 else 72, dict(mask_frac=0.1), None,
+                        torch.float32, 64, 8, 4),
+    "one_expert": (lambda R, r: 50, dict(skew="one_expert"), None, torch.float32, 32, 4, 2),
+    "pad_multiple": (lambda R, r: 70 + r, dict(mask_frac=0.1), 8, torch.float32, 64, 8, 4),
+    "bf16": (lambda R, r: 128, dict(mask_frac=0.05), None, torch.bfloat16, 256, 8, 6),
+}
+
+
+def _case(name, R):
+    tok, kw, pad, dtype, H, per_rank, K = CASES[name]
+    case = make_case(R, [tok(R, r) for r in range(R)], hidden=H, num_experts=per_rank * R,
+                     topk=K, seed=_shared_seed(), dtype=dtype, **kw)
+    return case, pad, dtype
+
+
+def check_parity(name, impl="triton"):
+    rank, R = dist.get_rank(), dist.get_world_size()
+    case, pad, dtype = _case(name, R)
+    W = case.W.to(DEV)
+    opts = {"impl": impl}
+    ours = _run(_backend("nvshmem", case.num_experts, pad, opts), case, rank, dtype, W)
+    ref_a2a = _run(_backend("alltoall", case.num_experts, pad), case, rank, dtype, W)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    errs = _compare_ref(ours, case, rank, pad, tol)
+    errs += _compare_pair(ours, ref_a2a, 1e-5 if dtype == torch.float32 else 1e-2, "alltoall")
+    return errs
+
+
+def check_repeat_large():
+    """Bigger rows (bf16, H 1024, 512 tokens) five times in a row vs alltoall: races show
+    up as errors that move between repetitions."""
+    rank, R = dist.get_rank(), dist.get_world_size()
+    errs = []
+    be = _backend("nvshmem", 16 * R)
+    a2a = _backend("alltoall", 16 * R)
+    for it in range(5):
+        case = make_case(R, [512 - 64 * (r % 2) for r in range(R)], hidden=1024,
+                         num_experts=16 * R, topk=8, seed=_shared_seed(), dtype=torch.bfloat16,
+                         mask_frac=0.05)
+        W = case.W.to(DEV)
+        a = _run(be, case, rank, torch.bfloat16, W)
+        b = _run(a2a, case, rank, torch.bfloat16, W)
+        errs += [f"iteration {it}: {e}" for e in _compare_pair(a, b, 1e-2, "alltoall")]
+    return errs
+
+
+def check_static_budget():
+    rank, R = dist.get_rank(), dist.get_world_size()
+    case, pad, dtype = _case("masked_slots", R)
+    need = max(int(reference_dispatch(case, r, 4)[1].sum()) for r in range(R))
+    budget = need + 37
+    W = case.W.to(DEV)
+    be = _backend("nvshmem", case.num_experts, 4, {"max_rows_per_rank": budget})
+    res = _run(be, case, rank, dtype, W)
+    errs = []
+    if res["tpe_device"] != DEV.type:
+        errs.append("tokens_per_expert is not a device tensor in static-budget mode")
+    errs += _compare_ref(res, case, rank, 4, 1e-5, budget=budget)
+    return errs
+
+
+def check_static_overflow():
+    """Budget far too small: flagged, bounded, finite; the next call is still right."""
+    rank, R = dist.get_rank(), dist.get_world_size()
+    case, pad, dtype = _case("uniform", R)
+    W = case.W.to(DEV)
+    be = _backend("nvshmem", case.num_experts, None, {"max_rows_per_rank": 17})
+    res = _run(be, case, rank, dtype, W)
+    errs = []
+    if not res["status"] & 1:
+        errs.append(f"overflow not flagged (status {res['status']})")
+    if res["tokens"].shape[0] != 17 or int(res["tpe"].sum()) > 17:
+        errs.append("budget not respected")
+    if not (torch.isfinite(res["tokens"]).all() and torch.isfinite(res["y"]).all()
+            and torch.isfinite(res["gx"]).all() and torch.isfinite(res["gp"]).all()):
+        errs.append("non-finite values after overflow")
+    # The shared symmetric buffers must be intact: a normal dispatch right after.
+    case2, pad2, _ = _case("masked_slots", R)
+    ok = _run(_backend("nvshmem", case2.num_experts, None), case2, rank, dtype, case2.W.to(DEV))
+    errs += [f"after overflow: {e}" for e in _compare_ref(ok, case2, rank, None, 1e-5)]
+    return errs
+
+
+def check_cuda_graph():
+    """Capture dispatch -> experts -> combine (static budget), replay with new inputs,
+    compare with the eager default mode on the same inputs."""
+    rank, R = dist.get_rank(), dist.get_world_size()
+    E, K, H, T = 8 * R, 4, 128, 96
+    L = E // R
+    B = T * R * K  # the most rows a rank can receive: never overflows
+    dev = torch.device("cuda")
+    be = _backend("nvshmem", E, None, {"max_rows_per_rank": B})
+    eager = _backend("nvshmem", E, None)
+    g = torch.Generator(device="cuda").manual_seed(_shared_seed() + rank)
+    scale_L = torch.rand(L, device=dev, generator=g) + 0.5
+
+    def inputs():
+        x = torch.randn(T, H, device=dev, generator=g)
+        idx = torch.rand(T, E, device=dev, generator=g).argsort(1)[:, :K]
+        idx = idx.masked_fill(torch.rand(T, K, device=dev, generator=g) < 0.1, -1)
+        p = torch.rand(T, K, device=dev, generator=g) * (idx >= 0)
+        return x, idx, p
+
+    def layer(b, x, idx, p):
+        res = b.dispatch(x, idx, p, PendingCheck(None, None))
+        y = _graph_experts(scale_L, res.tokens_NH, res.tokens_per_expert_L.to(dev), res.probs_N)
+        return b.combine(y, res.handle), res.handle.status
+
+    sx, sidx, sp = inputs()
+    with torch.no_grad():
+        layer(be, sx, sidx, sp)  # eager warm-up: sizes buffers, compiles kernels
+        torch.cuda.synchronize()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            layer(be, sx, sidx, sp)
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        dist.barrier()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out, status = layer(be, sx, sidx, sp)
+        torch.cuda.synchronize()
+        dist.barrier()
+        errs = []
+        for it in range(3):
+            x, idx, p = inputs()
+            sx.copy_(x), sidx.copy_(idx), sp.copy_(p)
+            graph.replay()
+            got = out.clone()
+            st = int(status.item())
+            want, _ = layer(eager, x, idx, p)
+            e = rel_err(got, want)
+            if not e < 1e-6:
+                errs.append(f"replay {it}: rel. error {e:.2e} vs eager")
+            if st != 0:
+                errs.append(f"replay {it}: status {st}")
+    return errs
+
+
+def check_barrier_torch():
+    """The same parity with the symmetric-memory handle's own barrier (a fresh group, so a
+    fresh transport). Only meaningful on torch's CUDA symmetric-memory backend."""
+    rank, R = dist.get_rank(), dist.get_world_size()
+    group = dist.new_group(list(range(R)))
+    case, pad, dtype = _case("masked_slots", R)
+    W = case.W.to(DEV)
+    ours = _run(_backend("nvshmem", case.num_experts, None, {"barrier": "torch"}, group=group),
+                case, rank, dtype, W)
+    return _compare_ref(ours, case, rank, None, 1e-5)
+
+
+def check_errors_are_clear():
+    rank, R = dist.get_rank(), dist.get_world_size()
+    errs = []
+    be = _backend("nvshmem", 4 * R)
+    try:
+        be.dispatch(torch.zeros(2, 8), torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1),
+                    PendingCheck(None, None))
+        errs.append("CPU tensors accepted")
+    except ValueError as exc:
+        if "CUDA" not in str(exc):
+            errs.append(f"unclear error: {exc}")
+    # bad expert id on the last rank: every rank raises
+    case, pad, dtype = _case("uniform", R)
+    x = case.xs[rank].cuda()
+    idx = case.idxs[rank].cuda()
+    bad = torch.tensor(1 if rank == R - 1 else 0, device="cuda")
+    try:
+        be.dispatch(x, idx, case.probs[rank].cuda(), PendingCheck(None, bad, "bad expert id"))
+        errs.append("bad input on one rank did not raise here")
+    except Exception as exc:
+        if type(exc).__name__ != "DispatchInputError":
+            errs.append(f"{type(exc).__name__}: {exc}")
+    return errs
+
+
+def _checks():
+    out = [(f"parity_{n}", (lambda n=n: check_parity(n))) for n in CASES]
+    out += [("parity_masked_slots_torch_impl", lambda: check_parity("masked_slots", "torch")),
+            ("parity_pad_multiple_torch_impl", lambda: check_parity("pad_multiple", "torch")),
+            ("repeat_large_bf16", check_repeat_large),
+            ("static_budget", check_static_budget),
+            ("static_overflow", check_static_overflow)]
+    if not CPU_MODE:
+        out += [("cuda_graph", check_cuda_graph),
+                ("errors", check_errors_are_clear),
+                ("barrier_torch", check_barrier_torch)]
+    return out
+
+
+def run_checks(only=None) -> dict:
+    rank, R = _init()
+    results = {}
+    for name, fn in _checks():
+        if only and name not in only:
+            continue
+        t0 = time.time()
+        try:
+            errs = fn()
+        except Exception as exc:  # noqa: BLE001 - reported and agreed on
+            errs = [f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"]
+        _sync()
+        ok = _agree(not errs)
+        if errs:
+            print(f"[rank {rank}] {name}: " + " | ".join(errs), flush=True)
+        results[name] = "pass" if ok else "FAIL"
+        _log(f"CHECK {name:36s} {'pass' if ok else 'FAIL'}  ({time.time() - t0:.1f} s, EP{R})")
+    return results
+
+
+def test_nvshmem_gpu_checks():
+    results = run_checks()
+    assert all(v == "pass" for v in results.values()), results
+
+
+# ===================================================================== bench
+
+
+def _time(fn, setup=None, iters=20, warmup=5):
+    """Median microseconds over ``iters`` calls (CUDA events), ranks aligned and L2
+    overwritten before each call; the max over ranks of each rank's median."""
+    flush = torch.empty(64 << 20, dtype=torch.int32, device="cuda")
+    for i in range(warmup):
+        fn(setup(i) if setup else None)
+    ts = []
+    for i in range(iters):
+        s = setup(warmup + i) if setup else None
+        torch.cuda.synchronize()
+        dist.barrier()
+        flush.zero_()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn(s)
+        b.record()
+        torch.cuda.synchronize()
+        ts.append(a.elapsed_time(b) * 1e3)
+    med = torch.tensor([statistics.median(ts)], device="cuda")
+    dist.all_reduce(med, op=dist.ReduceOp.MAX)
+    return float(med.item())
+
+
+def run_bench(T=4096, H=7168, K=8, E=256, iters=20, json_path=None):
+    rank, R = _init()
+    L = E // R
+    dev = torch.device("cuda")
+    torch.manual_seed(_shared_seed() + rank)
+    sets = []
+    for _ in range(2):
+        scores = torch.randn(T, E, device=dev).abs() + 1
+        idx = torch.topk(scores, K, dim=-1).indices
+        p = torch.rand(T, K, device=dev)
+        x = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
+        sets.append((x, idx, p))
+    # Rows received by this rank, DeepEP's way: one per (token, destination rank).
+    hit = torch.zeros(T, R, dtype=torch.bool, device=dev)
+    hit.scatter_(1, sets[0][1] // L, True)
+    sent_R = hit.sum(0)
+    dist.all_reduce(sent_R)  # column r summed over sources = rows received by r
+    recv_rows = int(sent_R[rank].item())
+    expert_rows = torch.zeros(E, dtype=torch.long, device=dev)
+    expert_rows.scatter_add_(0, sets[0][1].reshape(-1), torch.ones(T * K, dtype=torch.long, device=dev))
+    dist.all_reduce(expert_rows)
+    max_rows = int(expert_rows.view(R, L).sum(1).max().item())
+    budget = int(max_rows * 1.1) + 256
+    nbytes = recv_rows * H * 2
+    out = {"T": T, "H": H, "K": K, "E": E, "R": R, "recv_rows": recv_rows,
+           "expert_rows_max": max_rows, "budget": budget,
+           "device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": {}}
+
+    def disp_fn(be):
+        return lambda i: be.dispatch(sets[i % 2][0], sets[i % 2][1], sets[i % 2][2],
+                                     PendingCheck(None, None))
+
+    def row(name, be):
+        try:
+            d = disp_fn(be)
+            with torch.no_grad():
+                t_d = _time(d, setup=lambda i: i, iters=iters)
+                t_c = _time(lambda r: be.combine(r.tokens_NH, r.handle), setup=d, iters=iters)
+            out["rows"][name] = dict(dispatch_us=t_d, combine_us=t_c,
+                                     dispatch_GBps=nbytes / t_d / 1e3,
+                                     combine_GBps=nbytes / t_c / 1e3)
+            _log(f"BENCH {name:24s} dispatch {t_d:8.1f} us ({nbytes / t_d / 1e3:6.1f} GB/s)   "
+                 f"combine {t_c:8.1f} us ({nbytes / t_c / 1e3:6.1f} GB/s)")
+        except Exception as exc:  # noqa: BLE001
+            out["rows"][name] = dict(error=f"{type(exc).__name__}: {exc}")
+            _log(f"BENCH {name}: ERROR {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+
+    row("nvshmem", _backend("nvshmem", E))
+    row("nvshmem-budget", _backend("nvshmem", E, None, {"max_rows_per_rank": budget}))
+    row("alltoall", _backend("alltoall", E))
+
+    # Where the nvshmem dispatch/combine time goes (rank 0's events, one call each).
+    try:
+        be = _backend("nvshmem", E)
+        eng = be.engine
+        with torch.no_grad():
+            for _ in range(3):
+                eng.profile = []
+                r = disp_fn(be)(0)
+                be.combine(r.tokens_NH, r.handle)
+                torch.cuda.synchronize()
+        marks = eng.profile
+        eng.profile = None
+        phases = [(marks[i + 1][0], marks[i][1].elapsed_time(marks[i + 1][1]) * 1e3)
+                  for i in range(len(marks) - 1) if marks[i + 1][0] not in ("dispatch", "combine")]
+        out["nvshmem_phases_us_rank0"] = phases
+        _log("PHASES nvshmem (rank 0, us): " + ", ".join(f"{n} {t:.1f}" for n, t in phases))
+    except Exception as exc:  # noqa: BLE001
+        _log(f"PHASES: ERROR {type(exc).__name__}: {exc}")
+
+    # DeepEP Buffer directly, plus the separate permute into expert-grouped rows.
+    try:
+        import deep_ep
+        from moe_dispatch.permute import group_plan, permute, unpermute
+        deep_ep.Buffer.set_num_sms(24)
+        buf = deep_ep.Buffer(dist.group.WORLD, int(1e9), 0)
+
+        def dd(i):
+            x, idx, p = sets[i % 2]
+            ntr, _, nte, itir, _ = buf.get_dispatch_layout(idx, E)
+            rx, ridx, rw, cnt, h, _ = buf.dispatch(x, num_tokens_per_rank=ntr, is_token_in_rank=itir,
+                                                   num_tokens_per_expert=nte, topk_idx=idx,
+                                                   topk_weights=p)
+            return rx, ridx, rw, cnt, h
+
+        def ddp(i):
+            rx, ridx, rw, cnt, h = dd(i)
+            plan = group_plan(ridx.long(), L, tokens_per_expert=cnt)
+            tok, pr = permute(rx, rw, plan)
+            return tok, plan, h
+
+        with torch.no_grad():
+            t_d = _time(dd, setup=lambda i: i, iters=iters)
+            t_dp = _time(ddp, setup=lambda i: i, iters=iters)
+            t_c = _time(lambda o: buf.combine(o[0], o[4]), setup=dd, iters=iters)
+            t_cp = _time(lambda o: buf.combine(unpermute(o[0], o[1]), o[2]), setup=ddp, iters=iters)
+        for name, a, b in (("deepep", t_d, t_c), ("deepep+permute", t_dp, t_cp)):
+            out["rows"][name] = dict(dispatch_us=a, combine_us=b, dispatch_GBps=nbytes / a / 1e3,
+                                     combine_GBps=nbytes / b / 1e3)
+            _log(f"BENCH {name:24s} dispatch {a:8.1f} us ({nbytes / a / 1e3:6.1f} GB/s)   "
+                 f"combine {b:8.1f} us ({nbytes / b / 1e3:6.1f} GB/s)")
+    except Exception as exc:  # noqa: BLE001
+        out["rows"]["deepep"] = dict(error=f"{type(exc).__name__}: {exc}")
+        _log(f"BENCH deepep: not run ({type(exc).__name__}: {exc})")
+
+    rows = out["rows"]
+    if "nvshmem" in rows and "dispatch_us" in rows["nvshmem"]:
+        ours = rows["nvshmem"]
+        for ref in ("deepep+permute", "deepep", "alltoall"):
+            if ref in rows and "dispatch_us" in rows[ref]:
+                _log(f"RATIO nvshmem vs {ref:16s}: dispatch {rows[ref]['dispatch_us'] / ours['dispatch_us']:.2f}x  "
+                     f"combine {rows[ref]['combine_us'] / ours['combine_us']:.2f}x  "
+                     f"both {(rows[ref]['dispatch_us'] + rows[ref]['combine_us']) / (ours['dispatch_us'] + ours['combine_us']):.2f}x")
+    if rank == 0:
+        line = json.dumps(out)
+        print("BENCH_JSON " + line, flush=True)
+        if json_path:
+            with open(json_path, "w") as f:
+                f.write(line + "\n")
+    return out
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    code = 0
+    if "--bench" in args:
+        run_bench(json_path=os.environ.get("NVSHMEM_BENCH_JSON"))
+    else:
+        res = run_checks(set(a for a in args if not a.startswith("-")) or None)
+        _log("SUMMARY " + json.dumps(res))
+        code = 0 if all(v == "pass" for v in res.values()) else 1
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.exit(code)

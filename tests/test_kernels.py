@@ -1,0 +1,331 @@
+"""Fused Triton permute kernels and the ``nvshmem`` backend's algorithm, on CPU.
+
+* The Triton kernels run under TRITON_INTERPRET=1 on CPU (on a GPU machine they run for
+  real) and must match the plain torch path of ``moe_dispatch.permute`` exactly: forward,
+  backward, padding, masked slots, empty inputs, every output row written.
+* The ``nvshmem`` engine runs with R simulated ranks as threads of this process sharing
+  "symmetric" CPU buffers (the peer-pointer kernels read and write them through real
+  addresses) and must match the single-process dense reference forward and backward.
+  Its plain-torch implementation runs without triton, so that part also runs in CI.
+"""
+import importlib.util
+import os
+import threading
+
+import pytest
+import torch
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+if HAS_TRITON and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+from moe_dispatch import kernels  # noqa: E402
+from moe_dispatch.backends import nvshmem  # noqa: E402
+from moe_dispatch.permute import group_plan, permute, unpermute  # noqa: E402
+from moe_dispatch.protocol import DispatchInputError, PendingCheck  # noqa: E402
+from moe_dispatch.testing import expert_fn, make_case, reference_dispatch, reference_moe, rel_err  # noqa: E402
+
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+
+def _torch_path(monkeypatch):
+    monkeypatch.setenv("MOE_DISPATCH_TRITON", "0")
+
+
+def _random_lid(N, K, L, mask_frac, g):
+    lid = torch.randint(0, L, (N, K), generator=g)
+    lid[torch.rand(N, K, generator=g) < mask_frac] = -1
+    return lid
+
+
+# ===================================================================== local kernels
+
+
+def test_use_triton_rules(monkeypatch):
+    assert not kernels.use_triton(torch.zeros(2))  # CPU tensors never
+    if torch.cuda.is_available() and HAS_TRITON:
+        assert kernels.use_triton(torch.zeros(2, device="cuda"))
+        monkeypatch.setenv("MOE_DISPATCH_TRITON", "0")
+        assert not kernels.use_triton(torch.zeros(2, device="cuda"))
+
+
+@needs_triton
+@pytest.mark.parametrize("N,K,L,pad,mask,dtype", [
+    (9, 3, 4, None, 0.2, torch.float32),
+    (13, 2, 3, 4, 0.3, torch.float32),
+    (11, 4, 5, None, 0.0, torch.bfloat16),
+    (6, 1, 2, 3, 0.5, torch.bfloat16),
+    (5, 3, 2, None, 1.0, torch.float32),   # every slot masked: M = 0
+    (0, 2, 3, 2, 0.0, torch.float32),      # no input rows
+])
+def test_permute_unpermute_match_torch(monkeypatch, N, K, L, pad, mask, dtype):
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 31 - 1, (1,))))
+    H = 40
+    lid = _random_lid(N, K, L, mask, g).to(DEV)
+    plan = group_plan(lid, L, pad_multiple=pad)
+    x = torch.randn(N, H, generator=g).to(DEV, dtype).requires_grad_(True)
+    p = torch.rand(N, K, generator=g).to(DEV).requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    p_ref = p.detach().clone().requires_grad_(True)
+
+    tok, pr = kernels.permute(x, p, plan)
+    with monkeypatch.context() as m:
+        _torch_path(m)
+        tok_ref, pr_ref = permute(x_ref, p_ref, plan)
+    assert tok.shape == tok_ref.shape and tok.dtype == tok_ref.dtype
+    assert torch.equal(tok, tok_ref)      # a copy: bit-exact
+    assert torch.equal(pr, pr_ref)
+
+    gt = torch.randn(tok.shape, generator=g).to(DEV, dtype)
+    gp = torch.randn(pr.shape, generator=g).to(DEV)
+    ((tok.float() * gt.float()).sum() + (pr * gp).sum()).backward()
+    ((tok_ref.float() * gt.float()).sum() + (pr_ref * gp).sum()).backward()
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert rel_err(x.grad, x_ref.grad) <= tol
+    assert torch.equal(p.grad, p_ref.grad)
+
+    y = torch.randn(tok.shape, generator=g).to(DEV, dtype).requires_grad_(True)
+    y_ref = y.detach().clone().requires_grad_(True)
+    u = kernels.unpermute(y, plan)
+    with monkeypatch.context() as m:
+        _torch_path(m)
+        u_ref = unpermute(y_ref, plan)
+    assert u.shape == u_ref.shape and u.dtype == u_ref.dtype
+    assert rel_err(u, u_ref) <= tol
+    go = torch.randn(u.shape, generator=g).to(DEV, dtype)
+    (u.float() * go.float()).sum().backward()
+    (u_ref.float() * go.float()).sum().backward()
+    assert torch.equal(y.grad, y_ref.grad)  # padding rows get zero, real rows a copy
+
+
+@needs_triton
+@pytest.mark.parametrize("pad", [None, 4])
+def test_every_output_row_written(pad):
+    """Outputs start as NaN: every row (padding included) must be overwritten."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 31 - 1, (1,))))
+    N, K, L, H = 10, 3, 4, 24
+    lid = _random_lid(N, K, L, 0.3, g).to(DEV)
+    plan = group_plan(lid, L, pad_multiple=pad)
+    pos, filled = kernels.plan_maps(plan)
+    x = torch.randn(N, H, generator=g).to(DEV)
+    probs = torch.rand(N, K, generator=g).to(DEV)
+    out = torch.full((plan.num_out_rows, H), float("nan"), device=DEV)
+    pout = torch.full((plan.num_out_rows,), float("nan"), device=DEV)
+    kernels.permute_rows(x, pos, plan.num_out_rows, filled, probs, out, pout)
+    assert not out.isnan().any() and not pout.isnan().any()
+    red = torch.full((N, H), float("nan"), device=DEV)
+    kernels.reduce_rows(out, pos, red)
+    assert not red.isnan().any()
+    # rows of a fully masked input row are zeros
+    empty = (pos < 0).all(1)
+    assert (red[empty] == 0).all()
+
+
+# ===================================================================== simulated ranks
+
+
+class _SimWorld:
+    def __init__(self, R):
+        self.R = R
+        self.bar = threading.Barrier(R, timeout=300)
+        self.lock = threading.Lock()
+        self.allocs = {}
+        self.vals = [None] * R
+
+
+class _SimTransport(nvshmem._Transport):
+    """R threads of one process as an EP group: shared CPU buffers, a thread barrier."""
+
+    def __init__(self, world: _SimWorld, rank: int):
+        super().__init__()
+        self.w, self.rank, self.world = world, rank, world.R
+        self.device = DEV
+        self.status = torch.zeros(1, dtype=torch.int32, device=DEV)
+        self.n_alloc = 0
+
+    def alloc(self, nbytes):
+        key = self.n_alloc
+        self.n_alloc += 1
+        with self.w.lock:
+            # 0xFF bytes: NaN floats, so reading memory nobody wrote shows up.
+            bufs = self.w.allocs.setdefault(
+                key, [torch.full((nbytes,), 255, dtype=torch.uint8, device=DEV)
+                      for _ in range(self.world)])
+        self.w.bar.wait()
+        return nvshmem._Window(bufs[self.rank], [b.data_ptr() for b in bufs],
+                               lambda s: bufs[s])
+
+    def barrier(self, channel):
+        if DEV.type == "cuda":
+            torch.cuda.synchronize()
+        self.w.bar.wait()
+
+    def host_max(self, vals):
+        self.w.vals[self.rank] = list(vals)
+        self.w.bar.wait()
+        out = [max(c) for c in zip(*self.w.vals)]
+        self.w.bar.wait()
+        return out
+
+
+def _run_ranks(R, fn):
+    world = _SimWorld(R)
+    results, errors = [None] * R, [None] * R
+
+    def body(r):
+        try:
+            results[r] = fn(r, _SimTransport(world, r))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors[r] = exc
+            world.bar.abort()
+
+    if R == 1:
+        body(0)
+    else:
+        threads = [threading.Thread(target=body, args=(r,)) for r in range(R)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+    real = [e for e in errors if e is not None and not isinstance(e, threading.BrokenBarrierError)]
+    if real:
+        raise real[0]
+    if any(errors):
+        raise errors[0]
+    return results
+
+
+def _experts(W, offset, tokens, tpe, probs):
+    """Expert l of this rank on its rows; rows past sum(tpe) (static budget) give zeros."""
+    outs, start = [], 0
+    for l, n in enumerate(tpe.tolist()):
+        outs.append(expert_fn(W[offset + l].to(tokens.dtype), tokens[start:start + n]))
+        start += n
+    outs.append(tokens[start:] * 0)
+    return torch.cat(outs) * probs.to(tokens.dtype).unsqueeze(1)
+
+
+def _rank_fn(case, options, pad):
+    E = case.num_experts
+
+    def fn(r, tr):
+        eng = nvshmem._Engine(tr, E, pad, options)
+        x = case.xs[r].to(DEV).clone().requires_grad_(True)
+        idx = case.idxs[r].to(DEV)
+        p = case.probs[r].to(DEV).clone().requires_grad_(True)
+        res = eng.dispatch(x, idx, p, PendingCheck(None, None))
+        L = E // tr.world
+        y = eng.combine(_experts(case.W.to(DEV), r * L, res.tokens_NH, res.tokens_per_expert_L,
+                                 res.probs_N), res.handle)
+        (y * case.gouts[r].to(DEV)).sum().backward()
+        # a second dispatch/combine on the same buffers must give the same answer
+        res2 = eng.dispatch(x.detach(), idx, p.detach(), PendingCheck(None, None))
+        return dict(tokens=res.tokens_NH.detach().cpu(), tpe=res.tokens_per_expert_L.cpu(),
+                    probs=res.probs_N.detach().cpu(), y=y.detach().cpu(),
+                    gx=x.grad.cpu(), gp=p.grad.cpu(), tokens2=res2.tokens_NH.cpu(),
+                    status=None if res.handle.status is None else int(res.handle.status.item()))
+    return fn
+
+
+def _check(results, case, pad, budget=None):
+    ys, gxs, gps = reference_moe(case)
+    for r, res in enumerate(results):
+        tok_ref, tpe_ref, p_ref = reference_dispatch(case, r, pad)
+        n = tok_ref.shape[0]
+        assert torch.equal(res["tpe"], tpe_ref), (r, res["tpe"], tpe_ref)
+        if budget is None:
+            assert res["tokens"].shape == tok_ref.shape
+        else:
+            assert res["tokens"].shape[0] == budget and res["status"] == 0
+            assert (res["tokens"][n:] == 0).all() and (res["probs"][n:] == 0).all()
+        assert torch.equal(res["tokens"][:n], tok_ref), r
+        assert torch.equal(res["probs"][:n], p_ref), r
+        assert torch.equal(res["tokens2"], res["tokens"]), r
+        assert rel_err(res["y"], ys[r]) < 1e-5, r
+        assert rel_err(res["gx"], gxs[r]) < 1e-5, r
+        assert rel_err(res["gp"], gps[r]) < 1e-5, r
+
+
+SIM_CASES = {
+    # name: (R, tokens per rank, case kwargs, pad_multiple)
+    "uniform_r2": (2, [7, 5], dict(mask_frac=0.2), None),
+    "zero_token_rank_r3": (3, [6, 0, 4], dict(mask_frac=0.1), 4),
+    "zipf_r4": (4, [5, 3, 6, 2], dict(skew="zipf", mask_frac=0.1), None),
+    "single_rank": (1, [9], dict(mask_frac=0.3), 2),
+}
+
+
+@pytest.fixture(autouse=True)
+def _small_round(monkeypatch):
+    # Keep simulated buffers tiny: interpreted kernels visit every buffer row.
+    monkeypatch.setattr(nvshmem, "_T_ROUND", 8, raising=False)
+
+
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("name", list(SIM_CASES))
+def test_sim_engine_matches_dense_reference(impl, name):
+    R, tokens, kw, pad = SIM_CASES[name]
+    case = make_case(R, tokens, hidden=16, num_experts=4 * R, topk=3, **kw)
+    results = _run_ranks(R, _rank_fn(case, {"impl": impl}, pad))
+    _check(results, case, pad)
+
+
+@needs_triton
+@pytest.mark.parametrize("pad", [None, 2])
+def test_sim_static_budget(pad):
+    R = 2
+    case = make_case(R, [6, 4], hidden=16, num_experts=4 * R, topk=3, mask_frac=0.1)
+    need = max(int(reference_dispatch(case, r, pad)[1].sum()) for r in range(R))
+    budget = need + 5
+    results = _run_ranks(R, _rank_fn(case, {"max_rows_per_rank": budget}, pad))
+    _check(results, case, pad, budget=budget)
+
+
+@needs_triton
+def test_sim_static_budget_overflow_is_flagged_and_bounded():
+    R = 2
+    case = make_case(R, [8, 8], hidden=8, num_experts=2 * R, topk=2)
+    budget = 3
+
+    def fn(r, tr):
+        eng = nvshmem._Engine(tr, case.num_experts, None, {"max_rows_per_rank": budget})
+        res = eng.dispatch(case.xs[r].to(DEV), case.idxs[r].to(DEV), case.probs[r].to(DEV),
+                           PendingCheck(None, None))
+        y = eng.combine(res.tokens_NH * 2, res.handle)
+        return res, y
+
+    for res, y in _run_ranks(R, fn):
+        assert res.tokens_NH.shape[0] == budget
+        assert int(res.tokens_per_expert_L.sum()) <= budget
+        assert int(res.handle.status.item()) & nvshmem.STATUS_ROWS_DROPPED
+        assert torch.isfinite(res.tokens_NH).all() and torch.isfinite(y).all()
+
+
+def test_sim_bad_input_raises_on_every_rank():
+    R = 2
+    case = make_case(R, [4, 4], hidden=8, num_experts=2 * R, topk=2)
+
+    def fn(r, tr):
+        eng = nvshmem._Engine(tr, case.num_experts, None, {"impl": "torch"})
+        bad = torch.tensor(1 if r == 1 else 0)
+        try:
+            eng.dispatch(case.xs[r], case.idxs[r], case.probs[r], PendingCheck(None, bad, "bad ids"))
+        except DispatchInputError as exc:
+            return str(exc)
+        return "no error"
+
+    msgs = _run_ranks(R, fn)
+    assert msgs[1] == "bad ids"
+    assert "rank(s) [1]" in msgs[0]
+
+
+def test_device_plan_orders_pads_and_drops():
+    lid = torch.tensor([[1, -1], [0, 1], [-1, -1], [1, 0]])
+    pos, tpe, filled, dropped = nvshmem.device_plan(lid, 2, 4, budget=10)
+    # expert 0: slots (1,0), (3,1) -> rows 0, 1 (+2 padding); expert 1: (0,0), (1,1), (3,0) -> 4, 5, 6
+    assert pos.tolist() == [[4, -1], [0, 5], [-1, -1], [6, 1]]
+    assert tpe.tolist() == [4, 4] and not bool(dropped)
+    assert filled.tolist() == [1, 1, 0, 0, 1, 1, 1, 0, 0, 0]
+    pos, tpe, filled, dropped = nvshmem.device_plan(lid, 2, 4, budget=5)
+    assert pos.tolist() == [[4, -1], [0, -2], [-1, -1], [-2, 1]]
+    assert tpe.tolist() == [4, 1] and bool(dropped)
+
