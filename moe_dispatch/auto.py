@@ -40,7 +40,7 @@ class Topology:
     group_size:       ranks in the EP group.
     num_nodes:        distinct hosts in the EP group.
     gpus_per_node:    GPUs visible on this host.
-    peer_access:      True when every pair of this host's GPUs used by the group can access
+    peer_access:      True when, on every host, every pair of GPUs its ranks use can access
                       each other directly (NVLink or PCIe P2P; ``torch.cuda.can_device_access_peer``),
                       False when some pair cannot, None when it could not be checked.
     deepep_internode: DeepEP's build has NVSHMEM (needed for its internode kernels).
@@ -117,10 +117,14 @@ def _peer_access(devices) -> Optional[bool]:
 
 
 def _deepep_internode() -> bool:
+    """Whether the installed DeepEP has internode (NVSHMEM/RDMA) kernels. Asked of the
+    library itself: its RDMA size hint raises when they were compiled out
+    (``is_sm90_compiled()`` is no proxy: an SM90 build without NVSHMEM says True)."""
     try:
         import deep_ep
-        # DeepEP compiles NVSHMEM in only with its SM90 features (AutoModel uses the same proxy).
-        return bool(deep_ep.Buffer.is_sm90_compiled())
+        cfg = deep_ep.Buffer.get_dispatch_config(16)
+        cfg.get_rdma_buffer_size_hint(7168 * 2, 16)
+        return True
     except Exception:
         return False
 
@@ -129,28 +133,49 @@ def _local_facts(device_type: str) -> dict:
     from .registry import available_backends
 
     gpus = torch.cuda.device_count() if device_type == "cuda" else 0
-    dev = torch.cuda.current_device() if gpus else None
-    return dict(host=socket.gethostname(), gpus=gpus, dev=dev,
-                local_world=int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0),
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
+    return dict(host=socket.gethostname(), gpus=gpus, local_world=local_world,
+                peer=_host_peer_access(gpus, local_world) if device_type == "cuda" else None,
                 available=available_backends(),
                 deepep_internode=_deepep_internode() if device_type == "cuda" else False)
 
 
+def _host_peer_access(gpus: int, local_world: int) -> Optional[bool]:
+    """Peer access among the GPUs this host's ranks use (devices 0..LOCAL_WORLD_SIZE-1, as
+    torchrun assigns them). None when they are not all visible to this process (e.g. one
+    GPU per process through CUDA_VISIBLE_DEVICES)."""
+    n = local_world or 1
+    if n == 1:
+        return True
+    if gpus < n:
+        return None
+    return _peer_access(list(range(n)))
+
+
 def detect_topology(group=None, device: Optional[torch.device] = None) -> Topology:
-    """Measure the facts ``rule`` needs, agreed across the group (one all-gather)."""
+    """Measure the facts ``rule`` needs, agreed across the group (one all-gather), so
+    that every rank of the group reaches the same decision."""
     distributed = dist.is_available() and dist.is_initialized()
     if group is None and distributed:
         group = dist.group.WORLD
     if device is None:
         device = torch.device("cuda") if (distributed and dist.get_backend(group) == "nccl") \
             else torch.device("cpu")
-    device_type = device.type
-    mine = _local_facts(device_type)
+    mine = _local_facts(device.type)
     if distributed and dist.get_world_size(group) > 1:
         facts = [None] * dist.get_world_size(group)
         dist.all_gather_object(facts, mine, group=group)
     else:
         facts = [mine]
+    return combine_facts(facts, device.type)
+
+
+def combine_facts(facts, device_type: str) -> Topology:
+    """Every rank's local facts -> one ``Topology`` (pure, and the same on every rank).
+
+    facts: per rank ``dict(host, gpus, local_world, peer, available, deepep_internode)``;
+           ``peer`` is that rank's view of peer access on its host (True/False/None).
+    """
     hosts = [f["host"] for f in facts]
     num_nodes = len(set(hosts))
     # A launcher-reported node size smaller than the group also means several nodes
@@ -158,14 +183,15 @@ def detect_topology(group=None, device: Optional[torch.device] = None) -> Topolo
     lws = [f["local_world"] for f in facts if f["local_world"]]
     if lws and min(lws) < len(facts):
         num_nodes = max(num_nodes, -(-len(facts) // min(lws)))
-    peer = None
-    if device_type == "cuda":
-        # The devices this host's ranks use; check them pairwise when all are visible here.
-        here = sorted({f["dev"] for f in facts if f["host"] == mine["host"] and f["dev"] is not None})
-        if len(here) > 1 and max(here) < mine["gpus"]:
-            peer = _peer_access(here)
-        elif len(here) <= 1 and len(facts) == 1:
-            peer = True
+    peers = [f["peer"] for f in facts]
+    if device_type != "cuda":
+        peer = None
+    elif any(p is False for p in peers):
+        peer = False
+    elif any(p is None for p in peers):
+        peer = None
+    else:
+        peer = True
     names = set().union(*(f["available"] for f in facts))
     available = {}
     for n in sorted(names):
@@ -173,6 +199,6 @@ def detect_topology(group=None, device: Optional[torch.device] = None) -> Topolo
                if f["available"].get(n) != "available"]
         available[n] = "available" if not bad else bad[0]
     return Topology(device_type=device_type, group_size=len(facts), num_nodes=num_nodes,
-                    gpus_per_node=mine["gpus"], peer_access=peer,
+                    gpus_per_node=max(f["gpus"] for f in facts), peer_access=peer,
                     deepep_internode=all(f["deepep_internode"] for f in facts),
                     available=available)

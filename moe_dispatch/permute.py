@@ -98,21 +98,25 @@ def _cumsum(xs: Sequence[int]) -> List[int]:
     return out
 
 
-def permute(x_NH: torch.Tensor, probs_NK: torch.Tensor, plan: GroupPlan):
-    """Gather rows into expert-grouped order. Returns (tokens_MH, probs_M float32).
+def permute(x_NH: torch.Tensor, probs_NK: Optional[torch.Tensor], plan: GroupPlan):
+    """Gather rows into expert-grouped order. Returns (tokens_MH, probs_M float32 or None).
 
     Padding rows are zeros with prob 0. Differentiable w.r.t. ``x_NH`` and ``probs_NK``.
+    ``probs_NK`` None: rows only (e.g. the sender side of an all-to-all).
     """
     from . import kernels
     if kernels.use_triton(x_NH):
         return kernels.permute(x_NH, probs_NK, plan)
     row_M = plan.row_M
     tokens = x_NH.index_select(0, row_M)
-    probs = probs_NK.reshape(-1).float().index_select(0, plan.slot_M)
+    probs = None
+    if probs_NK is not None:
+        probs = probs_NK.reshape(-1).float().index_select(0, plan.slot_M)
     if plan.dest_M is not None:
         tokens = x_NH.new_zeros(plan.num_out_rows, x_NH.shape[1]).index_copy(
             0, plan.dest_M, tokens)
-        probs = probs.new_zeros(plan.num_out_rows).index_copy(0, plan.dest_M, probs)
+        if probs is not None:
+            probs = probs.new_zeros(plan.num_out_rows).index_copy(0, plan.dest_M, probs)
     return tokens, probs
 
 

@@ -72,6 +72,8 @@ class V1Backend:
 
     name = "v1"
     library: Optional[V1Library] = None
+    # Rows travel in this dtype whatever the input's (DeepEP V1 combines BF16 only).
+    wire_dtype = WIRE_DTYPE
 
     def __init__(self, config: BackendConfig):
         opts = dict(config.options or {})

@@ -130,6 +130,58 @@ def test_auto_rule_never_picks_an_unavailable_backend():
         assert name in chosen
 
 
+def _facts(host, lws, avail, peer=True, internode=True, gpus=8):
+    return dict(host=host, gpus=gpus, local_world=lws, peer=peer, available=avail,
+                deepep_internode=internode)
+
+
+def test_combine_facts_nodes_and_peer_access():
+    from moe_dispatch.auto import combine_facts
+    av = _avail("alltoall", "deepep", "nvshmem")
+    # 16 ranks on two hosts: two nodes; fused intranode kernels are out, DeepEP internode in.
+    facts = [_facts(f"h{r // 8}", 8, av) for r in range(16)]
+    topo = combine_facts(facts, "cuda")
+    assert (topo.group_size, topo.num_nodes, topo.peer_access) == (16, 2, True)
+    assert rule(topo)[0] == "deepep"
+    # Same hostname everywhere (containers) but LOCAL_WORLD_SIZE 8 of 16: still two nodes.
+    facts = [_facts("same", 8, av) for r in range(16)]
+    assert combine_facts(facts, "cuda").num_nodes == 2
+    # One host; one rank saw a pair without peer access: alltoall on every rank, with why.
+    facts = [_facts("h", 4, av, peer=(r != 2)) for r in range(4)]
+    topo = combine_facts(facts, "cuda")
+    assert topo.peer_access is False
+    name, why = rule(topo)
+    assert name == "alltoall" and "peer" in why
+    # One GPU visible per process: peer access unknown, the fused path is still tried.
+    facts = [_facts("h", 4, av, peer=None, gpus=1) for r in range(4)]
+    topo = combine_facts(facts, "cuda")
+    assert topo.peer_access is None and rule(topo)[0] == "nvshmem"
+    # CPU group: facts about GPUs do not matter.
+    assert rule(combine_facts([_facts("h", 2, av, peer=None, gpus=0)] * 2, "cpu"))[0] == "alltoall"
+
+
+def test_combine_facts_backend_must_be_available_on_every_rank():
+    from moe_dispatch.auto import combine_facts
+    facts = [_facts("h", 2, _avail("alltoall", "deepep", "nvshmem")) for r in range(2)]
+    facts[1]["available"]["nvshmem"] = "no NVSHMEM here"
+    topo = combine_facts(facts, "cuda")
+    assert topo.available["nvshmem"] == "no NVSHMEM here"
+    assert rule(topo)[0] == "deepep"
+    # A DeepEP without internode kernels on any rank rules out deepep across nodes.
+    facts = [_facts(f"h{r}", 1, _avail("alltoall", "deepep"), internode=(r == 0))
+             for r in range(2)]
+    assert rule(combine_facts(facts, "cuda"))[0] == "alltoall"
+
+
+def test_host_peer_access_uses_the_local_ranks_devices(monkeypatch):
+    from moe_dispatch import auto
+    asked = []
+    monkeypatch.setattr(auto, "_peer_access", lambda devs: asked.append(devs) or False)
+    assert auto._host_peer_access(gpus=8, local_world=4) is False and asked == [[0, 1, 2, 3]]
+    assert auto._host_peer_access(gpus=1, local_world=4) is None     # not all visible
+    assert auto._host_peer_access(gpus=8, local_world=1) is True     # nothing to reach
+
+
 def test_choose_backend_single_process_cpu():
     from moe_dispatch.auto import choose_backend
     name, why = choose_backend(None, torch.device("cpu"))

@@ -30,8 +30,9 @@ SCENARIOS = {
 }
 
 
-def _check(results, case, opts, ranks=None, tol=1e-5):
-    """Compare each rank's results (``ranks``: which entries of ``results`` to check)."""
+def _check(results, case, opts, ranks=None, tol=1e-5, exact_rows=True):
+    """Compare each rank's results (``ranks``: which entries of ``results`` to check).
+    ``exact_rows=False`` for backends whose wire format rounds rows (BF16)."""
     idxs = case.idxs
     if opts.get("capacity_factor"):
         idxs = [torch.where(capacity_mask_reference(i, p, case.num_experts,
@@ -43,7 +44,11 @@ def _check(results, case, opts, ranks=None, tol=1e-5):
         res = results[r]
         tok, tpe, pr = reference_dispatch(case, r, opts.get("pad_multiple"), idxs)
         assert torch.equal(res["tpe"], tpe), f"rank {r}: tokens_per_expert {res['tpe']} != {tpe}"
-        assert torch.equal(res["tokens"], tok), f"rank {r}: dispatched rows differ"
+        if exact_rows:
+            assert torch.equal(res["tokens"], tok), f"rank {r}: dispatched rows differ"
+        else:
+            assert res["tokens"].shape == tok.shape and rel_err(res["tokens"], tok) < 1e-2, \
+                f"rank {r}: dispatched rows differ"
         assert torch.equal(res["probs"], pr), f"rank {r}: dispatched probs differ"
         T = case.xs[r].shape[0]
         assert res["y"].reshape(T, case.xs[r].shape[1]).shape == ys[r].shape

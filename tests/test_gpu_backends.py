@@ -192,9 +192,10 @@ def seed_api(world):
     w = torch.arange(H, device="cuda").float() / H
     ((y.float() * w).sum() + (recv_p * recv_p).sum()).backward()
     L = E // world
-    reach = torch.zeros(T, world, dtype=torch.bool, device="cuda")
-    reach.scatter_(1, torch.where(idx >= 0, idx // L, 0), idx >= 0)
-    n = reach.sum(1, keepdim=True).float()
+    # masked slots land in a spare column, so they never overwrite a True
+    reach = torch.zeros(T, world + 1, dtype=torch.bool, device="cuda")
+    reach.scatter_(1, torch.where(idx >= 0, idx // L, world), True)
+    n = reach[:, :world].sum(1, keepdim=True).float()
     res = {
         "y": rel_err(y.float(), x.detach().float() * 2 * n),
         "gx": rel_err(x.grad.float(), (2 * w * n).expand(T, H)),

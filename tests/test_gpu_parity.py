@@ -70,7 +70,10 @@ def test_gpu_parity(backend, scenario):
         msg = f"rank {rank}: {type(exc).__name__}: {exc}"
     _agree(not msg, msg)
     try:
-        _check(results, case, opts, ranks=[rank], tol=1e-4)
+        # deepep-family backends carry rows as BF16 (DeepEP V1 combines BF16 only)
+        lossy = getattr(moe_dispatch.get_backend_class(backend), "wire_dtype", None) is not None
+        _check(results, case, opts, ranks=[rank], tol=2e-2 if lossy else 1e-4,
+               exact_rows=not lossy)
     except AssertionError as exc:
         msg = f"rank {rank}: {exc}"
     _agree(not msg, msg)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -36,8 +35,8 @@ from megatron.core.transformer.moe import token_dispatcher as mtd  # noqa: E402
 from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
 
 from token_dispatcher.megatron import (MoEDispatchTokenDispatcher,  # noqa: E402
-                                       build_with_moe_dispatch, resolve_backend,
-                                       use_moe_dispatch)
+                                       backend_options_from_config, build_with_moe_dispatch,
+                                       resolve_backend, use_moe_dispatch)
 
 H = 16
 E = 8
@@ -105,6 +104,8 @@ def _megatron_on_cpu():
 @contextlib.contextmanager
 def _model_parallel(world, **kw):
     """Megatron's parallel state over the pool's gloo WORLD (destroyed on exit)."""
+    from torch.distributed import distributed_c10d as c10d
+    before = set(c10d._world.pg_map)
     ps.destroy_model_parallel()
     ps.initialize_model_parallel(1, 1, expert_model_parallel_size=kw.pop("ep", world), **kw)
     try:
@@ -112,6 +113,9 @@ def _model_parallel(world, **kw):
             yield moe_utils.get_default_pg_collection()
     finally:
         ps.destroy_model_parallel()
+        # Megatron only drops its references; free the groups it made in this shared pool.
+        for pg in set(c10d._world.pg_map) - before:
+            torch.distributed.destroy_process_group(pg)
 
 
 def _run_hooks(disp, x, map_TE, probs_TE, weight_LHH, grad_out):
@@ -165,6 +169,18 @@ def test_backend_resolution():
     cfg.moe_flex_dispatcher_backend = "ncclep"
     with pytest.raises(ValueError, match="ncclep"):
         resolve_backend(cfg)
+
+
+def test_backend_options_from_config():
+    cfg = _config()
+    cfg.moe_flex_dispatcher_num_sms = 24
+    assert backend_options_from_config(cfg, "deepep") == {"num_sms": 24}
+    assert backend_options_from_config(cfg, "hybridep") == {"num_sms_dispatch_api": 24,
+                                                            "num_sms_combine_api": 24}
+    assert backend_options_from_config(cfg, "alltoall") == {}
+    cfg.moe_flex_dispatcher_num_sms = None
+    cfg.moe_deepep_num_sms = 20  # the pre-0.17 field
+    assert backend_options_from_config(cfg, "deepep") == {"num_sms": 20}
 
 
 @pytest.mark.parametrize("probs_dtype", [torch.float32, torch.float64])
@@ -359,7 +375,7 @@ def rank_moe_layer_parity(rank, world, seed):
             mtd.MoEAlltoAllTokenDispatcher  # the patch is gone after the block
         built.load_state_dict(layer.state_dict())
         via_context = fwd_bwd(built)
-        assert use_moe_dispatch(layer) == 1
+        assert use_moe_dispatch([torch.nn.Sequential(layer)]) == 1  # model chunks
         assert isinstance(layer.token_dispatcher, MoEDispatchTokenDispatcher)
         via_swap = fwd_bwd(layer)
     return ref, via_context, via_swap
@@ -382,6 +398,5 @@ def test_moe_layer_matches_megatron(gloo_pool):
                                            msg=lambda m: f"grad of {n} ({where}): {m}")
 
 
-def test_use_moe_dispatch_counts_layers():
-    layers = [SimpleNamespace()]  # no MoE layer in it
-    assert use_moe_dispatch(layers) == 0
+def test_use_moe_dispatch_without_moe_layers():
+    assert use_moe_dispatch([torch.nn.Linear(2, 2), torch.nn.Sequential()]) == 0

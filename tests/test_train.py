@@ -101,10 +101,11 @@ def test_alltoall_and_allgather_give_the_same_curve(gloo_pool, baseline, tmp_pat
 def test_ep1_ep2_ep4_give_the_same_curve(gloo_pool, tmp_path):
     """Same global model and data on 4 ranks: EP=1 (4-way data parallel), EP=2 x DP=2,
     EP=4. Exercises the expert replica-group averaging, shared-expert and bias-update
-    paths and the capacity rule (per source rank, so independent of EP)."""
+    paths and the capacity rule (per source rank, so independent of EP; the "position"
+    policy, because "probs" drops flip on near-equal probs at float32 noise level)."""
     recipe = tiny_recipe(score_func="sigmoid", score_bias=True, bias_update_rate=0.01,
                          shared_expert_hidden=16)
-    recipe.capacity_factor = 1.25
+    recipe.capacity_factor, recipe.capacity_policy = 1.0, "position"
     curves = {}
     for ep in (1, 2, 4):
         r = dataclasses.replace(recipe, ep=ep)
@@ -115,7 +116,7 @@ def test_ep1_ep2_ep4_give_the_same_curve(gloo_pool, tmp_path):
         # Adam hides a uniform scale error of the expert grads in the loss; the norm does not.
         torch.testing.assert_close(torch.tensor([r["grad_norm"] for r in curves[ep]]),
                                    torch.tensor([r["grad_norm"] for r in curves[1]]),
-                                   rtol=1e-4, atol=0)
+                                   rtol=1e-3, atol=0)
         for a, b in zip(curves[ep], curves[1]):
             assert a["load_imbalance_per_layer"] == pytest.approx(b["load_imbalance_per_layer"])
     assert _losses(curves[1])[-1] < _losses(curves[1])[0]
@@ -128,6 +129,7 @@ def test_resume_reproduces_uninterrupted_curve(gloo_pool, baseline, tmp_path):
     assert [r["step"] for r in part[0]] == [1, 2, 3]
     assert os.path.exists(os.path.join(out, "checkpoint", "latest.json"))
     resumed = gloo_pool(2).run("test_train", "train_worker", recipe, out, True)
+    assert resumed[0] == resumed[1]
     assert [r["step"] for r in resumed[0]] == list(range(1, STEPS + 1))
     # Bitwise: same ops in the same order from the same restored state.
     assert _losses(resumed[0]).tolist() == _losses(rows[0]).tolist()

@@ -58,7 +58,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without megatron
 from .dispatcher import MoETokenDispatcher
 
 __all__ = ["MoEDispatchTokenDispatcher", "use_moe_dispatch", "build_with_moe_dispatch",
-           "resolve_backend"]
+           "resolve_backend", "backend_options_from_config"]
 
 # Megatron's own choice -> the moe_dispatch backend doing the same job.
 _FLEX_BACKENDS = {"deepep": "deepep", "hybridep": "hybridep"}
@@ -90,14 +90,19 @@ def resolve_backend(config, backend: Optional[str] = None) -> str:
                      "pass backend=... or set config.moe_dispatch_backend")
 
 
-def _flex_num_sms(config, backend: str) -> Optional[int]:
-    """SM budget for the fused backends, from whichever field this Megatron version has."""
-    n = getattr(config, "moe_flex_dispatcher_num_sms", None)  # megatron-core >= 0.17
-    if n is None and backend == "deepep":
-        n = getattr(config, "moe_deepep_num_sms", None)
-    if n is None and backend == "hybridep":
-        n = getattr(config, "moe_hybridep_num_sms", None)
-    return n
+def backend_options_from_config(config, backend: str) -> dict:
+    """Backend knobs that Megatron's config carries: the SM budget of the fused backends,
+    from ``moe_flex_dispatcher_num_sms`` (megatron-core >= 0.17) or the older per-library
+    ``moe_deepep_num_sms`` / ``moe_hybridep_num_sms``."""
+    n = getattr(config, "moe_flex_dispatcher_num_sms", None)
+    if backend in ("deepep", "uccl"):
+        n = n if n is not None else getattr(config, "moe_deepep_num_sms", None)
+        return {} if n is None else {"num_sms": int(n)}
+    if backend == "hybridep":
+        n = n if n is not None else getattr(config, "moe_hybridep_num_sms", None)
+        return {} if n is None else {"num_sms_dispatch_api": int(n),
+                                     "num_sms_combine_api": int(n)}
+    return {}
 
 
 def _default_pg_collection():
@@ -143,7 +148,7 @@ class MoEDispatchTokenDispatcher(_MegatronTokenDispatcher):
                               process when Megatron's parallel state is not initialized.
         backend:              moe_dispatch backend name; overrides the config.
         backend_options:      backend-specific knobs passed through to the backend (merged
-                              over ``{"num_sms": ...}`` taken from the config).
+                              over ``backend_options_from_config(config, backend)``).
     """
 
     def __init__(self, num_local_experts: int, local_expert_indices: List[int], config,
@@ -180,11 +185,7 @@ class MoEDispatchTokenDispatcher(_MegatronTokenDispatcher):
         self.pad_multiple = (get_align_size_for_quantization(config) or None
                              if config.moe_router_padding_for_quantization else None)
         self.backend = resolve_backend(config, backend)
-        options = {}
-        num_sms = _flex_num_sms(config, self.backend)
-        if num_sms is not None and self.backend in ("deepep", "hybridep"):
-            options["num_sms"] = int(num_sms)
-        options.update(backend_options or {})
+        options = {**backend_options_from_config(config, self.backend), **(backend_options or {})}
         # With pad-to-capacity a token may be routed to every expert; otherwise at most top-k.
         max_slots = self.num_experts if self.drop_and_pad else self.router_topk
         self.dispatcher = MoETokenDispatcher(
@@ -239,7 +240,7 @@ class MoEDispatchTokenDispatcher(_MegatronTokenDispatcher):
         self._probs_dtype = probs.dtype
         self._comm_manager.token_probs = probs
         if self.shared_experts is not None:
-            self.shared_experts.pre_forward_comm(hidden_TH.view(self.hidden_shape))
+            self.shared_experts.pre_forward_comm(hidden_states)
         return hidden_TH, probs
 
     def token_dispatch(self, hidden_states: torch.Tensor, probs: torch.Tensor):
@@ -304,22 +305,20 @@ class MoEDispatchTokenDispatcher(_MegatronTokenDispatcher):
 
 # ------------------------------------------------------------------ installers
 def _moe_layers(model) -> Iterator:
-    base = _moe_layer.BaseMoELayer
-    if isinstance(model, base):
-        yield model
-        return
-    modules = model.modules() if hasattr(model, "modules") else iter(model)
-    for m in modules:
-        if isinstance(m, base):
-            yield m
+    """Every BaseMoELayer in a module, or in a list of modules (Megatron's model chunks)."""
+    if isinstance(model, torch.nn.Module):
+        yield from (m for m in model.modules() if isinstance(m, _moe_layer.BaseMoELayer))
+    else:
+        for chunk in model:
+            yield from _moe_layers(chunk)
 
 
 def use_moe_dispatch(model, backend: Optional[str] = None,
                      backend_options: Optional[dict] = None) -> int:
     """Replace ``token_dispatcher`` of every Megatron-Core ``MoELayer`` in ``model``.
 
-    model:           an ``nn.Module`` (a GPT model, a list of model chunks' modules, or a
-                     single ``MoELayer``); every ``BaseMoELayer`` found is switched.
+    model:           an ``nn.Module`` (a GPT model or a single ``MoELayer``) or a list of
+                     them (Megatron's model chunks); every ``BaseMoELayer`` found is switched.
     backend:         moe_dispatch backend name; None = ``resolve_backend(layer.config)``.
     backend_options: backend-specific knobs (see ``MoEDispatchTokenDispatcher``).
     Returns the number of layers switched (0 on a pipeline stage without MoE layers).

@@ -103,6 +103,8 @@ class Recipe:
     ep:              expert-parallel size (divides the world size and num_experts);
                      None = the whole world.
     capacity_factor: per-rank expert capacity factor (None = dropless).
+    capacity_policy: which overflow slots to drop: "probs" (lowest probs) or "position"
+                     (latest tokens).
     pad_multiple:    pad each expert's rows to a multiple of this (None = no padding).
     backend_options: dict passed to the dispatcher backend.
     out:             output directory (default runs/<recipe name>).
@@ -116,6 +118,7 @@ class Recipe:
     dispatcher: str = "alltoall"
     ep: Optional[int] = None
     capacity_factor: Optional[float] = None
+    capacity_policy: str = "probs"
     pad_multiple: Optional[int] = None
     backend_options: Dict[str, Any] = field(default_factory=dict)
     out: Optional[str] = None
@@ -235,6 +238,8 @@ def validate_recipe(r: Recipe, source: str = "recipe") -> None:
         bad("ep", f"({r.ep}) must divide model.num_experts ({r.model.num_experts})")
     if r.capacity_factor is not None and r.capacity_factor <= 0:
         bad("capacity_factor", "must be > 0")
+    if r.capacity_policy not in ("probs", "position"):
+        bad("capacity_policy", f"must be probs or position, got {r.capacity_policy!r}")
     if r.train.precision not in ("fp32", "bf16"):
         bad("train.precision", f"must be fp32 or bf16, got {r.train.precision!r}")
     if r.train.steps < 1:
@@ -452,13 +457,15 @@ def train(recipe: Recipe, opts: RunOptions) -> List[Dict[str, Any]]:
     m, t = recipe.model, recipe.train
     ep = recipe.ep or world
     if world % ep:
-        raise RecipeError(f"ep={ep} must divide the number of ranks ({world})")
+        raise RecipeError(f"ep={ep} does not divide the number of ranks ({world}): start a "
+                          f"multiple of {ep} ranks (--nproc or torchrun) or change --ep")
     if m.num_experts % ep:
         raise RecipeError(f"ep={ep} must divide model.num_experts ({m.num_experts})")
     if t.batch_size % world:
         raise RecipeError(f"train.batch_size ({t.batch_size}) must be divisible by the "
                           f"number of ranks ({world})")
-    if t.plot and rank == 0 and importlib.util.find_spec("matplotlib") is None:
+    # Checked on every rank (not just the plotting one) so that all ranks stop together.
+    if t.plot and importlib.util.find_spec("matplotlib") is None:
         raise RuntimeError("the training plot needs matplotlib: pip install matplotlib "
                            "(or set train.plot: false)")
     if world > 1 and dist.get_backend() == "nccl":
@@ -494,6 +501,7 @@ def train(recipe: Recipe, opts: RunOptions) -> List[Dict[str, Any]]:
     disp = MoETokenDispatcher(num_experts=m.num_experts, ep_group=ep_group,
                               backend=recipe.dispatcher, capacity_factor=recipe.capacity_factor,
                               pad_multiple=recipe.pad_multiple,
+                              capacity_policy=recipe.capacity_policy,
                               backend_options=recipe.backend_options or None)
     model = MoETransformer(m, disp, seed=recipe.seed).to(device)
     expert_ps = list(model.expert_parameters())
@@ -503,19 +511,23 @@ def train(recipe: Recipe, opts: RunOptions) -> List[Dict[str, Any]]:
     optim = torch.optim.AdamW(
         [{"params": decay, "weight_decay": t.weight_decay},
          {"params": no_decay, "weight_decay": 0.0}],
-        lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, foreach=False)
+        lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
 
     corpus = load_corpus(recipe.data.path)
     data = ByteBatches(corpus, m.seq_len, t.batch_size, recipe.seed)
     os.makedirs(opts.out, exist_ok=True)
     start = _load_checkpoint(opts, rank, world, ep, model, optim, device) if opts.resume else 0
+    if opts.resume and start == 0 and rank == 0 and not opts.quiet:
+        print(f"no checkpoint in {_ckpt_root(opts.out)}: starting from step 0", flush=True)
     metrics_path = os.path.join(opts.out, "metrics.jsonl")
     rows: List[Dict[str, Any]] = []
+    if start > 0 and os.path.exists(metrics_path):
+        # Keep the lines up to the checkpoint; the resumed run writes the rest again.
+        with open(metrics_path) as f:
+            rows = [r for r in (json.loads(l) for l in f if l.strip()) if r["step"] <= start]
+    if world > 1:
+        dist.barrier()  # every rank has read the file before rank 0 rewrites it
     if rank == 0:
-        if start > 0 and os.path.exists(metrics_path):
-            # Drop lines past the checkpoint: the resumed run writes them again.
-            rows = [json.loads(l) for l in open(metrics_path) if l.strip()]
-            rows = [r for r in rows if r["step"] <= start]
         with open(metrics_path, "w") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
@@ -675,7 +687,8 @@ def _parse_args(argv):
     p.add_argument("--out", help="output directory (default runs/<recipe name>)")
     p.add_argument("--data", help="UTF-8 text file to train on (default: pydoc_data.topics)")
     p.add_argument("--nproc", type=int,
-                   help="ranks to start when not under torchrun (recipe key nproc)")
+                   help="ranks to start when not under torchrun (recipe key nproc; "
+                   "torchrun's --nproc-per-node decides under torchrun)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the checkpoint in the output directory")
     p.add_argument("--stop-at", type=int, metavar="STEP",

@@ -27,18 +27,17 @@ from ..protocol import BackendConfig, DispatchInputError, DispatchResult, Pendin
 class AllToAllHandle:
     """What combine needs from one dispatch.
 
-    token_S:     [S] int64 local token index of each sent row (rank-major, token ascending).
+    send_plan:   grouping of the T local tokens by destination rank: the send buffer's
+                 rows (rank-major, token ascending); combine sums them back per token.
     send_splits: rows sent to each rank (host ints), len R.
     recv_splits: rows received from each rank (host ints), len R.
     plan:        grouping of the received rows by local expert.
-    num_tokens:  T, rows of the combine output.
     """
 
-    token_S: torch.Tensor
+    send_plan: GroupPlan
     send_splits: Tuple[int, ...]
     recv_splits: Tuple[int, ...]
     plan: GroupPlan
-    num_tokens: int
 
 
 class AllToAllBackend:
@@ -95,25 +94,27 @@ class AllToAllBackend:
         recv_splits = [row[0] for row in got]
         tokens_per_expert = [sum(row[1 + l] for row in got) for l in range(L)]
 
-        # Rows in rank-major, token-ascending order; a stable sort avoids nonzero()'s sync.
-        S = sum(send_splits)
-        order = torch.argsort((~mask_TR.t().reshape(-1)).to(torch.int8), stable=True)[:S]
-        token_S = order % max(T, 1)
-        dest_S = torch.div(order, max(T, 1), rounding_mode="floor")
+        # The send buffer is a grouping of tokens by destination rank (rank-major, token
+        # ascending): the same plan/permute machinery as the expert grouping, so the send
+        # gather and combine's final per-token sum share its kernels and backward.
+        lid_TR = torch.where(mask_TR, torch.arange(R, device=dev), -1)
+        send_plan = group_plan(lid_TR, R, send_splits)
+        token_S = send_plan.row_M
+        dest_S = send_plan.slot_M - token_S * R
         on_dest_SK = rank_TK.index_select(0, token_S) == dest_S.unsqueeze(1)
         lid_SK = torch.where(on_dest_SK, idx_TK.index_select(0, token_S) - dest_S.unsqueeze(1) * L,
                              -1)
         probs_SK = probs_TK.index_select(0, token_S) * on_dest_SK
         # ids ride as float32 (exact below 2**24) beside the probs: one collective for both.
         meta_SK2 = torch.cat([lid_SK.to(torch.float32), probs_SK], dim=1)
+        send_x, _ = permute(x_TH, None, send_plan)
 
-        recv_x = comm.all_to_all(x_TH.index_select(0, token_S), recv_splits, send_splits,
-                                 self.group)
+        recv_x = comm.all_to_all(send_x, recv_splits, send_splits, self.group)
         recv_meta = comm.all_to_all(meta_SK2, recv_splits, send_splits, self.group)
         lid_NK = recv_meta[:, :K].detach().to(torch.long)
         plan = group_plan(lid_NK, L, tokens_per_expert, self.cfg.pad_multiple)
         tokens, probs = permute(recv_x, recv_meta[:, K:], plan)
-        handle = AllToAllHandle(token_S, tuple(send_splits), tuple(recv_splits), plan, T)
+        handle = AllToAllHandle(send_plan, tuple(send_splits), tuple(recv_splits), plan)
         return DispatchResult(tokens, torch.tensor(plan.tokens_per_expert, dtype=torch.long),
                               probs, handle)
 
@@ -121,9 +122,5 @@ class AllToAllBackend:
         per_row = unpermute(y_NH, handle.plan)
         back = comm.all_to_all(per_row, list(handle.send_splits), list(handle.recv_splits),
                                self.group)
-        out = back.new_zeros(handle.num_tokens, back.shape[1])
-        if back.dtype in (torch.float16, torch.bfloat16):
-            out = out.float().index_add(0, handle.token_S, back.float()).to(back.dtype)
-        else:
-            out = out.index_add(0, handle.token_S, back)
-        return out
+        # Each token's rows from its destination ranks, summed in float32.
+        return unpermute(back, handle.send_plan)

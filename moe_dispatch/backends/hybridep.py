@@ -71,6 +71,8 @@ class HybridEPHandle:
 
 class HybridEPBackend:
     name = "hybridep"
+    # Rows travel as BF16 (HybridEP's dispatch/combine kernels), whatever the input's dtype.
+    wire_dtype = torch.bfloat16
 
     def __init__(self, config: BackendConfig):
         opts = dict(config.options or {})

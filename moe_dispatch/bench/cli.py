@@ -76,7 +76,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                     help="an extra row: BACKEND with these backend_options, shown as LABEL "
                          "(repeatable), e.g. --variant nvshmem-budget=nvshmem:max_rows_per_rank=65536; "
                          "under --check a variant whose row layout differs (static budgets) is "
-                         "checked through combine and the real rows")
+                         "checked through tokens_per_expert and combine")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", metavar="PATH", help="write the results as JSON here")
     ap.add_argument("--plot", metavar="PATH", help="write a PNG chart here (needs matplotlib)")
@@ -211,8 +211,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     import torch.multiprocessing as mp
 
     port = _free_port()
-    mp.start_processes(_spawned, args=(args, args.nproc, port), nprocs=args.nproc, join=True,
-                       start_method="spawn")
+    try:
+        mp.start_processes(_spawned, args=(args, args.nproc, port), nprocs=args.nproc,
+                           join=True, start_method="spawn")
+    except mp.ProcessExitedException as exc:  # a rank exited non-zero (3: a check FAILED)
+        return exc.exit_code or 1
     return 0
 
 

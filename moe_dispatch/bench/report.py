@@ -120,6 +120,8 @@ def plot(result: dict, path: str) -> Optional[str]:
         ax.set_yticks(ypos)
         ax.set_yticklabels(names if ax is axes[0] else [""] * len(rows))
         ax.invert_yaxis()
+        if any(vals):
+            ax.set_xlim(0, max(vals) * 1.35)   # room for the value labels
         ax.set_title(title, fontsize=10)
         for y, v, r in zip(ypos, vals, rows):
             gb = r.get(key.replace("_us", "_gbps")) if key.endswith("_us") else None

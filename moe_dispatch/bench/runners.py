@@ -67,7 +67,7 @@ def bench_backend(ctx: Ctx, name: str, status: str, experts, expected, *,
     row (the backend with extra backend_options)."""
     rows = [_bench(ctx, name, status, experts, expected, fp8=False, label=label,
                    options=options)]
-    if ctx.args.fp8 and label is None:
+    if ctx.args.fp8 and label is None and status == "available":
         rows.append(_bench(ctx, name, status, None, None, fp8=True))
     gc.collect()
     if ctx.device.type == "cuda":

@@ -141,8 +141,9 @@ class _Permute(torch.autograd.Function):
     def forward(ctx, x_NH, probs_NK, pos_NK, filled_M, num_out_rows):
         tokens, probs = permute_rows(x_NH, pos_NK, num_out_rows, filled_M, probs_NK)
         ctx.save_for_backward(pos_NK)
-        ctx.probs_shape = probs_NK.shape
-        ctx.probs_dtype = probs_NK.dtype
+        if probs_NK is not None:
+            ctx.probs_shape = probs_NK.shape
+            ctx.probs_dtype = probs_NK.dtype
         return tokens, probs
 
     @staticmethod
@@ -151,7 +152,7 @@ class _Permute(torch.autograd.Function):
         g_x = g_p = None
         if ctx.needs_input_grad[0]:
             g_x = reduce_rows(g_tokens, pos_NK)
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and g_probs is not None:
             # Slots with no row read a trailing zero.
             flat = pos_NK.reshape(-1)
             g_ext = torch.cat([g_probs.float(), g_probs.new_zeros(1, dtype=torch.float32)])

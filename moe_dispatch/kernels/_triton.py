@@ -23,23 +23,26 @@ import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# The interpreter is not re-entrant across threads (simulated ranks in tests).
+# The interpreter (and first-call compilation) is not re-entrant across threads
+# (simulated ranks in tests).
 _launch_lock = threading.RLock()
 
 
 def _block_h(H: int, elem_size: int) -> tuple[int, int]:
-    """(BLOCK_H, num_warps): 16-byte accesses per thread, at most 2 KiB of a row per program."""
+    """(BLOCK_H, num_warps): a whole row per program up to 16 KiB (one wide burst of
+    independent loads per program, few programs), 16-32 bytes per thread.
+    MOE_DISPATCH_TRITON_BLOCK="BLOCK_H,num_warps" overrides (for tuning)."""
     env = os.environ.get("MOE_DISPATCH_TRITON_BLOCK")
     if env:
         b, w = (int(v) for v in env.split(","))
         return b, w
-    block = min(triton.next_power_of_2(max(H, 1)), max(2048 // elem_size, 16))
-    warps = max(1, min(8, block * elem_size // (16 * 32)))
+    block = min(triton.next_power_of_2(max(H, 1)), max(16384 // elem_size, 16))
+    warps = max(1, min(16, block * elem_size // 512))
     return block, warps
 
 
-@triton.jit
+# Rank-dependent integers are not specialized, so every rank compiles the same variants.
+@triton.jit(do_not_specialize=["rank_shift", "num_src"])
 def _scatter_rows_kernel(src_ptr, src_table, rows_per_src, rank_shift, pos_ptr, out_ptr,
                          pin_ptr, pin_table, pout_ptr, H, num_src,
                          K: tl.constexpr, PEER: tl.constexpr, WITH_PROBS: tl.constexpr,
@@ -62,7 +65,8 @@ def _scatter_rows_kernel(src_ptr, src_table, rows_per_src, rank_shift, pos_ptr, 
     for k in tl.static_range(K):
         n_slot += (tl.load(pos_ptr + v * K + k) + zero_v >= 0).to(tl.int64)
     if PEER:
-        base = tl.load(src_table + s).to(out_ptr.dtype)
+        # Buffers are 256-byte aligned: the hint keeps 16-byte vector accesses.
+        base = tl.multiple_of(tl.load(src_table + s).to(out_ptr.dtype), 16)
         row_ptr = base + t * H
     else:
         row_ptr = src_ptr + v * H
@@ -82,7 +86,7 @@ def _scatter_rows_kernel(src_ptr, src_table, rows_per_src, rank_shift, pos_ptr, 
                     tl.store(pout_ptr + p, tl.load(pbase + k).to(tl.float32))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["dst_row_base", "num_dst"])
 def _gather_reduce_kernel(y_ptr, pos_ptr, out_ptr, out_table, rows_per_dst, dst_row_base,
                           gin_ptr, gout_table, H, num_dst,
                           K: tl.constexpr, PEER: tl.constexpr, WITH_PROBS: tl.constexpr,
@@ -106,17 +110,17 @@ def _gather_reduce_kernel(y_ptr, pos_ptr, out_ptr, out_table, rows_per_dst, dst_
         acc += tl.load(y_ptr + p * H + cols, mask=cmask & (p >= 0), other=0.0).to(tl.float32)
     if PEER:
         # Row t of the partial sums from this rank lands in rank s's receive area.
-        base = tl.load(out_table + s).to(out_ptr.dtype)
+        base = tl.multiple_of(tl.load(out_table + s).to(out_ptr.dtype), 16)
         tl.store(base + (dst_row_base + t) * H + cols, acc.to(out_ptr.dtype.element_ty),
                  mask=cmask & (n_sent > 0))
         if WITH_PROBS:
             if hb == 0:
                 gbase = tl.load(gout_table + s).to(gin_ptr.dtype) + t * K
                 for k in tl.static_range(K):
-                    p = tl.load(pos_ptr + v * K + k)
-                    if p != -1:
+                    q = tl.load(pos_ptr + v * K + k)
+                    if q != -1:
                         # dropped slots (-2) send back a zero gradient
-                        g = tl.load(gin_ptr + tl.maximum(p, 0), mask=p >= 0, other=0.0)
+                        g = tl.load(gin_ptr + tl.maximum(q, 0), mask=q >= 0, other=0.0)
                         tl.store(gbase + k, g)
     else:
         tl.store(out_ptr + v * H + cols, acc.to(out_ptr.dtype.element_ty), mask=cmask)
@@ -136,12 +140,12 @@ def _zero_unfilled_kernel(out_ptr, filled_ptr, H, BLOCK_H: tl.constexpr):
 def _peer_gather_kernel(table, out_ptr, n, BLOCK: tl.constexpr):
     s = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    base = tl.load(table + s).to(out_ptr.dtype)
+    base = tl.multiple_of(tl.load(table + s).to(out_ptr.dtype), 16)
     vals = tl.load(base + offs, mask=offs < n)
     tl.store(out_ptr + s.to(tl.int64) * n + offs, vals, mask=offs < n)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rank", "channel"])
 def _barrier_kernel(flag_table, rank, channel, status_ptr, R: tl.constexpr,
                     MAX_SPIN: tl.constexpr):
     # Same two-phase protocol as torch's symmetric-memory barrier: set my slot in every
@@ -171,10 +175,7 @@ def _barrier_kernel(flag_table, rank, channel, status_ptr, R: tl.constexpr,
 def _launch(kernel, grid, *args, **kw):
     if grid[0] == 0 or (len(grid) > 1 and grid[1] == 0):
         return
-    if _INTERPRET:
-        with _launch_lock:
-            kernel[grid](*args, **kw)
-    else:
+    with _launch_lock:  # uncontended in real use; serializes simulated ranks' launches
         kernel[grid](*args, **kw)
 
 
