@@ -4,8 +4,17 @@
 the ``Buffer`` class comes from and how it is constructed; both subclass ``V1Backend``.
 
 Per dispatch:
-  1. ``agree``: one tiny all-gather settles input validation on every rank and checks that
-     H and K agree (a zero-token rank's narrower K is widened with masked slots).
+  1. Input validation and shape agreement. The first call (and any call after a rank's
+     hidden size or top-k width changed) runs ``agree``: one tiny all-gather and host sync
+     that settles the ``PendingCheck`` on every rank and agrees on H and K (a zero-token
+     rank's narrower K is widened with masked slots). Later calls with the agreed shape
+     add nothing: a rank whose input is bad (value check failed on the device, a host
+     error, or H / K that no longer fit the agreed shape) masks all its slots, still takes
+     part in DeepEP's dispatch with rows of the agreed shape (so no rank hangs and the
+     buffer is only ever used with the agreed H), and raises a flag carried in the
+     per-expert counts DeepEP already hands to the host (``v1_buffer.v1_dispatch``).
+     Every rank sees the flag right after the dispatch and only then runs ``agree``: it
+     raises on every rank, or (a legitimate new shape) the dispatch is redone with it.
   2. DeepEP layout + dispatch: each token goes once to every rank holding one of its
      experts, with its top-k ids (local ids there, -1 elsewhere) and fp32 probs. The CPU
      waits for the received counts inside DeepEP (its one host sync).
@@ -22,7 +31,7 @@ nothing to communicate: rows are permuted locally and no Buffer is made.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, List, Optional, Tuple
 
 import torch
 
@@ -31,7 +40,7 @@ from .ep_common import agree, cuda_reason, pad_topk, require_equal
 from .permute import GroupPlan, group_plan, permute, unpermute
 from .protocol import BackendConfig, DispatchResult, PendingCheck
 from .v1_buffer import (V1Comm, V1Combine, V1Dispatch, V1Library, check_group_size,
-                        configs_for, manager_for, new_box)
+                        configs_for, is_flagged, manager_for, new_box)
 
 WIRE_DTYPE = torch.bfloat16
 
@@ -50,6 +59,18 @@ class V1Handle:
 
     comm_handle: Any
     plan: GroupPlan
+    num_tokens: int
+    out_dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class _Sent:
+    """What one DeepEP dispatch received (before the local grouping)."""
+
+    recv_x: torch.Tensor
+    recv_p: torch.Tensor
+    recv_idx: torch.Tensor
+    box: Any
     num_tokens: int
     out_dtype: torch.dtype
 
@@ -98,6 +119,8 @@ class V1Backend:
             raise ValueError(f"{self.name}: allocate_on_comm_stream=True requires async_finish=True "
                              "(DeepEP hands tensors between streams through the events)")
         self.link: Optional[V1Comm] = None
+        # (H, K) every rank agreed on in the last agreement: calls in that shape need none.
+        self._agreed: Optional[Tuple[int, int]] = None
         if self.R > 1:
             lib = self._library(opts)
             buffer_cls = lib.load()
@@ -137,20 +160,62 @@ class V1Backend:
                  check: PendingCheck) -> DispatchResult:
         T, K = idx_TK.shape
         H = x_TH.shape[1]
-        dev = x_TH.device
-        rows = agree(check, self.group, comm.group_device(self.group) if self.R > 1 else dev,
-                     [H, K])
-        require_equal(rows, 0, "hidden size")
-        K = max(r[1] for r in rows)
-        idx_TK, probs_TK = pad_topk(idx_TK, probs_TK, K)
         if self.R == 1:
+            agree(check, self.group, x_TH.device, [H, K])
             plan = group_plan(idx_TK, self.L, None, self.cfg.pad_multiple)
             tokens, probs = permute(x_TH, probs_TK, plan)
             return DispatchResult(tokens, torch.tensor(plan.tokens_per_expert, dtype=torch.long),
                                   probs, V1Handle(None, plan, T, x_TH.dtype))
+        if self._agreed is None:
+            rows = agree(check, self.group, comm.group_device(self.group), [H, K])
+            H, K = self._agree_shape(rows)
+            idx_TK, probs_TK = pad_topk(idx_TK, probs_TK, K)
+            return self._finish(self._exchange(x_TH, idx_TK, probs_TK, None))
+        H_a, K_a = self._agreed
+        if check.host_error is not None or H != H_a or K > K_a:
+            # This rank cannot send its rows in the agreed shape: it sends nothing, in that
+            # shape, and flags; the agreement after the dispatch sorts it out.
+            dev = comm.group_device(self.group)
+            sent = self._exchange(torch.zeros(0, H_a, dtype=WIRE_DTYPE, device=dev),
+                                  torch.zeros(0, K_a, dtype=torch.long, device=dev),
+                                  torch.zeros(0, K_a, dtype=torch.float32, device=dev), 1)
+        else:
+            idx_TK, probs_TK = pad_topk(idx_TK, probs_TK, K_a)
+            flag = None
+            if check.device_bad is not None:
+                # Value errors are known on the device only: mask every slot there (so
+                # nothing out of range reaches the layout kernel) and flag, without a sync.
+                flag = check.device_bad.reshape(()).bool()
+                idx_TK = idx_TK.masked_fill(flag, -1)
+            sent = self._exchange(x_TH, idx_TK, probs_TK, flag)
+        if not is_flagged(sent.box.counts, self.R):
+            return self._finish(sent)
+        # Some rank flagged (or real counts reached the flag range): agree now. This raises
+        # on every rank for bad input; otherwise either nothing was wrong (keep the rows)
+        # or some rank's shape changed: redo the dispatch in the newly agreed shape.
+        rows = agree(check, self.group, comm.group_device(self.group), [H, K])
+        require_equal(rows, 0, "hidden size")
+        if all(r[0] == H_a and r[1] <= K_a for r in rows):
+            return self._finish(sent)
+        del sent
+        H, K = self._agree_shape(rows)
+        idx_TK, probs_TK = pad_topk(idx_TK, probs_TK, K)
+        return self._finish(self._exchange(x_TH, idx_TK, probs_TK, None))
+
+    def _agree_shape(self, rows: List[List[int]]) -> Tuple[int, int]:
+        """(H, K) from the gathered [H, K] of every rank; raises on every rank alike."""
+        H = require_equal(rows, 0, "hidden size")
+        K = max(r[1] for r in rows)
         if (H * WIRE_DTYPE.itemsize) % 16:
             raise ValueError(f"{self.name}: hidden size {H} must be a multiple of 8 (DeepEP moves "
                              "rows in 16-byte vectors)")
+        self._agreed = (H, K)
+        return H, K
+
+    def _exchange(self, x_TH, idx_TK, probs_TK, flag) -> "_Sent":
+        """DeepEP layout + dispatch of [T, H] rows with [T, K] routing (K agreed)."""
+        T, K = idx_TK.shape
+        H = x_TH.shape[1]
         x_b = x_TH.to(WIRE_DTYPE).contiguous()
         idx_b = idx_TK.contiguous()
         p_b = probs_TK.float().contiguous()
@@ -160,13 +225,18 @@ class V1Backend:
             idx_b = torch.cat([idx_b, idx_b.new_full((1, K), -1)])
             p_b = torch.cat([p_b, p_b.new_zeros(1, K)])
         box = new_box()
-        recv_x, recv_p, recv_idx = V1Dispatch.apply(x_b, p_b, idx_b, self.link, box)
-        plan = group_plan(recv_idx, self.L, box.counts, self.cfg.pad_multiple)
-        tokens, probs = permute(recv_x, recv_p, plan)
-        if tokens.dtype != x_TH.dtype:
-            tokens = tokens.to(x_TH.dtype)
+        recv_x, recv_p, recv_idx = V1Dispatch.apply(x_b, p_b, idx_b, self.link, box, flag)
+        return _Sent(recv_x, recv_p, recv_idx, box, T, x_TH.dtype)
+
+    def _finish(self, sent: "_Sent") -> DispatchResult:
+        """Group the received rows by local expert (DeepEP's host counts: no sync)."""
+        plan = group_plan(sent.recv_idx, self.L, sent.box.counts, self.cfg.pad_multiple)
+        tokens, probs = permute(sent.recv_x, sent.recv_p, plan)
+        if tokens.dtype != sent.out_dtype:
+            tokens = tokens.to(sent.out_dtype)
         return DispatchResult(tokens, torch.tensor(plan.tokens_per_expert, dtype=torch.long),
-                              probs, V1Handle(box.handle, plan, T, x_TH.dtype))
+                              probs, V1Handle(sent.box.handle, plan, sent.num_tokens,
+                                              sent.out_dtype))
 
     def combine(self, y_NH: torch.Tensor, handle: V1Handle) -> torch.Tensor:
         per_row = unpermute(y_NH, handle.plan)

@@ -20,8 +20,12 @@ live in a module-level table keyed by library and group, never on a class.
 """
 from __future__ import annotations
 
+import importlib.util
+import inspect
 import logging
+import os
 import socket
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -54,18 +58,27 @@ class V1Library:
     name:        "deep_ep" or "uccl" (the key under which its buffers are owned).
     candidates:  modules to look in, in order, for a ``Buffer`` with the V1 Python API.
     hint:        what to install when none is importable (shown in errors).
+    env:         name of an environment variable that, when set, replaces ``candidates``
+                 by the one module it names: a module name on ``sys.path``, or the path
+                 of a package directory (imported under the directory's name). Nothing
+                 else is tried then.
     """
 
     name: str
     candidates: Tuple[str, ...]
     hint: str
+    env: Optional[str] = None
+
+    def modules(self) -> Tuple[str, ...]:
+        override = os.environ.get(self.env, "").strip() if self.env else ""
+        return (override,) if override else self.candidates
 
     def load(self):
         """The ``Buffer`` class; raises ``ImportError`` naming what to install."""
         errors = []
-        for mod_name in self.candidates:
+        for mod_name in self.modules():
             try:
-                mod = import_optional(mod_name, self.hint)
+                mod = _import_module_or_path(mod_name, self.hint)
             except ImportError as exc:
                 errors.append(f"cannot import {mod_name} ({exc.__cause__ or exc})")
                 continue
@@ -75,7 +88,8 @@ class V1Library:
                 return cls
             errors.append(f"{mod_name}.Buffer lacks the DeepEP-V1 Python API "
                           f"({', '.join(missing)})")
-        raise ImportError(f"{self.name}: {'; '.join(errors)}; {self.hint}")
+        where = f" (from ${self.env})" if self.env and self.modules() != self.candidates else ""
+        raise ImportError(f"{self.name}{where}: {'; '.join(errors)}; {self.hint}")
 
     def reason(self) -> Optional[str]:
         try:
@@ -83,6 +97,35 @@ class V1Library:
         except ImportError as exc:
             return str(exc)
         return None
+
+
+def _import_module_or_path(spec: str, hint: str):
+    """Import a module by name, or a package from its directory path (``/x/pkg`` is
+    imported as module ``pkg``, so its relative imports work)."""
+    if os.sep not in spec and not spec.endswith(".py"):
+        return import_optional(spec, hint)
+    path = os.path.abspath(spec)
+    name = os.path.splitext(os.path.basename(path.rstrip(os.sep)))[0]
+    hit = sys.modules.get(name)
+    if hit is not None and os.path.abspath(getattr(hit, "__file__", "") or "").startswith(path):
+        return hit
+    init = os.path.join(path, "__init__.py") if os.path.isdir(path) else path
+    try:
+        if not os.path.exists(init):
+            raise FileNotFoundError(f"{init} does not exist")
+        loc = importlib.util.spec_from_file_location(
+            name, init, submodule_search_locations=[path] if os.path.isdir(path) else None)
+        mod = importlib.util.module_from_spec(loc)
+        sys.modules[name] = mod
+        try:
+            loc.loader.exec_module(mod)
+        except BaseException:
+            sys.modules.pop(name, None)
+            raise
+        return mod
+    except Exception as exc:
+        raise ImportError(f"{spec} is not importable ({type(exc).__name__}: {exc}); {hint}") \
+            from exc
 
 
 _V1_METHODS = ("get_dispatch_layout", "dispatch", "combine", "get_dispatch_config",
@@ -93,11 +136,15 @@ DEEP_EP = V1Library(
     "install DeepEP V1 (the deep_ep package, deepseek-ai/DeepEP tag v1.2.1, built from source "
     "for your GPU arch)")
 
+UCCL_MODULE_ENV = "MOE_DISPATCH_UCCL_MODULE"
+
 UCCL = V1Library(
     "uccl", ("uccl.ep.buffer", "uccl.ep"),
     "install UCCL-EP with its DeepEP-compatible Python Buffer (pip install 'moe-dispatch[uccl]' "
-    "gives uccl>=0.1.1; the 0.1.1 wheel ships only the native uccl.ep runtime, built for "
-    "CUDA 12, so build UCCL-EP's ep/ package from source for the Python Buffer)")
+    "gives uccl>=0.1.1, whose wheel ships only the native uccl.ep runtime; the Python Buffer "
+    "is UCCL's ep/bench/buffer.py + utils.py (packaged as ep/deep_ep_wrapper): point "
+    f"${UCCL_MODULE_ENV} at that package's directory or module name)",
+    env=UCCL_MODULE_ENV)
 
 
 def library_for_module(module: str) -> V1Library:
@@ -252,7 +299,7 @@ class V1BufferManager:
         hit = self._sizes.get(key)
         if hit is None:
             with_rdma = self.rdma and self.num_ranks > NUM_MAX_NVL_PEERS
-            if self.library.name == "uccl" and self.intranode():
+            if self.takes_intranode and self.intranode():
                 with_rdma = False
             hit = self._sizes[key] = required_bytes(self.buffer_cls, self.num_ranks,
                                                     hidden_bytes, num_sms, with_rdma)
@@ -275,9 +322,18 @@ class V1BufferManager:
         _notify(self.library.name, self.buffer)
         return self.buffer
 
+    @property
+    def takes_intranode(self) -> bool:
+        """UCCL-EP's Buffer takes ``is_intranode`` (NVLink-only mode, no RDMA bytes);
+        DeepEP's does not. Asked of the class itself, whichever module provided it."""
+        try:
+            return "is_intranode" in inspect.signature(self.buffer_cls.__init__).parameters
+        except (TypeError, ValueError):
+            return False
+
     def _build(self, nvl: int, rdma: int):
         kwargs = dict(explicitly_destroy=True)
-        if self.library.name == "uccl":
+        if self.takes_intranode:
             kwargs["is_intranode"] = self.intranode()
         return self.buffer_cls(self.group, nvl, rdma, **kwargs)
 
@@ -355,19 +411,52 @@ def _begin(buffer_cls, async_finish: bool):
     return buffer_cls.capture() if async_finish else None
 
 
+def flag_offset(num_ranks: int) -> int:
+    """What a flagging rank adds to each expert count it sends (see ``v1_dispatch``).
+
+    A received per-expert count is the sum over source ranks, so with every rank flagging
+    it is at most ``num_ranks * flag_offset + real count``: half the int32 range is left
+    for the real count, which is thus never mistaken for a flag below 2**30 rows."""
+    return (2 ** 31 - 1) // (2 * num_ranks)
+
+
+def is_flagged(counts, num_ranks: int) -> bool:
+    """Whether a received per-expert count list carries some rank's flag."""
+    off = flag_offset(num_ranks)
+    return any(int(c) >= off for c in counts)
+
+
 def v1_dispatch(buffer, x, topk_idx, topk_weights, num_experts: int, *, config=None,
-                async_finish: bool = False, allocate_on_comm_stream: bool = False):
+                async_finish: bool = False, allocate_on_comm_stream: bool = False,
+                flag=None):
     """Layout + dispatch. Returns (recv_x, recv_topk_idx, recv_topk_weights,
     num_recv_tokens_per_expert_list, handle).
 
     topk_idx: [T, K] int64 (-1 masked); topk_weights: [T, K] float32.
     recv_topk_idx holds local expert ids (-1 for slots on other ranks). The per-expert
     list is a host list: DeepEP's CPU waits for the counts (not CUDA-graph compatible).
+
+    flag: None, a host int 0/1, or a 0-dim bool device tensor (True = set). A set flag adds
+    ``flag_offset(R)`` to every per-expert count this rank sends. The library only sums
+    these counts into the receivers' host lists (they steer no data), so every rank's
+    list then shows the flag (``is_flagged``) right after the dispatch, with no extra
+    collective or sync: the backends use it to make every rank raise for one rank's bad
+    input.
     """
     prev = _begin(type(buffer), async_finish)
     n_rank, n_rdma, n_expert, in_rank, ev = buffer.get_dispatch_layout(
         topk_idx, num_experts, previous_event=prev, async_finish=async_finish,
         allocate_on_comm_stream=allocate_on_comm_stream)
+    if flag is not None and not (isinstance(flag, int) and flag == 0):
+        if async_finish:
+            ev.current_stream_wait()  # the layout ran on the communication stream
+        off = flag_offset(buffer.group_size)
+        if isinstance(flag, torch.Tensor):
+            n_expert.add_(flag.reshape(()).to(n_expert.dtype), alpha=off)
+        else:
+            n_expert.add_(off)
+        if async_finish:
+            ev = _begin(type(buffer), True)
     recv_x, recv_idx, recv_w, counts, handle, after = buffer.dispatch(
         x, topk_idx=topk_idx, topk_weights=topk_weights, num_tokens_per_rank=n_rank,
         num_tokens_per_rdma_rank=n_rdma, is_token_in_rank=in_rank,
@@ -440,17 +529,19 @@ class _Box:
 
 
 class V1Dispatch(torch.autograd.Function):
-    """(x_TH bf16, probs_TK fp32) -> (recv_x_NH, recv_probs_NK, recv_idx_NK).
+    """(x_TH bf16, probs_TK fp32) -> (recv_x_NH, recv_probs_NK, recv_idx_NK); ``flag`` as
+    in ``v1_dispatch``.
 
     Backward: combine of the row gradients (and of the prob gradients as top-k weights),
     which sums each token's gradient over the ranks it was sent to.
     """
 
     @staticmethod
-    def forward(ctx, x_TH, probs_TK, idx_TK, link: V1Comm, box: _Box):
+    def forward(ctx, x_TH, probs_TK, idx_TK, link: V1Comm, box: _Box, flag=None):
         buf = link.buffer(hidden_bytes_of(x_TH))
         recv_x, recv_idx, recv_p, counts, handle = v1_dispatch(
-            buf, x_TH, idx_TK, probs_TK, link.num_experts, **link.kw(link.dispatch_config))
+            buf, x_TH, idx_TK, probs_TK, link.num_experts, flag=flag,
+            **link.kw(link.dispatch_config))
         box.counts, box.handle = counts, handle
         ctx.link, ctx.handle, ctx.hidden_bytes = link, handle, hidden_bytes_of(x_TH)
         ctx.recv_x_meta = (recv_x.shape, recv_x.dtype, recv_x.device)
@@ -471,7 +562,7 @@ class V1Dispatch(torch.autograd.Function):
                    torch.zeros(ctx.recv_p_shape, dtype=torch.float32, device=g_recv_x.device))
         g_x, g_p = v1_combine(buf, g_recv_x.contiguous(), ctx.handle, g_w,
                               **link.kw(link.combine_config))
-        return g_x, g_p, None, None, None
+        return g_x, g_p, None, None, None, None
 
 
 class V1Combine(torch.autograd.Function):

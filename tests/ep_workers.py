@@ -126,3 +126,99 @@ def fake_hybrid_overflow(rank, world, case, npt):
         h = out.handle.backend_handle
         return dict(rows=out.tokens.shape[0], overflowed=HybridEPBackend.overflowed(h),
                     tpe=out.tokens_per_expert)
+
+
+def _mutate(which, x, idx, p, E):
+    """Bad (or, for ``wider_k``, unusual but valid) input of kind ``which`` for one rank."""
+    routing = dict(topk_idx=idx, topk_probs=p)
+    if which == "expert_too_big":
+        idx[0, 0] = E
+    elif which == "expert_below_minus_one":
+        idx[0, 0] = -2
+    elif which in ("nan_prob", "negative_prob"):
+        with torch.no_grad():  # p is a leaf that requires grad
+            p[0, 0] = float("nan") if which == "nan_prob" else -0.5
+    elif which == "idx_shape":
+        routing = dict(topk_idx=idx[1:], topk_probs=p[1:])
+    elif which == "neither_form":
+        routing = {}
+    elif which == "int_hidden":
+        x = x.to(torch.int64)
+    elif which == "hidden_size":
+        x = torch.randn(x.shape[0], x.shape[1] + 8).to(x.dtype)
+    elif which == "dense_nan":
+        from moe_dispatch.routing import topk_to_dense
+        rm, pd = topk_to_dense(idx, p.detach(), E)
+        pd[0, 0] = float("nan")
+        routing = dict(routing_map=rm, probs=pd)
+    elif which == "wider_k":
+        # one more (masked) slot on this rank only: valid, the ranks' K differ
+        routing = dict(topk_idx=torch.cat([idx, idx.new_full((idx.shape[0], 1), -1)], 1),
+                       topk_probs=torch.cat([p, p.new_zeros(p.shape[0], 1)], 1))
+    elif which is not None:
+        raise AssertionError(which)
+    return x, routing
+
+
+def fake_steps(rank, world, backend, steps, flag_offset=None):
+    """One dispatcher, several dispatch -> experts -> combine -> backward steps.
+
+    steps: list of (case, opts, which, bad_rank); ``which`` (see ``_mutate``) is applied on
+    ``bad_rank`` only. Returns per step ("ok", outputs, agreements) or ("err", exception
+    class, message, agreements); ``agreements`` counts the backend's validation exchanges.
+    ``flag_offset`` replaces ``v1_buffer.flag_offset`` (to make real counts look flagged).
+    """
+    from moe_dispatch import v1_backend, v1_buffer
+    from moe_dispatch.routing import topk_to_dense
+    from moe_dispatch.testing import local_experts
+    from token_dispatcher import MoETokenDispatcher
+    calls = [0]
+    real_agree, real_offset = v1_backend.agree, v1_buffer.flag_offset
+
+    def counting_agree(*a, **k):
+        calls[0] += 1
+        return real_agree(*a, **k)
+
+    out = []
+    with fakes():
+        v1_backend.agree = counting_agree
+        if flag_offset is not None:
+            v1_buffer.flag_offset = lambda R: flag_offset
+        try:
+            disp = None
+            for case, opts, which, bad_rank in steps:
+                if disp is None:
+                    disp = MoETokenDispatcher(case.num_experts, backend=backend,
+                                              pad_multiple=opts.get("pad_multiple"),
+                                              backend_options=opts.get("backend_options"))
+                E = case.num_experts
+                calls[0] = 0
+                x = case.xs[rank].clone().requires_grad_(True)
+                p = case.probs[rank].clone().requires_grad_(True)
+                idx = case.idxs[rank].clone()
+                if opts.get("form") == "dense":
+                    rm, pd = topk_to_dense(idx, case.probs[rank], E)
+                    leaf = pd.clone().requires_grad_(True)
+                    x_in, routing = x, dict(routing_map=rm, probs=leaf)
+                else:
+                    leaf = p
+                    x_in, routing = _mutate(which if rank == bad_rank else None,
+                                            x, idx, p, E)
+                try:
+                    d = disp.dispatch(x_in, **routing)
+                except Exception as exc:
+                    out.append(("err", type(exc).__name__, str(exc), calls[0]))
+                    continue
+                n_agree = calls[0]
+                y = disp.combine(local_experts(case.W, disp.local_expert_offset)(
+                    d.tokens, d.tokens_per_expert, d.probs), d.handle)
+                (y.float() * case.gouts[rank]).sum().backward()
+                g_leaf = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+                res = dict(tokens=d.tokens.detach(), tpe=d.tokens_per_expert, probs=d.probs.detach(),
+                           y=y.detach(), y_shape=tuple(y.shape),
+                           gx=x.grad if x.grad is not None else torch.zeros_like(x),
+                           gp=g_leaf, local_offset=disp.local_expert_offset)
+                out.append(("ok", res, n_agree))
+        finally:
+            v1_backend.agree, v1_buffer.flag_offset = real_agree, real_offset
+    return out

@@ -245,3 +245,136 @@ def test_hybridep_overflow_flag_surfaces(gloo_pool):
     res = gloo_pool(2).run("ep_workers", "fake_hybrid_overflow", case, 8)
     assert all(r["rows"] == 8 for r in res)
     assert all(r["overflowed"] for r in res)  # 16 tokens x 4 slots over 2 ranks >> 8 rows
+
+
+# ------------------------------------------------------------------ validation without a sync
+
+BAD_AFTER_WARMUP = ["expert_too_big", "expert_below_minus_one", "nan_prob", "negative_prob",
+                    "idx_shape", "neither_form", "int_hidden", "hidden_size", "dense_nan"]
+_MESSAGES = {"expert_too_big": "expert id", "expert_below_minus_one": "expert id",
+             "nan_prob": "NaN", "negative_prob": "negative", "idx_shape": "topk_idx must be",
+             "neither_form": "give (topk_idx", "int_hidden": "floating",
+             "hidden_size": "hidden size", "dense_nan": "NaN"}
+
+
+def _case(R, seed, hidden=16, topk=3, tokens=None, **kw):
+    return make_case(R, tokens or [6 + 3 * r for r in range(R)], hidden, 4 * R, topk, seed=seed,
+                     dtype=torch.bfloat16, **kw)
+
+
+def _seed():
+    return int(torch.randint(0, 2 ** 31 - 1, (1,)))
+
+
+def _oks(res, i):
+    """Every rank's outputs of step ``i`` (which must have succeeded)."""
+    for rank, r in enumerate(res):
+        assert r[i][0] == "ok", f"step {i} rank {rank}: {r[i]}"
+    return [r[i][1] for r in res]
+
+
+@pytest.mark.parametrize("backend", ["deepep", "uccl"])
+def test_warm_dispatch_needs_no_agreement(gloo_pool, backend):
+    """After the first call, same-shape calls (also a zero-token rank, dense routing with a
+    narrower K, padding) run without the validation exchange and stay exact."""
+    R = 2
+    s = _seed()
+    steps = [(_case(R, s), {}, None, None),
+             (_case(R, s + 1, mask_frac=0.3), {}, None, None),
+             (_case(R, s + 2, tokens=[0, 9]), {}, None, None),
+             (_case(R, s + 3, tokens=[0, 7]), {"form": "dense"}, None, None),
+             (_case(R, s + 4, skew="zipf"), {}, None, None)]
+    res = gloo_pool(R).run("ep_workers", "fake_steps", backend, steps)
+    for i, (case, opts, _, _) in enumerate(steps):
+        _check(_oks(res, i), case, opts, tol=3e-2, exact_rows=False)
+        assert [r[i][2] for r in res] == ([1] * R if i == 0 else [0] * R), (i, res[0][i])
+
+
+@pytest.mark.parametrize("which", BAD_AFTER_WARMUP)
+def test_bad_input_after_warmup_raises_everywhere(gloo_pool, which):
+    """A bad rank in a warm (sync-free) dispatch: every rank raises, none hangs, the rank
+    names its own error, and the next dispatch works (exact) without an exchange."""
+    R = 2
+    s = _seed()
+    steps = [(_case(R, s), {}, None, None), (_case(R, s + 1), {}, which, 1),
+             (_case(R, s + 2), {}, None, None)]
+    res = gloo_pool(R).run("ep_workers", "fake_steps", "deepep", steps)
+    for rank in range(R):
+        st = res[rank][1]
+        assert st[0] == "err" and st[1] == "DispatchInputError", (rank, st)
+        assert st[3] == 1  # exactly one exchange, after the flag was seen
+    assert _MESSAGES[which] in res[1][1][2], res[1][1][2]
+    assert "EP rank(s) [1]" in res[0][1][2] or (which == "hidden_size"
+                                                 and "hidden size" in res[0][1][2])
+    _check(_oks(res, 2), steps[2][0], {}, tol=3e-2, exact_rows=False)
+    assert all(r[2][2] == 0 for r in res)
+
+
+def test_shape_change_renegotiates(gloo_pool):
+    """New hidden size on every rank, or a wider top-k on one rank only: valid, the
+    dispatch is redone in the newly agreed shape; later calls are sync-free again."""
+    R = 2
+    s = _seed()
+    steps = [(_case(R, s), {}, None, None),
+             (_case(R, s + 1, hidden=32), {}, None, None),     # every rank: H 16 -> 32
+             (_case(R, s + 2, hidden=32), {}, "wider_k", 0),   # rank 0: K 3 -> 4
+             (_case(R, s + 3, hidden=32), {}, None, None)]     # K 3 fits the agreed 4
+    res = gloo_pool(R).run("ep_workers", "fake_steps", "deepep", steps)
+    for i, (case, opts, _, _) in enumerate(steps):
+        _check(_oks(res, i), case, opts, tol=3e-2, exact_rows=False)
+    assert [res[0][i][2] for i in range(4)] == [1, 1, 1, 0]
+
+
+def test_real_counts_in_flag_range_are_kept(gloo_pool):
+    """If real per-expert counts reach the flag offset (forced small here), the ranks agree
+    once, find nothing wrong and keep the dispatched rows."""
+    R = 2
+    s = _seed()
+    steps = [(_case(R, s), {}, None, None), (_case(R, s + 1, tokens=[12, 12]), {}, None, None)]
+    res = gloo_pool(R).run("ep_workers", "fake_steps", "deepep", steps, 2)
+    for i, (case, opts, _, _) in enumerate(steps):
+        _check(_oks(res, i), case, opts, tol=3e-2, exact_rows=False)
+    assert [r[1][2] for r in res] == [1, 1]
+
+
+def test_flag_offset_leaves_room():
+    from moe_dispatch.v1_buffer import flag_offset, is_flagged
+    for R in (2, 4, 8, 16, 64, 256):
+        off = flag_offset(R)
+        assert R * off + 2 ** 30 < 2 ** 31  # every rank flagging + real counts fit int32
+        assert off > 2 ** 22
+        assert is_flagged([0, off], R) and not is_flagged([off - 1, 0], R)
+
+
+# ------------------------------------------------------------------ UCCL's Python Buffer by path
+
+
+def test_uccl_module_from_env(tmp_path, monkeypatch):
+    """$MOE_DISPATCH_UCCL_MODULE names UCCL's Python Buffer package (a directory or a
+    module); nothing else is tried then, and never deep_ep."""
+    import sys
+    from moe_dispatch.v1_buffer import UCCL, UCCL_MODULE_ENV
+    pkg = tmp_path / "my_uccl_wrapper"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("from .buffer import Buffer\n")
+    (pkg / "buffer.py").write_text(
+        "class Buffer:\n"
+        "    def __init__(self, group, num_nvl_bytes=0, num_rdma_bytes=0, is_intranode=None):\n"
+        "        pass\n" + "".join(f"    def {m}(self): pass\n" for m in (
+            "get_dispatch_layout", "dispatch", "combine", "get_dispatch_config",
+            "get_combine_config", "set_num_sms", "capture")))
+    monkeypatch.setenv(UCCL_MODULE_ENV, str(pkg))
+    try:
+        cls = UCCL.load()
+        assert cls.__module__ == "my_uccl_wrapper.buffer" and UCCL.reason() is None
+        from moe_dispatch.v1_buffer import V1BufferManager
+        assert V1BufferManager(UCCL, cls, None).takes_intranode
+        monkeypatch.setenv(UCCL_MODULE_ENV, str(tmp_path / "missing_pkg"))
+        r = UCCL.reason()
+        assert r is not None and "missing_pkg" in r and UCCL_MODULE_ENV in r
+        assert "deep_ep" not in r.split(";")[0]
+        monkeypatch.setenv(UCCL_MODULE_ENV, "no_such_uccl_module")
+        assert "no_such_uccl_module" in UCCL.reason()
+    finally:
+        for name in [n for n in sys.modules if n.startswith("my_uccl_wrapper")]:
+            sys.modules.pop(name)

@@ -121,6 +121,14 @@ def test_probs_scale_rows_and_none_is_unweighted():
     torch.testing.assert_close(ex(x, c, p), ex(x, c, None) * p[:, None])
 
 
+def test_auto_impl_choice():
+    ex = GroupedExperts(2, 8, 8)
+    assert ex.resolved_impl(torch.zeros(1, 8)) == "loop"  # CPU
+    assert ex.resolved_impl(torch.zeros(1, 8, dtype=torch.bfloat16)) == "loop"
+    ex.impl = "grouped_mm"
+    assert ex.resolved_impl(torch.zeros(1, 8)) == "grouped_mm"
+
+
 def test_bad_counts_raise():
     ex = GroupedExperts(4, 8, 8, impl="loop")
     with pytest.raises(ValueError, match="entries"):

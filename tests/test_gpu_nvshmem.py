@@ -457,14 +457,19 @@ def test_nvshmem_gpu_checks():
 def _time(fn, setup=None, iters=20, warmup=5):
     """Median microseconds over ``iters`` calls (CUDA events), ranks aligned and L2
     overwritten before each call; the max over ranks of each rank's median."""
-    flush = torch.empty(64 << 20, dtype=torch.int32, device="cuda")
+    flush = None if CPU_MODE else torch.empty(64 << 20, dtype=torch.int32, device="cuda")
     for i in range(warmup):
         fn(setup(i) if setup else None)
     ts = []
     for i in range(iters):
         s = setup(warmup + i) if setup else None
-        torch.cuda.synchronize()
+        _sync()
         dist.barrier()
+        if CPU_MODE:  # harness dry run only: the numbers mean nothing
+            t0 = time.perf_counter()
+            fn(s)
+            ts.append((time.perf_counter() - t0) * 1e6)
+            continue
         flush.zero_()
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
@@ -472,22 +477,24 @@ def _time(fn, setup=None, iters=20, warmup=5):
         b.record()
         torch.cuda.synchronize()
         ts.append(a.elapsed_time(b) * 1e3)
-    med = torch.tensor([statistics.median(ts)], device="cuda")
+    med = torch.tensor([statistics.median(ts)], device=DEV)
     dist.all_reduce(med, op=dist.ReduceOp.MAX)
     return float(med.item())
 
 
 def run_bench(T=4096, H=7168, K=8, E=256, iters=20, json_path=None):
     rank, R = _init()
+    if os.environ.get("NVSHMEM_BENCH_SHAPE"):  # "T,H,K,E"
+        T, H, K, E = (int(v) for v in os.environ["NVSHMEM_BENCH_SHAPE"].split(","))
     L = E // R
-    dev = torch.device("cuda")
+    dev = DEV
     torch.manual_seed(_shared_seed() + rank)
     sets = []
     for _ in range(2):
         scores = torch.randn(T, E, device=dev).abs() + 1
         idx = torch.topk(scores, K, dim=-1).indices
         p = torch.rand(T, K, device=dev)
-        x = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
+        x = torch.randn(T, H, device=dev, dtype=torch.bfloat16 if not CPU_MODE else torch.float32)
         sets.append((x, idx, p))
     # Rows received by this rank, DeepEP's way: one per (token, destination rank).
     hit = torch.zeros(T, R, dtype=torch.bool, device=dev)
@@ -503,7 +510,8 @@ def run_bench(T=4096, H=7168, K=8, E=256, iters=20, json_path=None):
     nbytes = recv_rows * H * 2
     out = {"T": T, "H": H, "K": K, "E": E, "R": R, "recv_rows": recv_rows,
            "expert_rows_max": max_rows, "budget": budget,
-           "device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": {}}
+           "device": "cpu" if CPU_MODE else torch.cuda.get_device_name(),
+           "torch": torch.__version__, "rows": {}}
 
     def disp_fn(be):
         return lambda i: be.dispatch(sets[i % 2][0], sets[i % 2][1], sets[i % 2][2],
@@ -537,7 +545,7 @@ def run_bench(T=4096, H=7168, K=8, E=256, iters=20, json_path=None):
                 eng.profile = []
                 r = disp_fn(be)(0)
                 be.combine(r.tokens_NH, r.handle)
-                torch.cuda.synchronize()
+                _sync()
         marks = eng.profile
         eng.profile = None
         phases = [(marks[i + 1][0], marks[i][1].elapsed_time(marks[i + 1][1]) * 1e3)

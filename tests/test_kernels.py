@@ -103,6 +103,26 @@ def test_permute_unpermute_match_torch(monkeypatch, N, K, L, pad, mask, dtype):
 
 
 @needs_triton
+def test_permute_without_probs(monkeypatch):
+    """Rows only (the send side of an all-to-all): same rows, no probs, grads still flow."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 31 - 1, (1,))))
+    N, R, H = 12, 3, 24
+    lid = _random_lid(N, R, R, 0.4, g).to(DEV)
+    plan = group_plan(lid, R, pad_multiple=2)
+    x = torch.randn(N, H, generator=g).to(DEV).requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    tok, pr = kernels.permute(x, None, plan)
+    with monkeypatch.context() as m:
+        _torch_path(m)
+        tok_ref, pr_ref = permute(x_ref, None, plan)
+    assert pr is None and pr_ref is None and torch.equal(tok, tok_ref)
+    gt = torch.randn(tok.shape, generator=g).to(DEV)
+    (tok * gt).sum().backward()
+    (tok_ref * gt).sum().backward()
+    assert rel_err(x.grad, x_ref.grad) <= 1e-6
+
+
+@needs_triton
 @pytest.mark.parametrize("pad", [None, 4])
 def test_every_output_row_written(pad):
     """Outputs start as NaN: every row (padding included) must be overwritten."""
@@ -323,12 +343,13 @@ def test_sim_bad_input_raises_on_every_rank():
 
 def test_device_plan_orders_pads_and_drops():
     lid = torch.tensor([[1, -1], [0, 1], [-1, -1], [1, 0]])
-    pos, tpe, filled, dropped = nvshmem.device_plan(lid, 2, 4, budget=10)
+    pos, tpe, dropped = nvshmem.device_plan(lid, 2, 4, budget=10)
     # expert 0: slots (1,0), (3,1) -> rows 0, 1 (+2 padding); expert 1: (0,0), (1,1), (3,0) -> 4, 5, 6
     assert pos.tolist() == [[4, -1], [0, 5], [-1, -1], [6, 1]]
     assert tpe.tolist() == [4, 4] and not bool(dropped)
-    assert filled.tolist() == [1, 1, 0, 0, 1, 1, 1, 0, 0, 0]
-    pos, tpe, filled, dropped = nvshmem.device_plan(lid, 2, 4, budget=5)
+    assert nvshmem.filled_rows(pos, 10).tolist() == [1, 1, 0, 0, 1, 1, 1, 0, 0, 0]
+    pos, tpe, dropped = nvshmem.device_plan(lid, 2, 4, budget=5)
     assert pos.tolist() == [[4, -1], [0, -2], [-1, -1], [-2, 1]]
     assert tpe.tolist() == [4, 1] and bool(dropped)
+    assert nvshmem.filled_rows(pos, 5).tolist() == [1, 1, 0, 0, 1]
 

@@ -3,17 +3,22 @@
 Shapes: N dispatched rows, H hidden, F expert ffn width, L local experts, E global experts.
 
 Two implementations compute the same thing:
-  * ``grouped_mm``: one ``torch.nn.functional.grouped_mm`` (or ``torch._grouped_mm`` on
-    older torch) per projection. Used on CUDA. It runs in bfloat16 (the CUDA kernels take
-    bf16 only; fp32 weights are cast per call, so they stay fp32 master weights) and needs
-    16-byte aligned row strides, i.e. H and F multiples of 8. Any row count per expert,
-    zero included, is fine for bf16 (the 8/16-row group alignment is an FP8/MXFP8 rule).
-  * ``loop``: one matmul per local expert. The CPU path and the reference.
-``impl="auto"`` picks grouped_mm on CUDA and loop on CPU; on CUDA without the grouped_mm
-API it raises instead of quietly running the slow loop (pass ``impl="loop"`` to opt in).
+  * ``grouped_mm``: one ``torch.nn.functional.grouped_mm`` (``torch._grouped_mm`` on older
+    torch) per projection, all experts in one kernel. The CUDA kernels take bfloat16 only:
+    fp32 weights are cast per call (they stay fp32 master weights). Row strides must be
+    16-byte aligned, i.e. H and F multiples of 8 (checked, with an error saying so). Any
+    row count per expert, zero included, is fine for bf16 (the 8/16/32-row group
+    alignment is an FP8/MXFP8 rule).
+  * ``loop``: one matmul per local expert, in the input dtype. The CPU path and the
+    reference.
+``impl="auto"``: grouped_mm for bf16 rows on CUDA; the loop on CPU, for fp32 rows (so
+fp32 training is never quietly computed in bf16) and when this torch has no grouped_mm
+API (logged once). ``impl="grouped_mm"`` forces it (fp32 rows are then cast to bf16 on
+CUDA); ``impl="loop"`` forces the loop.
 """
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
@@ -21,6 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 IMPLS = ("auto", "grouped_mm", "loop")
+log = logging.getLogger("token_dispatcher")
+_warned_no_api = False
 
 
 def grouped_mm_fn():
@@ -87,10 +94,20 @@ class GroupedExperts(nn.Module):
             self.w3[i].copy_(torch.randn(H, Fh, generator=g) * self.init_std)
             self.w2[i].copy_(torch.randn(Fh, H, generator=g) * self.out_init_std)
 
-    def resolved_impl(self, device: torch.device) -> str:
+    def resolved_impl(self, x_NH: torch.Tensor) -> str:
+        """The implementation ``forward`` uses for rows like ``x_NH``."""
+        global _warned_no_api
         if self.impl != "auto":
             return self.impl
-        return "grouped_mm" if device.type == "cuda" else "loop"
+        if not x_NH.is_cuda or x_NH.dtype != torch.bfloat16:
+            return "loop"
+        if grouped_mm_fn() is None:
+            if not _warned_no_api:
+                log.warning("torch %s has no grouped_mm: experts run as a per-expert loop "
+                            "(upgrade torch for one grouped GEMM)", torch.__version__)
+                _warned_no_api = True
+            return "loop"
+        return "grouped_mm"
 
     def forward(self, tokens_NH: torch.Tensor, tokens_per_expert_L: torch.Tensor,
                 probs_N: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -109,7 +126,7 @@ class GroupedExperts(nn.Module):
         if tokens_per_expert_L.numel() != self.num_local_experts:
             raise ValueError(f"tokens_per_expert has {tokens_per_expert_L.numel()} entries, "
                              f"this module holds {self.num_local_experts} experts")
-        impl = self.resolved_impl(tokens_NH.device)
+        impl = self.resolved_impl(tokens_NH)
         # An empty input takes the loop path: matmuls of [0, H] rows are defined everywhere,
         # while grouped GEMMs with a zero-length contraction are not (weight grad).
         if impl == "loop" or N == 0:

@@ -537,10 +537,13 @@ def train(recipe: Recipe, opts: RunOptions) -> List[Dict[str, Any]]:
     n_dense = sum(p.numel() for p in dense_ps)
     n_expert = sum(p.numel() for p in expert_ps) * ep
     per_tok = n_dense + n_expert * m.top_k // m.num_experts
+    row_dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
+    expert_impl = model.blocks[0].moe.experts.resolved_impl(
+        torch.empty(0, m.hidden, device=device, dtype=row_dtype))
     bar = Progress(t.steps, start, opts.progress and rank == 0)
     if rank == 0 and not opts.quiet:
         bar.write(f"moe-train {recipe.name}: world={world} ep={ep} dispatcher={disp.backend_name} "
-                  f"device={device.type} params={(n_dense + n_expert) / 1e6:.2f}M "
+                  f"device={device.type} experts={expert_impl} params={(n_dense + n_expert) / 1e6:.2f}M "
                   f"(active/token {per_tok / 1e6:.2f}M) steps={t.steps} "
                   f"tokens/step={t.batch_size * m.seq_len}"
                   + (f" resuming at step {start}" if start else ""))
@@ -595,7 +598,8 @@ def train(recipe: Recipe, opts: RunOptions) -> List[Dict[str, Any]]:
         interval_time += dt
         interval_tokens += t.batch_size * m.seq_len
         done = step + 1
-        is_log = done % t.log_every == 0 or done == start + 1 or done == last
+        # The same steps whether or not the run was interrupted and resumed.
+        is_log = done % t.log_every == 0 or done == 1 or done == t.steps
         if is_log:
             counts_cpu = counts_NE.cpu()
             mean_l = counts_cpu.mean(1)

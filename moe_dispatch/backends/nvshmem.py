@@ -320,15 +320,13 @@ class NVSHMEMHandle:
 
 
 def device_plan(lid_VK: torch.Tensor, num_local_experts: int, pad_multiple: Optional[int],
-                budget: int, need_filled: bool = True):
+                budget: int):
     """Expert-grouped output rows for every slot, on the device, without a host sync.
 
     lid_VK: [V, K] int64 local expert of each slot, -1 if not for this rank.
-    Returns (pos_VK, tokens_per_expert_L, filled_M or None, dropped 0-dim bool); filled_M
-    ([budget] uint8, 1 on rows that receive a real row) only when ``need_filled``:
-    rows ordered by expert, then v, then k; each expert's block padded to pad_multiple;
-    rows at or beyond ``budget`` are dropped (pos -2) and counted out of
-    tokens_per_expert, so that sum(tokens_per_expert) <= budget always.
+    Returns (pos_VK, tokens_per_expert_L, dropped 0-dim bool): rows ordered by expert, then
+    v, then k; each expert's block padded to pad_multiple; rows at or beyond ``budget`` are
+    dropped (pos -2) and counted out of tokens_per_expert, so sum(tokens_per_expert) <= budget.
     """
     L = num_local_experts
     dev = lid_VK.device
@@ -351,12 +349,15 @@ def device_plan(lid_VK: torch.Tensor, num_local_experts: int, pad_multiple: Opti
     pos = torch.empty_like(pos_s).scatter_(0, order, pos_s).view(V, K)
     tpe = torch.minimum(padded, (budget - pstart).clamp(min=0))
     dropped = padded.sum() > budget
-    filled = None
-    if need_filled:
-        filled = torch.zeros(budget + 1, dtype=torch.uint8, device=dev)
-        filled.scatter_(0, torch.where(pos_s >= 0, pos_s, budget), 1)
-        filled = filled[:budget]
-    return pos, tpe, filled, dropped
+    return pos, tpe, dropped
+
+
+def filled_rows(pos_VK: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """[num_rows] uint8: 1 on output rows some slot of ``pos_VK`` writes, 0 elsewhere."""
+    flat = pos_VK.reshape(-1)
+    filled = torch.zeros(num_rows + 1, dtype=torch.uint8, device=flat.device)
+    filled.scatter_(0, torch.where(flat >= 0, flat, num_rows), 1)
+    return filled[:num_rows]
 
 
 # =============================================================================== autograd
@@ -487,6 +488,7 @@ class _Engine:
         static = self.budget is not None
         bad_host = check.host_error is not None
         self._mark("dispatch")
+        tr._last_pull = None  # unknown until this op completes (it may raise midway)
         code = check.code(dev)
         arena = self._arena_for(T, row_bytes, K)
         while True:
@@ -509,15 +511,18 @@ class _Engine:
             tr.barrier(_CH_STAGED)
             self._mark("barrier")
             metas_R, lid_VK = self._layout(arena, K)
+            # The plan is queued before the host sync, so the GPU computes it while the host
+            # waits; in the default mode nothing is over budget (the budget is exact).
+            pos_VK, tpe_L, dropped = device_plan(lid_VK, L, self.pad,
+                                                 self.budget if static else 1 << 62)
+            self._mark("layout_plan")
             if static:
                 break
-            counts_L = self._counts(lid_VK)
-            self._mark("layout")
-            host = torch.cat([metas_R[:, :5].reshape(-1), counts_L,
+            host = torch.cat([metas_R[:, :5].reshape(-1), tpe_L,
                               tr.status.to(torch.int64)]).tolist()  # the one sync
             self._mark("host_sync")
             rows = [host[5 * r:5 * r + 5] for r in range(R)]
-            counts = host[5 * R:5 * R + L]
+            counts = host[5 * R:5 * R + L]  # padded rows per local expert
             if host[-1] & STATUS_BARRIER_TIMEOUT:
                 raise RuntimeError(
                     "nvshmem: a device barrier timed out waiting for a peer rank (a rank died, "
@@ -536,17 +541,12 @@ class _Engine:
             arena = self._grow(max(row[0] for row in rows), max(row[2] for row in rows),
                                max(row[3] for row in rows))
         T_cap = arena.T_cap
-        if static:
-            budget = self.budget
-        else:
-            from ..permute import pad_counts
-            budget = sum(pad_counts(counts, self.pad))
+        budget = self.budget if static else sum(counts)
         # In the default mode the budget is exact, so only padding rows need zeroing.
-        pos_VK, tpe_L, filled_M, dropped = device_plan(
-            lid_VK, L, self.pad, budget, need_filled=static or bool(self.pad and self.pad > 1))
+        filled_M = filled_rows(pos_VK, budget) if static or (self.pad and self.pad > 1) \
+            else None
         tokens = torch.empty(budget, H, dtype=dtype, device=dev)
         probs_M = torch.zeros(budget, dtype=torch.float32, device=dev)
-        self._mark("plan")
         self._pull(arena, pos_VK, tokens, probs_M, with_probs=True)
         if filled_M is not None:
             self._zero_unfilled(tokens, filled_M)
@@ -575,7 +575,7 @@ class _Engine:
             tpe = tpe_L
         else:
             status = None
-            tpe = torch.tensor(pad_counts(counts, self.pad), dtype=torch.long)
+            tpe = torch.tensor(counts, dtype=torch.long)
         h = NVSHMEMHandle(arena, pos_VK, pos_TR, valid_TK, filled_M, T, T_cap, budget, dtype, H,
                           tpe, status)
         return h, tokens, probs_M
@@ -608,10 +608,6 @@ class _Engine:
         e0 = self.rank * self.L
         mine = (ids >= e0) & (ids < e0 + self.L)
         return metas, torch.where(mine, ids - e0, -1)
-
-    def _counts(self, lid_VK):
-        from ..permute import local_expert_counts
-        return local_expert_counts(lid_VK, self.L)
 
     # ------------------------------------------------------------------ data movement
 
@@ -713,6 +709,7 @@ class _Engine:
         if g_out_TH.element_size() * H > arena.row_bytes:
             dtype = h.dtype
         T_st = min(h.num_tokens, T_cap)
+        tr._last_pull = None
         arena.local("x", dtype, (T_cap, H))[:T_st].copy_(g_out_TH[:T_st])
         tr.barrier(_CH_STAGED)
         g_y = torch.empty(h.num_rows, H, dtype=dtype, device=g_out_TH.device)

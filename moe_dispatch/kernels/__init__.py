@@ -178,8 +178,9 @@ class _Unpermute(torch.autograd.Function):
         return g_y, None, None
 
 
-def permute(x_NH: torch.Tensor, probs_NK: torch.Tensor, plan):
-    """Triton version of ``moe_dispatch.permute.permute``: (tokens_MH, probs_M float32)."""
+def permute(x_NH: torch.Tensor, probs_NK: Optional[torch.Tensor], plan):
+    """Triton version of ``moe_dispatch.permute.permute``: (tokens_MH, probs_M float32, or
+    None when ``probs_NK`` is None)."""
     pos_NK, filled_M = plan_maps(plan)
     return _Permute.apply(x_NH, probs_NK, pos_NK, filled_M, plan.num_out_rows)
 
