@@ -6,12 +6,16 @@ share one Python API: ``get_dispatch_layout``, ``dispatch``, ``combine``,
 holds what the ``deepep`` and ``uccl`` backends and ``moe_dispatch.fused_a2a`` share:
 
 * ``V1Library``: which module provides the ``Buffer`` class and what to install if it is
-  missing. It never substitutes one library for another.
+  missing. It never substitutes one library for another. UCCL-EP's Python ``Buffer`` can
+  be named by ``$MOE_DISPATCH_UCCL_MODULE`` (a module, or a package directory).
 * ``V1BufferManager``: owns the ``Buffer`` of one process group; sizes it from the
   library's own size hints, rebuilds it (collectively) when a larger hidden size needs
   more room, and frees it before process-group teardown.
 * ``v1_dispatch`` / ``v1_combine`` / ``v1_cached_dispatch``: the three calls every user
-  makes, with the ``async_finish`` / ``allocate_on_comm_stream`` event protocol done once.
+  makes, with the ``async_finish`` / ``allocate_on_comm_stream`` event protocol done once;
+  ``v1_dispatch`` can carry a one-bit per-rank flag to every rank inside the per-expert
+  counts (``flag_offset`` / ``is_flagged``), which the backends use for sync-free input
+  validation.
 * ``V1Dispatch`` / ``V1Combine``: autograd Functions over them (combine is dispatch's
   adjoint and the cached dispatch is combine's), used by the backends.
 
@@ -415,8 +419,10 @@ def flag_offset(num_ranks: int) -> int:
     """What a flagging rank adds to each expert count it sends (see ``v1_dispatch``).
 
     A received per-expert count is the sum over source ranks, so with every rank flagging
-    it is at most ``num_ranks * flag_offset + real count``: half the int32 range is left
-    for the real count, which is thus never mistaken for a flag below 2**30 rows."""
+    it is at most ``num_ranks * flag_offset + real count``, and half the int32 range stays
+    for the real count. A count >= the offset is read as a flag: a set flag is never
+    missed; real counts that large (>= 4M rows for one local expert at 256 ranks, 268M at
+    4) only cost the exchange that finds nothing wrong."""
     return (2 ** 31 - 1) // (2 * num_ranks)
 
 

@@ -145,7 +145,7 @@ def _mutate(which, x, idx, p, E):
     elif which == "int_hidden":
         x = x.to(torch.int64)
     elif which == "hidden_size":
-        x = torch.randn(x.shape[0], x.shape[1] + 8).to(x.dtype)
+        x = torch.randn(x.shape[0], x.shape[1] + 8, device=x.device).to(x.dtype)
     elif which == "dense_nan":
         from moe_dispatch.routing import topk_to_dense
         rm, pd = topk_to_dense(idx, p.detach(), E)
@@ -161,17 +161,25 @@ def _mutate(which, x, idx, p, E):
 
 
 def fake_steps(rank, world, backend, steps, flag_offset=None):
+    """``run_steps`` with the CPU stand-ins of the libraries."""
+    with fakes():
+        return run_steps(rank, world, backend, steps, "cpu", flag_offset)
+
+
+def run_steps(rank, world, backend, steps, device="cpu", flag_offset=None):
     """One dispatcher, several dispatch -> experts -> combine -> backward steps.
 
     steps: list of (case, opts, which, bad_rank); ``which`` (see ``_mutate``) is applied on
-    ``bad_rank`` only. Returns per step ("ok", outputs, agreements) or ("err", exception
-    class, message, agreements); ``agreements`` counts the backend's validation exchanges.
-    ``flag_offset`` replaces ``v1_buffer.flag_offset`` (to make real counts look flagged).
+    ``bad_rank`` only. Returns per step ("ok", outputs on the CPU, agreements) or ("err",
+    exception class, message, agreements); ``agreements`` counts the backend's validation
+    exchanges. ``flag_offset`` replaces ``v1_buffer.flag_offset`` (to make real counts
+    look flagged).
     """
     from moe_dispatch import v1_backend, v1_buffer
     from moe_dispatch.routing import topk_to_dense
     from moe_dispatch.testing import local_experts
     from token_dispatcher import MoETokenDispatcher
+    dev = torch.device(device)
     calls = [0]
     real_agree, real_offset = v1_backend.agree, v1_buffer.flag_offset
 
@@ -180,45 +188,43 @@ def fake_steps(rank, world, backend, steps, flag_offset=None):
         return real_agree(*a, **k)
 
     out = []
-    with fakes():
-        v1_backend.agree = counting_agree
-        if flag_offset is not None:
-            v1_buffer.flag_offset = lambda R: flag_offset
-        try:
-            disp = None
-            for case, opts, which, bad_rank in steps:
-                if disp is None:
-                    disp = MoETokenDispatcher(case.num_experts, backend=backend,
-                                              pad_multiple=opts.get("pad_multiple"),
-                                              backend_options=opts.get("backend_options"))
-                E = case.num_experts
-                calls[0] = 0
-                x = case.xs[rank].clone().requires_grad_(True)
-                p = case.probs[rank].clone().requires_grad_(True)
-                idx = case.idxs[rank].clone()
-                if opts.get("form") == "dense":
-                    rm, pd = topk_to_dense(idx, case.probs[rank], E)
-                    leaf = pd.clone().requires_grad_(True)
-                    x_in, routing = x, dict(routing_map=rm, probs=leaf)
-                else:
-                    leaf = p
-                    x_in, routing = _mutate(which if rank == bad_rank else None,
-                                            x, idx, p, E)
-                try:
-                    d = disp.dispatch(x_in, **routing)
-                except Exception as exc:
-                    out.append(("err", type(exc).__name__, str(exc), calls[0]))
-                    continue
-                n_agree = calls[0]
-                y = disp.combine(local_experts(case.W, disp.local_expert_offset)(
-                    d.tokens, d.tokens_per_expert, d.probs), d.handle)
-                (y.float() * case.gouts[rank]).sum().backward()
-                g_leaf = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
-                res = dict(tokens=d.tokens.detach(), tpe=d.tokens_per_expert, probs=d.probs.detach(),
-                           y=y.detach(), y_shape=tuple(y.shape),
-                           gx=x.grad if x.grad is not None else torch.zeros_like(x),
-                           gp=g_leaf, local_offset=disp.local_expert_offset)
-                out.append(("ok", res, n_agree))
-        finally:
-            v1_backend.agree, v1_buffer.flag_offset = real_agree, real_offset
+    v1_backend.agree = counting_agree
+    if flag_offset is not None:
+        v1_buffer.flag_offset = lambda R: flag_offset
+    try:
+        disp = None
+        for case, opts, which, bad_rank in steps:
+            if disp is None:
+                disp = MoETokenDispatcher(case.num_experts, backend=backend,
+                                          pad_multiple=opts.get("pad_multiple"),
+                                          backend_options=opts.get("backend_options"))
+            E = case.num_experts
+            calls[0] = 0
+            x = case.xs[rank].to(dev).clone().requires_grad_(True)
+            p = case.probs[rank].to(dev).clone().requires_grad_(True)
+            idx = case.idxs[rank].to(dev).clone()
+            if opts.get("form") == "dense":
+                rm, pd = topk_to_dense(idx, p.detach(), E)
+                leaf = pd.clone().requires_grad_(True)
+                x_in, routing = x, dict(routing_map=rm, probs=leaf)
+            else:
+                leaf = p
+                x_in, routing = _mutate(which if rank == bad_rank else None, x, idx, p, E)
+            try:
+                d = disp.dispatch(x_in, **routing)
+            except Exception as exc:
+                out.append(("err", type(exc).__name__, str(exc), calls[0]))
+                continue
+            n_agree = calls[0]
+            y = disp.combine(local_experts(case.W.to(dev), disp.local_expert_offset)(
+                d.tokens, d.tokens_per_expert, d.probs), d.handle)
+            (y.float() * case.gouts[rank].to(dev)).sum().backward()
+            g_leaf = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+            res = dict(tokens=d.tokens.detach().cpu(), tpe=d.tokens_per_expert.cpu(),
+                       probs=d.probs.detach().cpu(), y=y.detach().cpu(), y_shape=tuple(y.shape),
+                       gx=(x.grad if x.grad is not None else torch.zeros_like(x)).cpu(),
+                       gp=g_leaf.cpu(), local_offset=disp.local_expert_offset)
+            out.append(("ok", res, n_agree))
+    finally:
+        v1_backend.agree, v1_buffer.flag_offset = real_agree, real_offset
     return out

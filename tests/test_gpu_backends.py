@@ -1,7 +1,8 @@
 """GPU proof of the fused-kernel backends (run under torchrun on 2 and 4 GPUs).
 
     torchrun --nproc-per-node 4 tests/test_gpu_backends.py --backends deepep,uccl_over_deep_ep \
-        --out results.json [--bench]
+        --out results.json [--warm-steps] [--seed-api v1|hybrid|uccl|both|none] \
+        [--bench [--breakdown] --bench-backends deepep,...]
 
 Every rank builds the same random cases (fresh seed, broadcast), runs dispatch -> a
 per-expert nonlinear map -> combine -> backward through ``MoETokenDispatcher`` for each
@@ -9,17 +10,19 @@ backend, and rank 0 compares each backend with the single-process float64 dense
 reference (``moe_dispatch.testing``) and with ``alltoall``: dispatched rows, per-expert
 counts, probs, outputs, grads to hidden and to the router probs. Cases: uneven counts
 with -1 slots, a zero-token rank, all tokens on one expert, zipf skew with
-pad_multiple, dense routing with a zero-token rank. Then the seed API
-(``moe_dispatch.fused_a2a``) round trip, the buffer-size mirror against DeepEP's own
-hint, and with ``--bench`` the timing at DeepEP's benchmark shape: ``deep_ep.Buffer``
-called directly vs ``fused_a2a`` vs the ``deepep`` backend (plus the direct Buffer with
-the same local permutation, so the backend's extra work is shown separately), median of
-CUDA-event times, interleaved.
+pad_multiple, dense routing with a zero-token rank. ``--warm-steps``: one dispatcher
+through valid, bad and reshaped calls (the V1 backends' sync-free validation). Then the
+seed API (``moe_dispatch.fused_a2a``) round trip, the buffer-size mirror against DeepEP's
+own hint, and with ``--bench`` the timing at DeepEP's benchmark shape: ``deep_ep.Buffer``
+called directly vs ``fused_a2a`` vs each backend (plus the direct Buffer with the same
+local permutation, "Buffer+permute", so the backend's extra work is shown separately),
+median of CUDA-event times, interleaved; ``--breakdown`` adds the per-stage pieces.
 
 ``uccl_over_deep_ep`` is the ``uccl`` backend's adapter with
 ``backend_options={"buffer_module": "deep_ep"}``: UCCL-EP's Buffer has DeepEP V1's API,
-so this proves the adapter where UCCL itself cannot load. Under pytest (CPU CI) the single
-test here skips.
+so this proves the adapter where UCCL itself cannot load. Under pytest (CPU CI) the GPU
+test skips and ``test_script_cpu_smoke`` runs this script on gloo ranks with the CPU
+stand-ins (``--cpu-smoke``).
 """
 from __future__ import annotations
 
@@ -175,8 +178,78 @@ def _judge(case, opts, gathered, ref):
             **{f"err_{k}": round(v, 5) for k, v in worst.items()}, "_res": res}
 
 
-def seed_api(world):
-    """fused_a2a round trip: combine(2 * dispatch(x)) = 2 x * ranks reached; grads."""
+def warm_steps(world, backend):
+    """One dispatcher through valid, bad and reshaped calls: after the first call, valid
+    same-shape calls need no validation exchange (counted), a bad rank makes every rank
+    raise without a hang (value errors: flag in DeepEP's counts; a rank's new hidden size:
+    error), a new shape on every rank or a wider top-k on one rank is agreed and redone.
+    Rank 0 checks every successful step against the float64 reference."""
+    from ep_workers import run_steps
+    rank = dist.get_rank()
+    seeds = [_bcast_seed() for _ in range(9)]
+
+    def case(i, hidden=256):
+        return make_case(world, [48 + 16 * r for r in range(world)], hidden, 8 * world, 4,
+                         seed=seeds[i], dtype=torch.bfloat16, mask_frac=0.1)
+
+    plan = [  # case, bad kind, bad rank, expected outcome, expected validation exchanges
+        (case(0), None, None, "ok", 1),
+        (case(1), None, None, "ok", 0),
+        (case(2), "expert_too_big", world - 1, "err", 1),
+        (case(3), "nan_prob", 0, "err", 1),
+        (case(4), None, None, "ok", 0),
+        (case(5), "hidden_size", world - 1, "err", 1),
+        (case(6, 512), None, None, "ok", 1),
+        (case(7, 512), "wider_k", 0, "ok", 1),
+        (case(8, 512), None, None, "ok", 0),
+    ]
+    steps = [(c, {}, which, bad) for c, which, bad, _, _ in plan]
+    o = dict(BACKEND_OPTIONS.get(backend, {}))
+    if o:
+        steps = [(c, {"backend_options": o}, w, b) for c, _, w, b in steps]
+    try:
+        mine, err = run_steps(rank, world, backend, steps, DEVICE), None
+    except Exception as exc:  # recorded; must not happen
+        mine, err = None, f"{type(exc).__name__}: {exc}"
+        traceback.print_exc()
+    gathered = [None] * world
+    dist.all_gather_object(gathered, (mine, err))
+    if rank != 0:
+        return None
+    errs = [e for _, e in gathered if e]
+    if errs:
+        out = {"ok": False, "error": errs[0][:400]}
+        log0(f"[warm-steps R={world}] {backend}: {out}")
+        return out
+    steps_out, ok = [], True
+    for i, (c, which, bad, want, n_agree) in enumerate(plan):
+        got = [g[0][i] for g in gathered]
+        kinds = {r[0] for r in got}
+        agreements = [r[-1] for r in got]
+        st = {"step": i, "bad": which, "want": want, "got": sorted(kinds),
+              "agreements": agreements, "want_agreements": n_agree}
+        good = kinds == {want} and all(a == n_agree for a in agreements)
+        if want == "ok" and kinds == {"ok"}:
+            j = _judge(c, {}, [(r[1], None) for r in got], reference_moe(c))
+            j.pop("_res", None)
+            st.update(j)
+            good &= bool(j["ok"])
+        elif want == "err" and kinds == {"err"}:
+            st["messages"] = [r[2][:120] for r in got]
+            good &= all(r[1] == "DispatchInputError" for r in got)
+        st["pass"] = good
+        ok &= good
+        steps_out.append(st)
+    out = {"ok": ok, "steps": steps_out}
+    log0(f"[warm-steps R={world}] {backend}: {'OK' if ok else 'FAIL'} " + json.dumps(
+        [(st["step"], st["bad"], st["got"], st["agreements"], st["pass"]) for st in steps_out]))
+    return out
+
+
+def seed_api(world, lib="deep_ep"):
+    """fused_a2a round trip: combine(2 * dispatch(x)) = 2 x * ranks reached; grads.
+    lib "deep_ep": fused_dispatch / fused_combine (+ the buffer-size mirror check);
+    lib "uccl": uccl_fused_dispatch / uccl_fused_combine over UCCL-EP's Buffer."""
     from moe_dispatch import fused_a2a
     from moe_dispatch.v1_buffer import nvl_size_hint
     rank = dist.get_rank()
@@ -187,8 +260,12 @@ def seed_api(world):
     idx[::5, 1] = -1
     p = torch.rand(T, K, device="cuda", generator=g).requires_grad_(True)
     group = dist.group.WORLD
-    recv_x, recv_idx, recv_p, tpe, handle = fused_a2a.fused_dispatch(x, idx, p, E, group)
-    y, _ = fused_a2a.fused_combine(recv_x * 2, group, handle)
+    if lib == "uccl":
+        dispatch, combine = fused_a2a.uccl_fused_dispatch, fused_a2a.uccl_fused_combine
+    else:
+        dispatch, combine = fused_a2a.fused_dispatch, fused_a2a.fused_combine
+    recv_x, recv_idx, recv_p, tpe, handle = dispatch(x, idx, p, E, group)
+    y, _ = combine(recv_x * 2, group, handle)
     w = torch.arange(H, device="cuda").float() / H
     ((y.float() * w).sum() + (recv_p * recv_p).sum()).backward()
     L = E // world
@@ -201,22 +278,32 @@ def seed_api(world):
         "gx": rel_err(x.grad.float(), (2 * w * n).expand(T, H)),
         "gp": rel_err(p.grad, torch.where(idx >= 0, 2 * p.detach(), 0.0)),
         "tpe_sum_ok": int(tpe.sum()) == int((recv_idx >= 0).sum()),
-        "nvshmem": fused_a2a._is_nvshmem_available(),
+        "nvshmem": fused_a2a._is_nvshmem_available() if lib == "deep_ep" else None,
     }
-    Buffer = fused_a2a._v1.DEEP_EP.load()
-    cfg = sys.modules["deep_ep"].Config
-    res["size_mirror_ok"] = all(
-        nvl_size_hint(s, 256, hb, world) == cfg(s, 6, 256, 6, 128).get_nvl_buffer_size_hint(hb, world)
-        for s in (20, 24) for hb in (2048, 14336))
-    fused_a2a.set_deepep_num_sms(24)
-    assert Buffer.num_sms == 24
-    fused_a2a.set_deepep_num_sms(20)
+    if lib == "uccl":
+        res["size_mirror_ok"] = True
+        res["buffer_mirror_ok"] = fused_a2a._uccl_buffer is not None
+        Buffer = fused_a2a._v1.UCCL.load()
+        fused_a2a.set_uccl_num_sms(24)
+        assert Buffer.num_sms == 24
+        fused_a2a.set_uccl_num_sms(20)
+    else:
+        Buffer = fused_a2a._v1.DEEP_EP.load()
+        cfg = sys.modules["deep_ep"].Config
+        res["size_mirror_ok"] = all(
+            nvl_size_hint(s, 256, hb, world) == cfg(s, 6, 256, 6, 128).get_nvl_buffer_size_hint(hb, world)
+            for s in (20, 24) for hb in (2048, 14336))
+        fused_a2a.set_deepep_num_sms(24)
+        assert Buffer.num_sms == 24
+        fused_a2a.set_deepep_num_sms(20)
     out = [None] * world
     dist.all_gather_object(out, res)
     if rank == 0:
-        agg = {"ok": all(o["y"] < TOL and o["gx"] < TOL and o["gp"] < 1e-5 and o["tpe_sum_ok"]
+        agg = {"lib": lib,
+               "ok": all(o["y"] < TOL and o["gx"] < TOL and o["gp"] < 1e-5 and o["tpe_sum_ok"]
                          and o["size_mirror_ok"] for o in out),
                "worst_y": max(o["y"] for o in out), "worst_gx": max(o["gx"] for o in out),
+               "worst_gp": max(o["gp"] for o in out),
                "nvshmem": out[0]["nvshmem"], "size_mirror_ok": out[0]["size_mirror_ok"]}
         log0(f"[seed-api R={world}] {agg}")
         return agg
@@ -254,41 +341,95 @@ def seed_hybrid_api(world):
 
 
 def _median_ms(fns, iters, warmup=5):
-    """Interleaved CUDA-event timing of each fn; median over iters, max over ranks."""
+    """Interleaved timing of each fn: (CUDA-event ms, host ms), each the median over iters
+    and the max over ranks. Every call starts on an idle GPU after a barrier, so the event
+    time includes the host work before the first kernel; host ms is the time until the
+    call returned (DeepEP's dispatch returns after its CPU wait for the counts)."""
     times = {k: [] for k in fns}
+    host = {k: [] for k in fns}
+    cuda = DEVICE == "cuda"
     for i in range(warmup + iters):
         for k, fn in fns.items():
             dist.barrier()
-            torch.cuda.synchronize()
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
+            if cuda:
+                torch.cuda.synchronize()
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+            t0 = time.perf_counter()
             fn()
-            e.record()
-            torch.cuda.synchronize()
+            t1 = time.perf_counter()
+            if cuda:
+                e.record()
+                torch.cuda.synchronize()
             if i >= warmup:
-                times[k].append(s.elapsed_time(e))
-    med = torch.tensor([statistics.median(times[k]) for k in fns], device="cuda")
+                times[k].append(s.elapsed_time(e) if cuda else (t1 - t0) * 1e3)
+                host[k].append((t1 - t0) * 1e3)
+    med = torch.tensor([statistics.median(times[k]) for k in fns] +
+                       [statistics.median(host[k]) for k in fns], device=DEVICE)
     dist.all_reduce(med, op=dist.ReduceOp.MAX)
-    return dict(zip(fns, med.tolist()))
+    med = med.tolist()
+    n = len(fns)
+    return dict(zip(fns, med[:n])), dict(zip(fns, med[n:]))
 
 
-def bench(world, backends, iters):
+def _with_env(fn, **env):
+    """fn run with environment variables set (e.g. MOE_DISPATCH_TRITON=0: torch permute)."""
+    def run():
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            return fn()
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    return run
+
+
+V1_BACKENDS = ("deepep", "uccl", "uccl_over_deep_ep")
+
+
+def bench(world, backends, iters, breakdown=False):
+    """DeepEP's benchmark shape (4096 tokens/rank, hidden 7168, top-8 of 256 experts).
+
+    Always: deep_ep.Buffer called directly (layout + dispatch / combine), the seed API
+    (fused_a2a), the direct Buffer followed by the project's local permutation
+    ("Buffer+permute": what a backend must produce) and each backend in ``backends``.
+    With ``breakdown``, for the first V1 backend also: the backend forced to run its
+    validation exchange every call, the backend with the torch permutation
+    (MOE_DISPATCH_TRITON=0), MoETokenDispatcher with check_inputs False / True, and the
+    pieces alone: agree(), DeepEP's layout, canonicalize(), group_plan + permute
+    (Triton / torch), unpermute (Triton / torch).
+    """
     import deep_ep
-    from moe_dispatch import fused_a2a
+    from moe_dispatch import fused_a2a, hybrid_buffer
+    from moe_dispatch.ep_common import agree
     from moe_dispatch.permute import group_plan, permute, unpermute
     from moe_dispatch.protocol import BackendConfig, PendingCheck
     from moe_dispatch.registry import get_backend_class
+    from moe_dispatch.routing import canonicalize
     from moe_dispatch.v1_buffer import required_bytes
+    from token_dispatcher import MoETokenDispatcher
     rank = dist.get_rank()
-    T, H, K, E = 4096, 7168, 8, 256
+    T, H, K, E = (4096, 7168, 8, 256) if DEVICE == "cuda" else (32, 64, 4, 16)  # cpu-smoke
     L = E // world
-    g = torch.Generator(device="cuda").manual_seed(1234 + rank)
-    x = torch.randn(T, H, device="cuda", generator=g).bfloat16()
-    scores = torch.randn(T, E, device="cuda", generator=g).abs() + 1
+    g = torch.Generator(device=DEVICE).manual_seed(1234 + rank)
+    x = torch.randn(T, H, device=DEVICE, generator=g).bfloat16()
+    scores = torch.randn(T, E, device=DEVICE, generator=g).abs() + 1
     probs, idx = torch.topk(scores, K, dim=-1)
     probs = (probs / probs.sum(1, keepdim=True)).float().contiguous()
     idx = idx.contiguous()
     group = dist.group.WORLD
+    dev = torch.device("cuda", torch.cuda.current_device()) if DEVICE == "cuda" else \
+        torch.device("cpu")
+    # HybridEP buffers of the parity runs were built for another expert count.
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    dist.barrier()
+    hybrid_buffer.reset_all()
+    dist.barrier()
     nvl, _ = required_bytes(deep_ep.Buffer, world, H * 2)
     direct = deep_ep.Buffer(group, nvl, 0, explicitly_destroy=True)
     ok = PendingCheck(None, None)
@@ -330,40 +471,108 @@ def bench(world, backends, iters):
              "Buffer+permute": d_direct_perm}
     fns_c = {"deep_ep.Buffer": c_direct, "fused_a2a": c_fused,
              "Buffer+permute": c_direct_perm}
+    detailed = None
     for be in backends:
+        opts = dict(BACKEND_OPTIONS.get(be, {}))
         try:
-            b = get_backend_class(be)(BackendConfig(
-                group=group, num_experts=E,
-                options=dict(BACKEND_OPTIONS.get(be, {}))))
+            b = get_backend_class(be)(BackendConfig(group=group, num_experts=E, options=opts))
         except Exception as exc:
-            log0(f"[bench] {be}: {exc}")
+            log0(f"[bench] {be}: {type(exc).__name__}: {exc}")
             continue
 
-        def d_be(b=b, be=be):
-            st[be] = b.dispatch(x, idx, probs, ok)
+        def d_be(b=b, key=be):
+            st[key] = b.dispatch(x, idx, probs, ok)
 
-        def c_be(b=b, be=be):
-            b.combine(st[be].tokens_NH, st[be].handle)
+        def c_be(b=b, key=be):
+            b.combine(st[key].tokens_NH, st[key].handle)
 
         d_be()
-        fns_d[be] = d_be
-        fns_c[be] = c_be
-    td = _median_ms(fns_d, iters)
-    tc = _median_ms(fns_c, iters)
-    recv_rows = torch.tensor([float(rx.shape[0])], device="cuda")
+        fns_d[be], fns_c[be] = d_be, c_be
+        if not breakdown or detailed is not None or be not in V1_BACKENDS:
+            continue
+        detailed = be
+
+        def d_sync(b=b, key=be + " agree every call"):
+            b._agreed = None  # forget the agreed shape: validation exchange + host sync
+            st[key] = b.dispatch(x, idx, probs, ok)
+
+        def c_sync(b=b, key=be + " agree every call"):
+            b.combine(st[key].tokens_NH, st[key].handle)
+
+        d_sync()
+        fns_d[be + " agree every call"], fns_c[be + " agree every call"] = d_sync, c_sync
+        key_t = be + " torch permute"
+        fns_d[key_t] = _with_env(lambda b=b, k=key_t: st.__setitem__(k, b.dispatch(x, idx, probs, ok)),
+                                 MOE_DISPATCH_TRITON="0")
+        fns_c[key_t] = _with_env(lambda b=b, k=key_t: b.combine(st[k].tokens_NH, st[k].handle),
+                                 MOE_DISPATCH_TRITON="0")
+        fns_d[key_t]()
+        for chk in (False, True):
+            key = f"dispatcher({be}, check_inputs={chk})"
+            disp = MoETokenDispatcher(E, backend=be, backend_options=opts, check_inputs=chk,
+                                      topk=K)
+
+            def d_disp(disp=disp, key=key):
+                st[key] = disp.dispatch(x, topk_idx=idx, topk_probs=probs)
+
+            def c_disp(disp=disp, key=key):
+                disp.combine(st[key].tokens, st[key].handle)
+
+            d_disp()
+            fns_d[key], fns_c[key] = d_disp, c_disp
+    if breakdown:
+        fns_d["agree() alone"] = lambda: agree(ok, group, dev, [H, K])
+        fns_d["layout alone"] = lambda: direct.get_dispatch_layout(idx, E)
+        fns_d["canonicalize(check) alone"] = lambda: canonicalize(
+            x, E, topk_idx=idx, topk_probs=probs, check_values=True)
+        plan0 = group_plan(ridx, L, counts, None)
+        tok0, _ = permute(rx, rp, plan0)
+
+        def plan_perm():
+            plan = group_plan(ridx, L, counts, None)
+            permute(rx, rp, plan)
+
+        fns_d["plan+permute alone (triton)"] = plan_perm
+        fns_d["plan+permute alone (torch)"] = _with_env(plan_perm, MOE_DISPATCH_TRITON="0")
+        fns_c["unpermute alone (triton)"] = lambda: unpermute(tok0, plan0)
+        fns_c["unpermute alone (torch)"] = _with_env(lambda: unpermute(tok0, plan0),
+                                                     MOE_DISPATCH_TRITON="0")
+    td, hd = _median_ms(fns_d, iters)
+    tc, hc = _median_ms(fns_c, iters)
+    recv_rows = torch.tensor([float(rx.shape[0])], device=DEVICE)
     dist.all_reduce(recv_rows, op=dist.ReduceOp.MAX)
+    st.clear()
     direct.destroy()
     fused_a2a.free_buffer()
-    res = {"iters": iters, "dispatch_ms": td, "combine_ms": tc, "recv_rows_max": recv_rows.item(),
+    base_d, base_c = td["Buffer+permute"], tc["Buffer+permute"]
+    res = {"iters": iters, "shape": {"T": T, "H": H, "K": K, "E": E},
+           "dispatch_ms": td, "combine_ms": tc, "dispatch_host_ms": hd, "combine_host_ms": hc,
+           "recv_rows_max": recv_rows.item(),
            "dispatch_GBps_direct": recv_rows.item() * H * 2 / (td["deep_ep.Buffer"] * 1e-3) / 1e9,
            "overhead_fused_a2a_pct": 100 * ((td["fused_a2a"] + tc["fused_a2a"]) /
-                                            (td["deep_ep.Buffer"] + tc["deep_ep.Buffer"]) - 1)}
-    if "deepep" in td:
-        res["overhead_backend_vs_Buffer+permute_pct"] = 100 * (
-            (td["deepep"] + tc["deepep"]) / (td["Buffer+permute"] + tc["Buffer+permute"]) - 1)
-        res["overhead_backend_vs_bare_Buffer_pct"] = 100 * (
-            (td["deepep"] + tc["deepep"]) / (td["deep_ep.Buffer"] + tc["deep_ep.Buffer"]) - 1)
+                                            (td["deep_ep.Buffer"] + tc["deep_ep.Buffer"]) - 1),
+           "dispatch_overhead_vs_Buffer+permute_pct": {
+               k: round(100 * (v / base_d - 1), 2) for k, v in td.items()
+               if k not in ("deep_ep.Buffer", "fused_a2a", "Buffer+permute") and "alone" not in k},
+           "combine_overhead_vs_Buffer+permute_pct": {
+               k: round(100 * (v / base_c - 1), 2) for k, v in tc.items()
+               if k not in ("deep_ep.Buffer", "fused_a2a", "Buffer+permute") and "alone" not in k}}
+    for be in backends:
+        if be in td:
+            res[f"overhead_{be}_vs_Buffer+permute_pct"] = 100 * (
+                (td[be] + tc[be]) / (base_d + base_c) - 1)
     log0(f"[bench R={world}] " + json.dumps(res))
+    if dist.get_rank() == 0:
+        lines = [f"[bench-table R={world}] {'':44s} dispatch ms (host) | combine ms (host) "
+                 "| vs Buffer+permute d / c"]
+        for k in list(td) + [k for k in tc if k not in td]:
+            d = f"{td[k]:7.3f} ({hd[k]:7.3f})" if k in td else " " * 17
+            c = f"{tc[k]:7.3f} ({hc[k]:7.3f})" if k in tc else " " * 17
+            pd = res["dispatch_overhead_vs_Buffer+permute_pct"].get(k)
+            pc = res["combine_overhead_vs_Buffer+permute_pct"].get(k)
+            rel = "" if pd is None and pc is None else f"{pd if pd is not None else '':>7} / {pc if pc is not None else ''}"
+            lines.append(f"[bench-table R={world}] {k:44s} {d} | {c} | {rel}")
+        print("\n".join(lines), flush=True)
     return res
 
 
@@ -375,7 +584,11 @@ def main():
     ap.add_argument("--bench-backends", default="deepep,alltoall")
     ap.add_argument("--iters", type=int, default=25)
     ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--seed-api", default="v1", help="v1, hybrid, both or none")
+    ap.add_argument("--seed-api", default="v1", help="v1, hybrid, both, uccl or none")
+    ap.add_argument("--warm-steps", action="store_true",
+                    help="V1 backends: one dispatcher through valid, bad and reshaped calls")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="with --bench: per-stage timing of the first V1 backend")
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="check this script itself: parity on gloo/CPU with tests/fake_ep.py")
     ap.add_argument("--options", default="{}",
@@ -406,18 +619,25 @@ def main():
     except Exception as exc:
         summary["deep_ep"] = f"not importable: {exc}"
     summary["parity"] = parity(backends, world, args.hidden, 8, 4)
+    if args.warm_steps:
+        summary["warm_steps"] = {be: warm_steps(world, be) for be in backends
+                                 if be in V1_BACKENDS}
     if args.seed_api in ("v1", "both"):
         summary["seed_api"] = seed_api(world)
+    if args.seed_api == "uccl":
+        summary["seed_api"] = seed_api(world, "uccl")
     if args.seed_api in ("hybrid", "both"):
         summary["seed_hybrid_api"] = seed_hybrid_api(world)
     if args.bench:
         summary["bench"] = bench(world, [b for b in args.bench_backends.split(",") if b],
-                                 args.iters)
+                                 args.iters, args.breakdown)
     from moe_dispatch import fused_a2a, hybrid_buffer
     if args.cpu_smoke:
         smoke.__exit__(None, None, None)
     else:
         fused_a2a.free_buffer()  # every rank, before the process group goes
+        from moe_dispatch import v1_buffer
+        v1_buffer.free_all()     # UCCL's (and any other V1 library's) buffers too
         hybrid_buffer.reset_all()
     if dist.get_rank() == 0:
         ok = all(v.get("ok") for s in summary["parity"].values() for b, v in s.items()
@@ -428,12 +648,43 @@ def main():
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(summary, f, indent=1, default=str)
+        b = summary.get("bench") or {}
+        if summary.get("warm_steps"):
+            summary["warm_steps_ok"] = all(v and v.get("ok") for v in summary["warm_steps"].values())
         print("SUMMARY " + json.dumps({"world": world, "parity_all_ok": ok,
+                                       "warm_steps_ok": summary.get("warm_steps_ok"),
                                        "alltoall_failures": summary["alltoall_failures"],
                                        "seed_api": summary.get("seed_api"),
-                                       "bench": summary.get("bench")}, default=str), flush=True)
+                                       "seed_hybrid_api": summary.get("seed_hybrid_api"),
+                                       "bench_overhead_pct": {
+                                           k: v for k, v in b.items() if "overhead" in k}},
+                                      default=str), flush=True)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def test_script_cpu_smoke():
+    """This script itself (parity judging, warm steps, timing table) on 2 gloo ranks with
+    the CPU stand-ins, so a broken script is caught before GPU time is spent on it."""
+    import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(here), here,
+                                           os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         os.path.abspath(__file__), "--cpu-smoke", "--seed-api", "none", "--backends",
+         "deepep,uccl_over_deep_ep", "--warm-steps", "--bench", "--breakdown",
+         "--bench-backends", "deepep", "--iters", "2"],
+        capture_output=True, text=True, timeout=240, env=env)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("SUMMARY "))
+    summary = json.loads(line[len("SUMMARY "):])
+    assert summary["parity_all_ok"] and summary["warm_steps_ok"], line
+    pct = summary["bench_overhead_pct"]["dispatch_overhead_vs_Buffer+permute_pct"]
+    assert {"deepep", "deepep agree every call", "dispatcher(deepep, check_inputs=True)"} <= set(pct)
+    assert "[bench-table R=2] agree() alone" in proc.stdout
 
 
 def test_gpu_parity():

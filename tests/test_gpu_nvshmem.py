@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 pytestmark = pytest.mark.gpu
 
-CPU_MODE = os.environ.get("MOE_NVSHMEM_TEST_CPU") == "1"
+CPU_MODE = os.environ.get("MOE_NVSHMEM_TEST_CPU") in ("1", "2")
 if __name__ != "__main__" and (CPU_MODE or not torch.cuda.is_available()
                                or int(os.environ.get("WORLD_SIZE", "1")) < 2):
     pytest.skip("needs CUDA GPUs under torchrun (WORLD_SIZE >= 2)", allow_module_level=True)
@@ -129,6 +129,48 @@ class _ShmTransport:
         return T()
 
 
+class _FakeSymmMem:
+    """MOE_NVSHMEM_TEST_CPU=2: a stand-in for torch.distributed._symmetric_memory (shared
+    files again), so that the real ``_SymmTransport`` and the Triton barrier kernel run
+    across processes (interpreted)."""
+
+    def __init__(self):
+        self.files = {}
+        self.n = 0
+
+    def _name(self, n, r):
+        return f"/dev/shm/moe_nvshmem_fake_{os.environ.get('MASTER_PORT', '0')}_{os.getppid()}_{n}_{r}"
+
+    def empty(self, nbytes, dtype, device):
+        self.n += 1
+        t = torch.from_file(self._name(self.n, dist.get_rank()), shared=True, size=nbytes,
+                            dtype=torch.uint8)
+        self.files[t.data_ptr()] = (self.n, nbytes)
+        return t
+
+    def rendezvous(self, buf, group_name):
+        n, nbytes = self.files[buf.data_ptr()]
+        dist.barrier()
+        maps = [buf if r == dist.get_rank() else
+                torch.from_file(self._name(n, r), shared=True, size=nbytes, dtype=torch.uint8)
+                for r in range(dist.get_world_size())]
+        dist.barrier()
+        os.unlink(self._name(n, dist.get_rank()))
+
+        class Handle:
+            buffer_ptrs = [m.data_ptr() for m in maps]
+
+            @staticmethod
+            def get_buffer(rank, sizes, dtype, storage_offset=0):
+                return maps[rank][storage_offset:].view(dtype)[:sizes[0]]
+
+            @staticmethod
+            def barrier(channel=0, timeout_ms=0):
+                dist.barrier()
+
+        return Handle()
+
+
 _cpu_transports = {}
 
 
@@ -137,7 +179,12 @@ class _CpuNVSHMEM:
         from moe_dispatch.backends import nvshmem
         tr = _cpu_transports.get(group.group_name)
         if tr is None:
-            tr = _cpu_transports[group.group_name] = _ShmTransport(group)
+            if os.environ.get("MOE_NVSHMEM_TEST_CPU") == "2":
+                sys.modules["torch.distributed._symmetric_memory"] = _FakeSymmMem()
+                tr = nvshmem._SymmTransport(group, DEV, (options or {}).get("barrier", "auto"))
+            else:
+                tr = _ShmTransport(group)
+            _cpu_transports[group.group_name] = tr
         self.engine = nvshmem._Engine(tr, E, pad, options)
 
     def dispatch(self, *a):

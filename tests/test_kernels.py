@@ -84,7 +84,7 @@ def test_permute_unpermute_match_torch(monkeypatch, N, K, L, pad, mask, dtype):
     gp = torch.randn(pr.shape, generator=g).to(DEV)
     ((tok.float() * gt.float()).sum() + (pr * gp).sum()).backward()
     ((tok_ref.float() * gt.float()).sum() + (pr_ref * gp).sum()).backward()
-    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
     assert rel_err(x.grad, x_ref.grad) <= tol
     assert torch.equal(p.grad, p_ref.grad)
 

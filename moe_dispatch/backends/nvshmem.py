@@ -47,6 +47,7 @@ one EP group must run on one CUDA stream, in the same order on every rank.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -186,7 +187,8 @@ class _SymmTransport(_Transport):
         self.flags = flags
         self.flag_table = torch.tensor(flags.ptrs, dtype=torch.int64, device=device)
         # Every rank's flags must be zero before anyone signals into them.
-        torch.cuda.synchronize(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         dist.barrier(group=group, device_ids=[device.index]) \
             if dist.get_backend(group) == "nccl" else dist.barrier(group=group)
 
@@ -756,7 +758,7 @@ class NVSHMEMBackend:
         if not dist.is_available():
             return "this torch build has no torch.distributed"
         try:
-            import torch.distributed._symmetric_memory  # noqa: F401
+            importlib.import_module("torch.distributed._symmetric_memory")
         except Exception as exc:
             return (f"this torch has no usable torch.distributed._symmetric_memory "
                     f"({type(exc).__name__}: {exc}); needs torch >= 2.9 built with CUDA")

@@ -5,13 +5,20 @@ DeepEP V1's Python API, so this backend is the ``deepep`` adapter pointed at UCC
 ``Buffer`` (``moe_dispatch.v1_backend``). When the whole EP group is on one host the
 buffer is made with ``is_intranode=True`` and no RDMA bytes (NVLink only).
 
+UCCL's PyPI wheel (``uccl`` 0.1.1) ships only the native runtime ``uccl.ep``; the
+DeepEP-compatible Python ``Buffer`` lives in UCCL's source (``ep/bench/buffer.py`` +
+``utils.py``, packaged upstream as ``ep/deep_ep_wrapper``). Point
+``$MOE_DISPATCH_UCCL_MODULE`` at that package (its directory, or a module name on
+``sys.path``) and it is the only place the Buffer is taken from.
+
 If UCCL-EP is missing this backend is unavailable, with the reason: it never runs DeepEP
 in its place. ``backend_options={"buffer_module": "deep_ep"}`` points the same adapter at
 another module's V1 ``Buffer`` explicitly (used to prove the adapter on GPUs where UCCL
 itself cannot load); buffers are then owned under that module's name.
 
 backend_options: ``num_sms``, ``async_finish``, ``allocate_on_comm_stream`` as for
-``deepep``, and ``buffer_module`` (str, default: UCCL's ``uccl.ep``).
+``deepep``, and ``buffer_module`` (str, default: ``$MOE_DISPATCH_UCCL_MODULE``, else
+``uccl.ep.buffer`` / ``uccl.ep``).
 """
 from __future__ import annotations
 
