@@ -83,6 +83,7 @@ def build_experts(num_experts: int, num_local_experts: int, offset: int, hidden:
     if prefer_project:
         m = _project_experts(num_experts, num_local_experts, offset, hidden, ffn, dtype, device)
         if m is not None:
-            impl = m.resolved_impl(device) if hasattr(m, "resolved_impl") else "?"
+            probe = torch.empty(0, hidden, dtype=dtype, device=device)
+            impl = m.resolved_impl(probe) if hasattr(m, "resolved_impl") else "?"
             return m, f"token_dispatcher.experts.GroupedExperts (SwiGLU, {impl})"
     return SimpleExperts(num_local_experts, hidden, ffn, dtype, device), "simple per-expert MLP"
