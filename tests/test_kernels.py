@@ -353,3 +353,16 @@ def test_device_plan_orders_pads_and_drops():
     assert tpe.tolist() == [4, 1] and bool(dropped)
     assert nvshmem.filled_rows(pos, 5).tolist() == [1, 1, 0, 0, 1]
 
+
+
+def test_backend_reports_why_it_is_unavailable():
+    import moe_dispatch
+    from moe_dispatch.protocol import BackendConfig
+    reason = nvshmem.NVSHMEMBackend.availability()
+    listed = moe_dispatch.available_backends()["nvshmem"]
+    if torch.cuda.is_available() and HAS_TRITON:
+        assert reason is None and listed == "available"
+        return
+    assert isinstance(reason, str) and reason and listed == reason
+    with pytest.raises(RuntimeError, match="nvshmem backend"):
+        nvshmem.NVSHMEMBackend(BackendConfig(None, 8))

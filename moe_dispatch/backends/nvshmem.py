@@ -202,7 +202,8 @@ class _SymmTransport(_Transport):
             raise RuntimeError(
                 "nvshmem backend: some EP ranks' symmetric buffers are not directly addressable "
                 "from this GPU (peers on another node, or no P2P/NVLink); this backend needs "
-                "every EP rank on one NVLink domain: use backend='alltoall' or 'deepep' across nodes")
+                "every EP rank on one NVLink domain: use backend='alltoall' or 'deepep' across "
+                "nodes")
         # buffer_ptrs may be the base of a larger (pooled) block: shift by our offset in it.
         off = buf.data_ptr() - ptrs[self.rank]
         ptrs = [p + off for p in ptrs]
@@ -345,7 +346,8 @@ def device_plan(lid_VK: torch.Tensor, num_local_experts: int, pad_multiple: Opti
     ustart = torch.cumsum(c, 0) - c
     zero = torch.zeros(1, dtype=torch.long, device=dev)
     skey = key.index_select(0, order)
-    rank_in = torch.arange(flat.numel(), device=dev) - torch.cat([ustart, zero]).index_select(0, skey)
+    rank_in = torch.arange(flat.numel(), device=dev) - \
+        torch.cat([ustart, zero]).index_select(0, skey)
     pos_s = torch.cat([pstart, zero]).index_select(0, skey) + rank_in
     pos_s = torch.where(skey < L, torch.where(pos_s < budget, pos_s, -2), -1)
     pos = torch.empty_like(pos_s).scatter_(0, order, pos_s).view(V, K)

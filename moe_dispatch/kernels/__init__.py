@@ -31,7 +31,8 @@ def triton_available() -> Optional[str]:
         try:
             import triton  # noqa: F401
         except Exception as exc:  # ImportError, or a broken install
-            _triton_error = f"triton is not importable ({type(exc).__name__}: {exc}); pip install triton"
+            _triton_error = (f"triton is not importable ({type(exc).__name__}: {exc}); "
+                             "pip install triton")
         _checked = True
     return _triton_error
 

@@ -271,7 +271,6 @@ def barrier(flag_table: torch.Tensor, rank: int, channel: int, status: torch.Ten
 
     Gives up after ``max_spin`` polls of one slot (about a minute by default, long enough
     for a peer compiling a kernel) and ORs STATUS_BARRIER_TIMEOUT (8) into ``status``."""
-    return
     R = flag_table.shape[0]
     kernel = _barrier_kernel
     # No launch lock here: simulated ranks spin concurrently.
