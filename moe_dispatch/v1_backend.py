@@ -43,6 +43,8 @@ from .v1_buffer import (V1Comm, V1Combine, V1Dispatch, V1Library, check_group_si
                         configs_for, is_flagged, manager_for, new_box)
 
 WIRE_DTYPE = torch.bfloat16
+# Smallest row DeepEP V1 handled correctly in our measurements (H=256 at BF16; H=64 failed).
+MIN_ROW_BYTES = 512
 
 
 @dataclass(frozen=True)
@@ -121,9 +123,14 @@ class V1Backend:
         self.link: Optional[V1Comm] = None
         # (H, K) every rank agreed on in the last agreement: calls in that shape need none.
         self._agreed: Optional[Tuple[int, int]] = None
+        self._min_row_bytes = 0
         if self.R > 1:
             lib = self._library(opts)
             buffer_cls = lib.load()
+            # DeepEP v1.2.1's intranode combine returned wrong sums for 128-byte rows (H=64)
+            # at >= 256 tokens per rank on 4xH200, while H >= 256 was exact: refuse small rows.
+            # (A test stand-in Buffer may declare its own minimum.)
+            self._min_row_bytes = int(getattr(buffer_cls, "min_row_bytes", MIN_ROW_BYTES))
             mgr = manager_for(lib, self.group, buffer_cls)
             check_group_size(self.R, mgr.rdma, lib.name)
             dcfg = ccfg = None
@@ -209,6 +216,12 @@ class V1Backend:
         if (H * WIRE_DTYPE.itemsize) % 16:
             raise ValueError(f"{self.name}: hidden size {H} must be a multiple of 8 (DeepEP moves "
                              "rows in 16-byte vectors)")
+        if H * WIRE_DTYPE.itemsize < self._min_row_bytes:
+            raise ValueError(
+                f"{self.name}: hidden size {H} is below "
+                f"{self._min_row_bytes // WIRE_DTYPE.itemsize}: DeepEP V1's intranode combine "
+                "was measured returning wrong sums for such small rows; use backend "
+                "'alltoall' or 'nvshmem' for this model")
         self._agreed = (H, K)
         return H, K
 

@@ -228,3 +228,14 @@ def run_steps(rank, world, backend, steps, device="cpu", flag_offset=None):
     finally:
         v1_backend.agree, v1_buffer.flag_offset = real_agree, real_offset
     return out
+
+
+def fake_small_rows(rank, world, case):
+    """With the real library's small-row limit, a small hidden size raises on every rank."""
+    from moe_dispatch.v1_backend import MIN_ROW_BYTES
+    with fakes():
+        fake_ep.Buffer.min_row_bytes = MIN_ROW_BYTES
+        try:
+            return run_parity(rank, world, case, "deepep", {})
+        finally:
+            fake_ep.Buffer.min_row_bytes = 16

@@ -55,6 +55,8 @@ _COMBINE = {2: 10, 4: 9, 8: 4}
 
 
 class Buffer:
+    # The stand-in has no small-row limit (the real DeepEP V1 gets MIN_ROW_BYTES).
+    min_row_bytes = 16
     num_sms: int = 20
 
     def __init__(self, group, num_nvl_bytes=0, num_rdma_bytes=0, low_latency_mode=False,

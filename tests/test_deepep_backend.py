@@ -378,3 +378,11 @@ def test_uccl_module_from_env(tmp_path, monkeypatch):
     finally:
         for name in [n for n in sys.modules if n.startswith("my_uccl_wrapper")]:
             sys.modules.pop(name)
+
+
+def test_small_hidden_is_refused_on_every_rank(gloo_pool):
+    # DeepEP V1 returned wrong combine sums for H=64 rows on GPUs: such sizes must raise.
+    case = make_case(2, [5, 7], hidden=64, num_experts=8, topk=2)
+    res = gloo_pool(2).run_raw("ep_workers", "fake_small_rows", case, timeout=60)
+    for r in res:
+        assert r[0] == "err" and r[1] == "ValueError" and "below 256" in r[2], r
