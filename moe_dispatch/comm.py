@@ -153,3 +153,20 @@ def check_same_across_ranks(values: List[int], what: str, group) -> None:
 
 def optional_int(x: Optional[float], scale: int = 1) -> int:
     return -1 if x is None else int(round(x * scale))
+
+
+class CollectiveBackendBase:
+    """Shared setup of the backends built on torch.distributed collectives alone."""
+
+    def __init__(self, config):
+        self.cfg = config
+        self.group = config.group
+        self.R = group_size(self.group)
+        self.rank = group_rank(self.group)
+        self.L = config.num_experts // self.R
+
+    @classmethod
+    def availability(cls) -> Optional[str]:
+        if not dist.is_available():
+            return "this torch build has no torch.distributed"
+        return None

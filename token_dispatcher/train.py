@@ -31,7 +31,7 @@ import socket
 import sys
 import time
 import typing
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Dict, List, Optional
 

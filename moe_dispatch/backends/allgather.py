@@ -11,15 +11,13 @@ with validation folded in). Combine never syncs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
 
 import torch
-import torch.distributed as dist
 
 from .. import comm
 from ..permute import GroupPlan, group_plan, permute, unpermute
 from ..routing import pad_topk
-from ..protocol import BackendConfig, DispatchInputError, DispatchResult, PendingCheck
+from ..protocol import DispatchInputError, DispatchResult, PendingCheck
 
 
 @dataclass(frozen=True)
@@ -32,25 +30,12 @@ class AllGatherHandle:
     max_tokens: int
 
 
-class AllGatherBackend:
+class AllGatherBackend(comm.CollectiveBackendBase):
     name = "allgather"
-
-    def __init__(self, config: BackendConfig):
-        self.cfg = config
-        self.group = config.group
-        self.R = comm.group_size(self.group)
-        self.rank = comm.group_rank(self.group)
-        self.L = config.num_experts // self.R
-
-    @classmethod
-    def availability(cls) -> Optional[str]:
-        if not dist.is_available():
-            return "this torch build has no torch.distributed"
-        return None
 
     def dispatch(self, x_TH: torch.Tensor, idx_TK: torch.Tensor, probs_TK: torch.Tensor,
                  check: PendingCheck) -> DispatchResult:
-        R, L, E, me = self.R, self.L, self.cfg.num_experts, self.rank
+        L, E, me = self.L, self.cfg.num_experts, self.rank
         T, K = idx_TK.shape
         H = x_TH.shape[1]
         dev = x_TH.device

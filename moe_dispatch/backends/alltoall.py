@@ -12,15 +12,14 @@ it costs no extra sync. Combine never syncs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
-import torch.distributed as dist
 
 from .. import comm
 from ..permute import GroupPlan, group_plan, permute, unpermute
 from ..routing import pad_topk
-from ..protocol import BackendConfig, DispatchInputError, DispatchResult, PendingCheck
+from ..protocol import DispatchInputError, DispatchResult, PendingCheck
 
 
 @dataclass(frozen=True)
@@ -40,21 +39,8 @@ class AllToAllHandle:
     plan: GroupPlan
 
 
-class AllToAllBackend:
+class AllToAllBackend(comm.CollectiveBackendBase):
     name = "alltoall"
-
-    def __init__(self, config: BackendConfig):
-        self.cfg = config
-        self.group = config.group
-        self.R = comm.group_size(self.group)
-        self.rank = comm.group_rank(self.group)
-        self.L = config.num_experts // self.R
-
-    @classmethod
-    def availability(cls) -> Optional[str]:
-        if not dist.is_available():
-            return "this torch build has no torch.distributed"
-        return None
 
     def dispatch(self, x_TH: torch.Tensor, idx_TK: torch.Tensor, probs_TK: torch.Tensor,
                  check: PendingCheck) -> DispatchResult:
