@@ -92,8 +92,10 @@ class Backend(Protocol):
         idx_TK:   [T, K] int64 global expert ids, -1 = masked slot.
         probs_TK: [T, K] float32 routing probs, 0 where masked.
         check:    input validation still pending: the backend must settle it on every
-                  rank before its first data collective (see ``PendingCheck``), so that a
-                  rank with bad input makes every rank raise instead of hanging.
+                  rank before its first data collective (see ``PendingCheck``), or make a
+                  bad rank's collective harmless (fully masked rows of the agreed shape) and
+                  settle right after it, so that a rank with bad input makes every rank
+                  raise instead of hanging.
         Gradients must reach ``x_TH`` and ``probs_TK`` through the returned tokens / probs.
         """
         ...

@@ -43,12 +43,15 @@ class DispatchOutput:
                        a CPU tensor for syncing backends.
     probs:             [N] float32 routing prob of each row. Not applied by the dispatcher.
     handle:            pass to ``combine``.
+    status:            None, or (sync-free static-budget modes) a device int32 [1] tensor of
+                       flag bits the backend documents, e.g. rows dropped over the budget.
     """
 
     tokens: torch.Tensor
     tokens_per_expert: torch.Tensor
     probs: torch.Tensor
     handle: DispatchHandle
+    status: Optional[torch.Tensor] = None
 
 
 class MoETokenDispatcher(nn.Module):
@@ -148,7 +151,8 @@ class MoETokenDispatcher(nn.Module):
                                               self.capacity_factor, self.capacity_policy)
         res = self.backend.dispatch(x_TH, idx_TK, probs_TK, check)
         handle = DispatchHandle(res.handle, tuple(hidden.shape), self.backend_name)
-        return DispatchOutput(res.tokens_NH, res.tokens_per_expert_L, res.probs_N, handle)
+        return DispatchOutput(res.tokens_NH, res.tokens_per_expert_L, res.probs_N, handle,
+                              getattr(res.handle, "status", None))
 
     def combine(self, expert_output: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
         """Bring expert outputs home: [N, H] -> the shape ``hidden`` had, each token the plain
