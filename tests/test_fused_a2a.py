@@ -144,7 +144,7 @@ def test_fallback_table_matches_seed_page():
 
 def test_seed_page_is_complete():
     table = seed_table()
-    # the names listed in issue 4 / the page's summary tables
+    # the names the seed page lists in its summary tables
     assert len(table["classes"]) == 6
     assert len([n for n in table["functions"] if "." not in n]) == 15
     assert len(table["data"]) == 7
