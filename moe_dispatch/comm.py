@@ -20,6 +20,18 @@ def group_rank(group) -> int:
     return dist.get_rank(group) if dist.is_initialized() else 0
 
 
+def ints_on(values, device: torch.device) -> torch.Tensor:
+    """Small host int64 list -> tensor on ``device`` without a stream sync.
+
+    ``torch.tensor(values, device="cuda")`` copies from pageable memory and waits for the
+    stream; a pinned buffer with a non-blocking copy does not (the caching host allocator
+    keeps the buffer alive until the copy has run)."""
+    t = torch.tensor(values, dtype=torch.int64)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def group_device(group) -> torch.device:
     """Device that collectives of ``group`` take tensors on (CUDA for NCCL, else CPU)."""
     if dist.is_initialized() and dist.get_backend(group) == "nccl":

@@ -24,7 +24,7 @@ def agree(check: PendingCheck, group, device: torch.device, ints: Sequence[int]
     """All-gather ``[check code, *ints]`` over ``group``; raise on every rank if any rank's
     check failed; return the gathered ``ints`` as host lists, one row per rank."""
     code = check.code(device).reshape(1).to(torch.int64)
-    msg = torch.cat([code, torch.tensor(list(ints), dtype=torch.int64, device=code.device)])
+    msg = torch.cat([code, comm.ints_on(list(ints), code.device)])
     if comm.group_size(group) == 1:
         rows = [msg.tolist()]
     else:

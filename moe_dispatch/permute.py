@@ -81,12 +81,13 @@ def group_plan(lid_NK: torch.Tensor, num_local_experts: int,
     dest_M = None
     if padded != counts:
         dev = lid_NK.device
-        expert_M = torch.repeat_interleave(
-            torch.arange(num_local_experts, device=dev),
-            torch.tensor(counts, device=dev), output_size=m_real)
-        shift = torch.tensor([p - c for p, c in zip(_cumsum(padded), _cumsum(counts))],
-                             device=dev, dtype=torch.long)
-        dest_M = torch.arange(m_real, device=dev) + shift[expert_M]
+        from .comm import ints_on
+        shifts = [p - c for p, c in zip(_cumsum(padded), _cumsum(counts))]
+        counts_shift = ints_on(counts + shifts, dev)  # one copy, no stream sync
+        L = num_local_experts
+        expert_M = torch.repeat_interleave(torch.arange(L, device=dev), counts_shift[:L],
+                                           output_size=m_real)
+        dest_M = torch.arange(m_real, device=dev) + counts_shift[L:][expert_M]
     return GroupPlan(slot_M, dest_M, N, K, sum(padded), tuple(padded))
 
 

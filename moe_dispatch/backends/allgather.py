@@ -43,7 +43,7 @@ class AllGatherBackend(comm.CollectiveBackendBase):
         ekey = torch.where(valid_TK, idx_TK, E).reshape(-1)
         counts_E = torch.zeros(E + 1, dtype=torch.long, device=dev)
         counts_E.scatter_add_(0, ekey, torch.ones_like(ekey))
-        msg = torch.cat([torch.tensor([T, K, H], dtype=torch.long, device=dev),
+        msg = torch.cat([comm.ints_on([T, K, H], dev),
                          check.code(dev).view(1), counts_E[:E]])
         # The single host sync of this dispatch.
         table = comm.gather_ints(msg, self.group).tolist()

@@ -62,7 +62,7 @@ class AllToAllBackend(comm.CollectiveBackendBase):
             mask_TR.sum(0, dtype=torch.long).view(R, 1),
             counts_E[:E].view(R, L),
             check.code(dev).view(1, 1).expand(R, 1),
-            torch.tensor([[H, K]], dtype=torch.long, device=dev).expand(R, 2),
+            comm.ints_on([H, K], dev).view(1, 2).expand(R, 2),
         ], dim=1)
         recv_RC = comm.exchange_ints(msg_RC, self.group)
         # The single host sync of this dispatch.
