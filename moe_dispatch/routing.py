@@ -143,22 +143,27 @@ def canonicalize(hidden: torch.Tensor, num_experts: int, *,
         help_ = ("dispatch: topk_idx has an expert id outside [-1, num_experts) or "
                  "topk_probs has NaN/inf/negative values")
         if check_values and idx_TK.numel():
-            bad = ((idx_TK < -1) | (idx_TK >= num_experts)).any()
-            bad = bad | ~torch.isfinite(probs_TK).all() | (probs_TK < 0).any()
+            # Few kernels on purpose (each launch costs host time): an id outside
+            # [-1, E) changes under clamp; NaN and +inf map to -1, so "< 0" flags them too.
+            bad = (idx_TK.clamp(-1, num_experts - 1) != idx_TK).any() | _bad_probs(probs_TK)
         # Masked slots carry no weight whatever the caller put there.
         probs_TK = probs_TK * (idx_TK >= 0)
     else:
         help_ = "dispatch: probs has NaN/inf/negative values"
         bad = None
         if check_values and probs.numel():
-            pf = probs.float()
-            bad = ~torch.isfinite(pf).all() | (pf < 0).any()
+            bad = _bad_probs(probs)
             if topk is not None:
                 # A top-k hint smaller than a row's routed count would drop experts silently.
                 help_ += f", or a token is routed to more than topk={topk} experts"
                 bad = bad | (routing_map.sum(1) > topk).any()
         idx_TK, probs_TK = dense_to_topk(routing_map.bool(), probs, topk)
     return x_TH, idx_TK, probs_TK, PendingCheck(None, bad, help_)
+
+
+def _bad_probs(p: torch.Tensor) -> torch.Tensor:
+    """0-dim bool: any NaN, +-inf or negative value (NaN and +inf become -1 first)."""
+    return (p.nan_to_num(nan=-1.0, posinf=-1.0) < 0).any()
 
 
 def _host_errors(hidden, num_experts, topk_idx, topk_probs, routing_map, probs) -> Optional[str]:

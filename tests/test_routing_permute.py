@@ -88,3 +88,22 @@ def test_single_process_forward_matches_dense():
     d = MoETokenDispatcher(5)
     y = d(case.xs[0], local_experts(case.W, 0), topk_idx=case.idxs[0], topk_probs=case.probs[0])
     assert rel_err(y, reference_moe(case)[0][0]) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), -1e-6])
+def test_value_checks_flag_every_bad_prob(dtype, bad):
+    from moe_dispatch.routing import canonicalize
+    idx = torch.tensor([[0, 1], [2, -1]])
+    p = torch.tensor([[0.5, 0.5], [1.0, 0.0]], dtype=dtype)
+    _, _, _, ok = canonicalize(torch.zeros(2, 4), 3, topk_idx=idx, topk_probs=p)
+    assert not bool(ok.device_bad)
+    p[1, 0] = bad
+    _, _, _, check = canonicalize(torch.zeros(2, 4), 3, topk_idx=idx, topk_probs=p)
+    assert bool(check.device_bad)
+    for bad_id in (3, -2):
+        idx2 = idx.clone()
+        idx2[0, 1] = bad_id
+        _, _, _, check = canonicalize(torch.zeros(2, 4), 3, topk_idx=idx2,
+                                      topk_probs=torch.ones(2, 2))
+        assert bool(check.device_bad)
