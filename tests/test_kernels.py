@@ -366,3 +366,85 @@ def test_backend_reports_why_it_is_unavailable():
     assert isinstance(reason, str) and reason and listed == reason
     with pytest.raises(RuntimeError, match="nvshmem backend"):
         nvshmem.NVSHMEMBackend(BackendConfig(None, 8))
+
+
+# ===================================================================== fused layout / stage
+
+
+def _layout_case(R, T_cap, K, E, rank, g, skew=False, empty_rank=None, mask_frac=0.2):
+    """Every rank's staged ids [T_cap * K] int32 (global expert ids, -1 masked/padding)."""
+    idx = []
+    for s in range(R):
+        if skew:  # most slots on two experts of this rank
+            w = torch.ones(E)
+            w[rank * (E // R)] = 50.0
+            w[(rank + 1) * (E // R) - 1] = 20.0
+            ids = torch.multinomial(w, T_cap * K, replacement=True, generator=g)
+        else:
+            ids = torch.randint(0, E, (T_cap * K,), generator=g)
+        ids[torch.rand(T_cap * K, generator=g) < mask_frac] = -1
+        n_tok = int(torch.randint(0, T_cap + 1, (1,), generator=g))  # padding rows after T
+        ids.view(T_cap, K)[n_tok:] = -1
+        if s == empty_rank:
+            ids.fill_(-1)
+        idx.append(ids.to(torch.int32).to(DEV))
+    return idx
+
+
+@needs_triton
+@pytest.mark.parametrize("R,T_cap,K,E,pad,budget,skew,empty,tiles", [
+    (4, 40, 3, 16, None, None, False, None, (16, 3)),   # several chunks and blocks per rank
+    (3, 24, 2, 9, 4, None, True, 1, (16, 2)),           # L=3 (not a power of 2), zero-token rank
+    (2, 32, 4, 8, 2, 20, False, None, (32, 1)),          # budget drops rows
+    (1, 20, 3, 5, 3, 7, True, None, None),               # one rank, default tiling, drops
+    (4, 16, 2, 8, None, 1 << 62, False, 0, (16, 1)),
+])
+def test_fused_layout_matches_device_plan(R, T_cap, K, E, pad, budget, skew, empty, tiles):
+    from moe_dispatch.kernels import _triton
+    g = torch.Generator().manual_seed(1234 + R * 7 + T_cap)
+    L = E // R
+    for rank in range(R):
+        idx = _layout_case(R, T_cap, K, E, rank, g, skew=skew, empty_rank=empty)
+        metas = [torch.randint(-5, 1000, (16,), generator=g).to(DEV) for _ in range(R)]
+        status = torch.tensor([8], dtype=torch.int32, device=DEV)
+        b = (1 << 62) if budget is None else budget
+        # reference: the torch layout + device_plan
+        ids = torch.stack(idx).view(R * T_cap, K).long()
+        e0 = rank * L
+        lid = torch.where((ids >= e0) & (ids < e0 + L), ids - e0, -1)
+        pos_ref, tpe_ref, dropped_ref = nvshmem.device_plan(lid, L, pad, b)
+        # fused kernels, poisoned outputs
+        pos = torch.full((R * T_cap * K,), 777, dtype=torch.int64, device=DEV)
+        host = torch.full((R * 16 + L + 2,), 777, dtype=torch.int64, device=DEV)
+        itab = torch.tensor([t.data_ptr() for t in idx], dtype=torch.int64, device=DEV)
+        mtab = torch.tensor([t.data_ptr() for t in metas], dtype=torch.int64, device=DEV)
+        block, ncp = tiles if tiles else (None, None)
+        _triton.layout_plan(itab, mtab, status, T_cap * K, e0, L, pad or 1, b, pos, host,
+                            block=block, chunks_per_src=ncp)
+        assert torch.equal(pos.view(R * T_cap, K), pos_ref), (rank, pos.view(-1, K), pos_ref)
+        assert torch.equal(host[:R * 16].view(R, 16), torch.stack(metas)), rank
+        assert torch.equal(host[R * 16:R * 16 + L], tpe_ref), (rank, host, tpe_ref)
+        assert int(host[R * 16 + L]) == int(dropped_ref), rank
+        assert int(host[-1]) == 8
+
+
+@needs_triton
+@pytest.mark.parametrize("T,T_cap,K,H,dtype", [
+    (5, 8, 3, 24, torch.float32), (0, 8, 2, 16, torch.float16), (8, 8, 1, 40, torch.float32)])
+def test_fused_stage_matches_torch(T, T_cap, K, H, dtype):
+    from moe_dispatch.kernels import _triton
+    g = torch.Generator().manual_seed(T * 31 + H)
+    x = torch.randn(T, H, generator=g).to(dtype).to(DEV)
+    idx = torch.randint(-1, 9, (T, K), generator=g).to(DEV)
+    probs = torch.rand(T, K, generator=g).to(DEV)
+    x_out = torch.full((T_cap, H), float("nan"), dtype=dtype, device=DEV)
+    idx_out = torch.full((T_cap, K), 99, dtype=torch.int32, device=DEV)
+    p_out = torch.full((T_cap, K), float("nan"), device=DEV)
+    meta = torch.full((16,), 55, dtype=torch.int64, device=DEV)
+    code = torch.tensor(1, dtype=torch.int64, device=DEV)
+    _triton.stage(x, idx, probs, T, x_out, idx_out, p_out, meta, code, T, H * x.element_size())
+    assert torch.equal(x_out[:T], x)
+    assert x_out[T:].isnan().all()  # rows past the tokens are never written
+    assert torch.equal(idx_out[:T], idx.to(torch.int32)) and (idx_out[T:] == -1).all()
+    assert torch.equal(p_out[:T], probs) and p_out[T:].isnan().all()
+    assert meta[:5].tolist() == [T, 1, H * x.element_size(), K, 1] and (meta[5:] == 55).all()

@@ -48,13 +48,15 @@ class AllToAllBackend(comm.CollectiveBackendBase):
         T, K = idx_TK.shape
         dev = x_TH.device
         H = x_TH.shape[1]
-        valid_TK = (idx_TK >= 0) & (idx_TK < E)
-        rank_TK = torch.where(valid_TK, torch.div(idx_TK, L, rounding_mode="floor"), R)
+        # Expert key per slot: masked slots (and, until the error is raised after the count
+        # exchange, invalid ids) land in the spare bin E, whose rank is R (= E // L).
+        ekey_TK = torch.remainder(idx_TK.clamp(-1, E), E + 1)
+        rank_TK = torch.div(ekey_TK, L, rounding_mode="floor")
         # mask_TR[t, r]: token t has at least one expert on rank r.
         mask_TR = torch.zeros(T, R + 1, dtype=torch.bool, device=dev)
         mask_TR.scatter_(1, rank_TK, True)
         mask_TR = mask_TR[:, :R]
-        ekey = torch.where(valid_TK, idx_TK, E).reshape(-1)
+        ekey = ekey_TK.reshape(-1)
         counts_E = torch.zeros(E + 1, dtype=torch.long, device=dev)
         counts_E.scatter_add_(0, ekey, torch.ones_like(ekey))
         # One message per destination: [rows, per-local-expert rows..., error code, H, K].
@@ -74,8 +76,6 @@ class AllToAllBackend(comm.CollectiveBackendBase):
         # Metadata rows must have one width everywhere; a narrower K is widened with -1 slots.
         K = max(row[L + 3] for row in got)
         idx_TK, probs_TK = pad_topk(idx_TK, probs_TK, K)
-        if K != rank_TK.shape[1]:
-            rank_TK = torch.where(idx_TK >= 0, torch.div(idx_TK, L, rounding_mode="floor"), R)
         send_splits = [row[0] for row in sent]
         recv_splits = [row[0] for row in got]
         tokens_per_expert = [sum(row[1 + l] for row in got) for l in range(L)]
@@ -86,18 +86,15 @@ class AllToAllBackend(comm.CollectiveBackendBase):
         lid_TR = torch.where(mask_TR, torch.arange(R, device=dev), -1)
         send_plan = group_plan(lid_TR, R, send_splits)
         token_S = send_plan.row_M
-        dest_S = send_plan.slot_M - token_S * R
-        on_dest_SK = rank_TK.index_select(0, token_S) == dest_S.unsqueeze(1)
-        lid_SK = torch.where(on_dest_SK, idx_TK.index_select(0, token_S) - dest_S.unsqueeze(1) * L,
-                             -1)
-        probs_SK = probs_TK.index_select(0, token_S) * on_dest_SK
-        # ids ride as float32 (exact below 2**24) beside the probs: one collective for both.
-        meta_SK2 = torch.cat([lid_SK.to(torch.float32), probs_SK], dim=1)
+        # Each sent row carries the token's K global ids (as float32, exact below 2**24) and
+        # probs; the receiver keeps the slots of its own experts. One collective for both.
+        meta_SK2 = torch.cat([idx_TK.to(torch.float32), probs_TK], dim=1).index_select(0, token_S)
         send_x, _ = permute(x_TH, None, send_plan)
 
         recv_x = comm.all_to_all(send_x, recv_splits, send_splits, self.group)
         recv_meta = comm.all_to_all(meta_SK2, recv_splits, send_splits, self.group)
-        lid_NK = recv_meta[:, :K].detach().to(torch.long)
+        lid_NK = recv_meta[:, :K].detach().to(torch.long) - self.rank * L
+        lid_NK.masked_fill_((lid_NK < 0) | (lid_NK >= L), -1)
         plan = group_plan(lid_NK, L, tokens_per_expert, self.cfg.pad_multiple)
         tokens, probs = permute(recv_x, recv_meta[:, K:], plan)
         handle = AllToAllHandle(send_plan, tuple(send_splits), tuple(recv_splits), plan)

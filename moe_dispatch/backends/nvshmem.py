@@ -504,29 +504,22 @@ class _Engine:
                     f"{arena.row_bytes}, top-k {arena.K_cap}); dispatch the widest layer first")
             fits = fits_hk and (T <= arena.T_cap or static)
             T_st = min(T, arena.T_cap) if fits else 0
-            self._stage(arena, x_TH, idx_TK, probs_TK, T_st, K, H, dtype, bad_host or not fits)
-            meta = arena.local("meta", torch.int64, (16,))
-            meta[0].fill_(T)
-            meta[1].copy_(code)
-            meta[2].fill_(row_bytes)
-            meta[3].fill_(K)
-            meta[4].fill_(1 if fits else 0)
+            self._stage(arena, x_TH, idx_TK, probs_TK, T_st, K, H, dtype, bad_host or not fits,
+                        code, T, row_bytes, fits)
             self._mark("stage")
             tr.barrier(_CH_STAGED)
             self._mark("barrier")
-            metas_R, lid_VK = self._layout(arena, K)
             # The plan is queued before the host sync, so the GPU computes it while the host
             # waits; in the default mode nothing is over budget (the budget is exact).
-            pos_VK, tpe_L, dropped = device_plan(lid_VK, L, self.pad,
-                                                 self.budget if static else 1 << 62)
+            metas_R, pos_VK, tpe_L, dropped, host_buf = self._layout_plan(
+                arena, K, self.budget if static else 1 << 62)
             self._mark("layout_plan")
             if static:
                 break
-            host = torch.cat([metas_R[:, :5].reshape(-1), tpe_L,
-                              tr.status.to(torch.int64)]).tolist()  # the one sync
+            host = host_buf.tolist()  # the one sync: metas, counts, status in one copy
             self._mark("host_sync")
-            rows = [host[5 * r:5 * r + 5] for r in range(R)]
-            counts = host[5 * R:5 * R + L]  # padded rows per local expert
+            rows = [host[16 * r:16 * r + 5] for r in range(R)]
+            counts = host[16 * R:16 * R + L]  # padded rows per local expert
             if host[-1] & STATUS_BARRIER_TIMEOUT:
                 raise RuntimeError(
                     "nvshmem: a device barrier timed out waiting for a peer rank (a rank died, "
@@ -584,16 +577,53 @@ class _Engine:
                           tpe, status)
         return h, tokens, probs_M
 
-    def _stage(self, arena, x_TH, idx_TK, probs_TK, T_st, K, H, dtype, bad):
+    def _stage(self, arena, x_TH, idx_TK, probs_TK, T_st, K, H, dtype, bad, code, T,
+               row_bytes, fits):
         idx_st = arena.local("idx", torch.int32, (arena.T_cap * arena.K_cap,))
+        meta = arena.local("meta", torch.int64, (16,))
+        if not bad and self.impl == "triton":
+            # One launch for rows, ids, probs and the meta row (instead of ~10 small ops).
+            from ..kernels import _triton
+            _triton.stage(x_TH.contiguous(), idx_TK.contiguous(), probs_TK.contiguous(), T_st,
+                          arena.local("x", dtype, (arena.T_cap, H)),
+                          idx_st[:arena.T_cap * K].view(arena.T_cap, K),
+                          arena.local("probs", torch.float32, (arena.T_cap, K)),
+                          meta, code, T, row_bytes)
+            return
         if bad:
             idx_st.fill_(-1)  # contributes no rows, whatever K peers read with
-            return
-        arena.local("x", dtype, (arena.T_cap, H))[:T_st].copy_(x_TH[:T_st])
-        idx_v = idx_st[:arena.T_cap * K].view(arena.T_cap, K)
-        idx_v[:T_st].copy_(idx_TK[:T_st])
-        idx_v[T_st:].fill_(-1)
-        arena.local("probs", torch.float32, (arena.T_cap, K))[:T_st].copy_(probs_TK[:T_st])
+        else:
+            arena.local("x", dtype, (arena.T_cap, H))[:T_st].copy_(x_TH[:T_st])
+            idx_v = idx_st[:arena.T_cap * K].view(arena.T_cap, K)
+            idx_v[:T_st].copy_(idx_TK[:T_st])
+            idx_v[T_st:].fill_(-1)
+            arena.local("probs", torch.float32, (arena.T_cap, K))[:T_st].copy_(probs_TK[:T_st])
+        meta[0].fill_(T)
+        meta[1].copy_(code)
+        meta[2].fill_(row_bytes)
+        meta[3].fill_(K)
+        meta[4].fill_(1 if fits else 0)
+
+    def _layout_plan(self, arena, K, budget):
+        """(metas_R [R, 16], pos_VK, tokens_per_expert_L, dropped, host_buf): every rank's
+        meta row, the plan of ``device_plan``, and one int64 buffer [R*16 + L + 2] holding
+        metas, tokens_per_expert, dropped and this rank's status (the host sync's payload).
+        The Triton path is two launches; the torch path is the reference."""
+        R, L, T_cap, dev = self.R, self.L, arena.T_cap, self.tr.device
+        if self.impl == "triton":
+            from ..kernels import _triton
+            host_buf = torch.empty(R * 16 + L + 2, dtype=torch.int64, device=dev)
+            pos = torch.empty(R * T_cap * K, dtype=torch.int64, device=dev)
+            _triton.layout_plan(arena.tables["idx"], arena.tables["meta"], self.tr.status,
+                                T_cap * K, self.rank * L, L, self.pad or 1, budget, pos,
+                                host_buf)
+            return (host_buf[:R * 16].view(R, 16), pos.view(R * T_cap, K),
+                    host_buf[R * 16:R * 16 + L], host_buf[R * 16 + L], host_buf)
+        metas_R, lid_VK = self._layout(arena, K)
+        pos_VK, tpe_L, dropped = device_plan(lid_VK, L, self.pad, budget)
+        host_buf = torch.cat([metas_R.reshape(-1), tpe_L, dropped.to(torch.int64).view(1),
+                              self.tr.status.to(torch.int64)])
+        return metas_R, pos_VK, tpe_L, dropped, host_buf
 
     def _layout(self, arena, K):
         """Every rank's meta row and this rank's local expert id of every peer slot."""

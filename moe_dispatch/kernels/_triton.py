@@ -275,3 +275,166 @@ def barrier(flag_table: torch.Tensor, rank: int, channel: int, status: torch.Ten
     kernel = _barrier_kernel
     # No launch lock here: simulated ranks spin concurrently.
     kernel[(1,)](flag_table, rank, channel, status, R=R, MAX_SPIN=max_spin, num_warps=1)
+
+
+# ----------------------------------------------------------------------------- layout
+#
+# The dispatch layout in two launches (replacing ~25 torch ops and a stable argsort):
+#   1. ``_layout_hist_kernel``: program (s, j) reads chunk j of rank s's staged expert ids
+#      straight from its buffer and counts the slots of each local expert (one-hot sums);
+#      programs (s, 0) also copy rank s's meta row into the host buffer.
+#   2. ``_layout_pos_kernel``: every program reduces the [chunks, L] histogram (a few KB,
+#      from L2) to per-expert totals, padded block starts and its chunk's offsets, then walks
+#      its chunk again giving each slot its row: block start + earlier slots of the expert
+#      (a cumsum over the one-hot tile) -- the stable (expert, rank, token, slot) order.
+#      Program (0, 0) writes tokens_per_expert, the dropped flag and the status word.
+
+
+@triton.jit(do_not_specialize=["slots_per_src", "chunk", "e0"])
+def _layout_hist_kernel(idx_table, meta_table, host_ptr, hist_ptr, slots_per_src, chunk, e0,
+                        L: tl.constexpr, L_P2: tl.constexpr, NCP: tl.constexpr,
+                        BLOCK_S: tl.constexpr):
+    s = tl.program_id(0)
+    j = tl.program_id(1)
+    if j == 0:
+        m = tl.arange(0, 16)
+        mbase = tl.load(meta_table + s).to(tl.pointer_type(tl.int64))
+        tl.store(host_ptr + s * 16 + m, tl.load(mbase + m))
+    base = tl.load(idx_table + s).to(tl.pointer_type(tl.int32))
+    experts = tl.arange(0, L_P2)
+    hist = tl.zeros([L_P2], dtype=tl.int32)
+    start = j.to(tl.int64) * chunk
+    for off in range(0, chunk, BLOCK_S):
+        i = start + off + tl.arange(0, BLOCK_S)
+        ok = i < slots_per_src
+        lid = tl.load(base + i, mask=ok, other=-1) - e0
+        hit = (lid[:, None] == experts[None, :]) & ok[:, None] & (experts[None, :] < L)
+        hist += tl.sum(hit.to(tl.int32), axis=0)
+    tl.store(hist_ptr + (s * NCP + j) * L_P2 + experts, hist)
+
+
+@triton.jit(do_not_specialize=["slots_per_src", "chunk", "e0", "budget", "pad"])
+def _layout_pos_kernel(idx_table, hist_ptr, pos_ptr, host_ptr, status_ptr, slots_per_src,
+                       chunk, e0, budget, pad, R: tl.constexpr, L: tl.constexpr,
+                       L_P2: tl.constexpr, NCP: tl.constexpr, NC_P2: tl.constexpr,
+                       BLOCK_S: tl.constexpr):
+    s = tl.program_id(0)
+    j = tl.program_id(1)
+    g = s * NCP + j
+    experts = tl.arange(0, L_P2)
+    crow = tl.arange(0, NC_P2)
+    hist = tl.load(hist_ptr + crow[:, None] * L_P2 + experts[None, :],
+                   mask=(crow[:, None] < R * NCP), other=0).to(tl.int64)
+    c = tl.sum(hist, axis=0)
+    before = tl.sum(tl.where(crow[:, None] < g, hist, 0), axis=0)
+    padded = (c + pad - 1) // pad * pad
+    pstart = tl.cumsum(padded, axis=0) - padded
+    budget64 = budget.to(tl.int64)
+    if g == 0:
+        tpe = tl.minimum(padded, tl.maximum(budget64 - pstart, 0))
+        tl.store(host_ptr + R * 16 + experts, tpe, mask=experts < L)
+        tl.store(host_ptr + R * 16 + L, (tl.sum(padded, axis=0) > budget64).to(tl.int64))
+        tl.store(host_ptr + R * 16 + L + 1, tl.load(status_ptr).to(tl.int64))
+    running = pstart
+    base = tl.load(idx_table + s).to(tl.pointer_type(tl.int32))
+    start = j.to(tl.int64) * chunk
+    out_base = s.to(tl.int64) * slots_per_src
+    for off in range(0, chunk, BLOCK_S):
+        i = start + off + tl.arange(0, BLOCK_S)
+        ok = i < slots_per_src
+        lid = tl.load(base + i, mask=ok, other=-1) - e0
+        hit = ((lid[:, None] == experts[None, :]) & ok[:, None]
+               & (experts[None, :] < L)).to(tl.int64)
+        before_in = tl.cumsum(hit, axis=0) - hit  # earlier slots of the same expert
+        pos = tl.sum(hit * (running[None, :] + before_in), axis=1)
+        mine = tl.sum(hit, axis=1) > 0
+        pos = tl.where(mine, tl.where(pos < budget64, pos, -2), -1)
+        tl.store(pos_ptr + out_base + i, pos, mask=ok)
+        running += tl.sum(hit, axis=0)
+
+
+def layout_plan(idx_table: torch.Tensor, meta_table: torch.Tensor, status: torch.Tensor,
+                slots_per_src: int, e0: int, num_local: int, pad: int, budget: int,
+                pos_out: torch.Tensor, host_out: torch.Tensor, block: int | None = None,
+                chunks_per_src: int | None = None) -> None:
+    """Fused dispatch layout over every rank's staged ids (see the comment above).
+
+    idx_table:     [R] int64 addresses of each rank's staged ids ([slots_per_src] int32).
+    meta_table:    [R] int64 addresses of each rank's meta row ([16] int64).
+    status:        [1] int32 this rank's status word (copied to the host buffer).
+    pos_out:       [R * slots_per_src] int64: output row of each slot, -1 not here, -2 dropped.
+    host_out:      [R * 16 + L + 2] int64: metas, tokens_per_expert (padded, clipped to
+                   ``budget``), dropped flag (padded total > budget), status.
+    block, chunks_per_src: tiling overrides (tests use them to cross chunk boundaries).
+    """
+    R = idx_table.shape[0]
+    L = num_local
+    L_P2 = triton.next_power_of_2(max(L, 1))
+    block = block or max(16, min(1024, 8192 // L_P2))
+    # Enough chunks to spread the walk over the GPU, few enough that every program can
+    # reduce the whole histogram from L2 in one tile.
+    max_chunks = max(R, min(256, 16384 // L_P2))
+    ncp = chunks_per_src or max(1, min(triton.cdiv(max(slots_per_src, 1), block),
+                                       max_chunks // R))
+    chunk = _round_to(triton.cdiv(max(slots_per_src, 1), ncp), block)
+    nc_p2 = triton.next_power_of_2(R * ncp)
+    hist = torch.empty(R * ncp * L_P2, dtype=torch.int32, device=pos_out.device)
+    with _launch_lock:
+        _layout_hist_kernel[(R, ncp)](idx_table, meta_table, host_out, hist, slots_per_src,
+                                      chunk, e0, L=L, L_P2=L_P2, NCP=ncp, BLOCK_S=block,
+                                      num_warps=4)
+        _layout_pos_kernel[(R, ncp)](idx_table, hist, pos_out, host_out, status, slots_per_src,
+                                     chunk, e0, budget, max(int(pad), 1), R=R, L=L, L_P2=L_P2,
+                                     NCP=ncp, NC_P2=nc_p2, BLOCK_S=block, num_warps=4)
+
+
+def _round_to(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+@triton.jit(do_not_specialize=["T_st", "K", "num_tokens", "row_bytes"])
+def _stage_kernel(x_ptr, idx_ptr, probs_ptr, x_out, idx_out, probs_out, meta_out, code_ptr,
+                  T_st, H, K, num_tokens, row_bytes,
+                  K_P2: tl.constexpr, BLOCK_H: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    hb = tl.program_id(1)
+    cols = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    zero_v = tl.zeros([BLOCK_H], dtype=tl.int64)
+    m = (cols < H) & (t + zero_v < T_st)
+    row = tl.load(x_ptr + t * H + cols, mask=m)
+    tl.store(x_out + t * H + cols, row, mask=m)
+    if hb == 0:
+        ks = tl.arange(0, K_P2)
+        km = ks < K
+        zk = tl.zeros([K_P2], dtype=tl.int64)
+        lk = km & (t + zk < T_st)
+        ids = tl.load(idx_ptr + t * K + ks, mask=lk, other=-1)
+        tl.store(idx_out + t * K + ks, ids.to(tl.int32), mask=km)  # -1 past the tokens
+        p = tl.load(probs_ptr + t * K + ks, mask=lk, other=0.0)
+        tl.store(probs_out + t * K + ks, p.to(tl.float32), mask=lk)
+        if t == 0:
+            tl.store(meta_out + 0, num_tokens.to(tl.int64))
+            tl.store(meta_out + 1, tl.load(code_ptr).to(tl.int64))
+            tl.store(meta_out + 2, row_bytes.to(tl.int64))
+            tl.store(meta_out + 3, K.to(tl.int64))
+            tl.store(meta_out + 4, tl.full([], 1, tl.int64))  # fits
+
+
+def stage(x_TH: torch.Tensor, idx_TK: torch.Tensor, probs_TK: torch.Tensor, T_st: int,
+          x_out: torch.Tensor, idx_out: torch.Tensor, probs_out: torch.Tensor,
+          meta_out: torch.Tensor, code: torch.Tensor, num_tokens: int, row_bytes: int) -> None:
+    """One launch for the dispatch staging: x_out[:T_st] = x, idx_out[t] = int32 ids
+    (-1 for t >= T_st, up to idx_out's rows), probs_out[:T_st] = float32 probs, and the meta
+    row (tokens, check code, row bytes, K, fits=1).
+
+    x_out [T_cap, H] (dtype of x), idx_out [T_cap, K] int32, probs_out [T_cap, K] float32,
+    meta_out [16] int64, code: 0-dim int tensor on the device."""
+    T_cap, H = x_out.shape
+    K = idx_out.shape[1]
+    block, warps = _block_h(H, x_out.element_size())
+    grid = (T_cap, triton.cdiv(H, block))
+    with _launch_lock:
+        _stage_kernel[grid](x_TH, idx_TK, probs_TK, x_out, idx_out, probs_out, meta_out, code,
+                            T_st, H, K, num_tokens, row_bytes,
+                            K_P2=triton.next_power_of_2(max(K, 1)), BLOCK_H=block,
+                            num_warps=warps)
