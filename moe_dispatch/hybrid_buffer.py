@@ -12,8 +12,21 @@ handle reports whether more rows arrived than were allowed for.
 
 Library facts this module relies on (hybrid-ep branch, 2026): every rank must pass the
 same token count (the routing maps are all-gathered as equal blocks), hidden rows are
-2-byte (BF16) and probs FP32; older commits take ``use_host_meta`` instead of
-``non_blocking`` and return an 8-field handle without the overflow flag.
+2-byte (BF16) and probs FP32. Within a local expert, rows come in global token order
+(source rank, then token), as the metadata scan numbers received tokens that way.
+Combine's output is allocated uninitialised and only tokens routed somewhere are written:
+rows (and combined-prob rows) of unrouted tokens are garbage, so callers that need zeros
+must mask them (``HybridDispatch`` / ``HybridCombine`` do, given the routed mask).
+
+Older commits (e.g. 2eec484, the "legacy" API here) differ: ``use_host_meta`` instead of
+``non_blocking``; an 8-field handle without the overflow flag; ``num_permuted_tokens``
+is not guarded (more arriving rows are written past the allocation) and dispatch still
+reads the received-token count on the host; ``pad_multiple=None`` (0) divides by zero in
+the permute preprocessing kernel (expert offsets come out wrong), so 1 is passed instead;
+tokens_per_expert is int32 in pinned host memory, but on the GPU when nothing arrives.
+Both versions JIT their kernels with the token count per rank as a template constant that
+must be a multiple of the 128-token chunk, and only hidden sizes that are multiples of 512
+are valid (``BufferConfig.is_valid``, not enforced by the library).
 """
 from __future__ import annotations
 
@@ -56,6 +69,14 @@ def _params(fn) -> set:
         return set(inspect.signature(fn).parameters)
     except (TypeError, ValueError):
         return set()
+
+
+def is_legacy_api(buffer) -> bool:
+    """True for older hybrid-ep commits (``use_host_meta`` API, e.g. 2eec484): no overflow
+    flag, unguarded ``num_permuted_tokens``, ``pad_multiple`` required (see module doc).
+    ``buffer``: a HybridEPBuffer or the class."""
+    params = _params(buffer.dispatch_with_permute)
+    return "use_host_meta" in params and "non_blocking" not in params
 
 
 @dataclass(frozen=True)
@@ -174,6 +195,11 @@ def dispatch_with_permute(buffer, x, routing_map, probs, num_local_experts: int,
     """Returns (tokens [N, H], probs [N] fp32 or None, scaling_factor, tokens_per_expert [L]
     int64 (pinned host, or device when ``num_permuted_tokens`` is given), handle)."""
     params = _params(buffer.dispatch_with_permute)
+    legacy = "use_host_meta" in params and "non_blocking" not in params
+    if legacy and not pad_multiple:
+        # Legacy permute preprocessing computes ceil(n / pad) * pad unguarded: pad 0 divides
+        # by zero. Padding to 1 is the identity.
+        pad_multiple = 1
     kw: Dict[str, Any] = dict(hidden=x, scaling_factor=None, pad_multiple=pad_multiple,
                               num_permuted_tokens=num_permuted_tokens)
     if handle is None:
@@ -189,7 +215,10 @@ def dispatch_with_permute(buffer, x, routing_map, probs, num_local_experts: int,
 
 
 def combine_with_unpermute(buffer, x, handle, probs=None, *, pad_multiple: Optional[int] = None):
-    """Returns (combined [T, H], combined_probs [T, E] fp32 or None)."""
+    """Returns (combined [T, H], combined_probs [T, E] fp32 or None). Rows of tokens routed
+    nowhere are NOT written by the library (uninitialised memory)."""
+    if not pad_multiple and is_legacy_api(buffer):
+        pad_multiple = 1  # same value as its dispatch (see dispatch_with_permute)
     return buffer.combine_with_unpermute(hidden=x, probs=probs, handle=handle,
                                          pad_multiple=pad_multiple)
 
@@ -222,7 +251,7 @@ class HybridCall:
 
 
 class _Box:
-    __slots__ = ("tokens_per_expert", "handle")
+    __slots__ = ("tokens_per_expert", "handle", "routed_T")
 
 
 def new_box() -> _Box:
@@ -231,10 +260,12 @@ def new_box() -> _Box:
 
 class HybridDispatch(torch.autograd.Function):
     """(x_TH bf16, probs_TE fp32, routing_map_TE bool) -> (tokens_NH, probs_N).
-    Backward: combine_with_unpermute of the row grads and prob grads."""
+    Backward: combine_with_unpermute of the row grads and prob grads; rows of tokens routed
+    nowhere (which the library leaves unwritten) get zero grads."""
 
     @staticmethod
     def forward(ctx, x_TH, probs_TE, map_TE, call: HybridCall, box: _Box):
+        ctx.routed_T = box.routed_T = map_TE.any(dim=1)
         buf = call.manager.get(x_TH.shape[1], x_TH.shape[0], call.settings)
         tokens, probs, _scale, tpe, handle = dispatch_with_permute(
             buf, x_TH, map_TE, probs_TE, call.settings.num_local_experts,
@@ -256,17 +287,24 @@ class HybridDispatch(torch.autograd.Function):
                    else torch.zeros(shape[0], dtype=torch.float32, device=device))
         g_x, g_pTE = combine_with_unpermute(call.manager.buffer, g_tokens.contiguous(),
                                             ctx.handle, g_p, pad_multiple=call.pad_multiple)
+        unrouted_T = ~ctx.routed_T
+        g_x = g_x.masked_fill_(unrouted_T.unsqueeze(1), 0)
+        if g_pTE is not None:
+            g_pTE = g_pTE.masked_fill_(unrouted_T.unsqueeze(1), 0)
         return g_x, g_pTE, None, None, None
 
 
 class HybridCombine(torch.autograd.Function):
-    """tokens_NH (expert-grouped, bf16) -> [T, H]. Backward: dispatch_with_permute of the
+    """tokens_NH (expert-grouped, bf16) -> [T, H]; rows where ``routed_T`` [T] bool is False
+    are zeroed (the library leaves them unwritten). Backward: dispatch_with_permute of the
     output grad along the cached handle."""
 
     @staticmethod
-    def forward(ctx, y_NH, handle, call: HybridCall, num_rows: int):
+    def forward(ctx, y_NH, handle, call: HybridCall, num_rows: int, routed_T):
         out, _ = combine_with_unpermute(call.manager.buffer, y_NH.contiguous(), handle,
                                         pad_multiple=call.pad_multiple)
+        if routed_T is not None:
+            out.masked_fill_(~routed_T.unsqueeze(1), 0)
         ctx.call, ctx.handle, ctx.num_rows = call, handle, num_rows
         return out
 
@@ -277,4 +315,4 @@ class HybridCombine(torch.autograd.Function):
             call.manager.buffer, g_TH.contiguous(), None, None,
             call.settings.num_local_experts, pad_multiple=call.pad_multiple,
             num_permuted_tokens=ctx.num_rows, handle=ctx.handle)
-        return g, None, None, None
+        return g, None, None, None, None

@@ -15,10 +15,10 @@ from dist_workers import run_parity
 
 
 @contextlib.contextmanager
-def fakes():
+def fakes(hybrid_api: str = "current"):
     from moe_dispatch import fused_a2a, hybrid_buffer, v1_backend, v1_buffer
     from moe_dispatch.backends import hybridep
-    fake_ep.install()
+    fake_ep.install(hybrid_api=hybrid_api)
     # The stand-ins run on CPU; the backends' CUDA requirement is lifted for their duration.
     cuda_checks = (v1_backend.cuda_reason, hybridep.cuda_reason)
     v1_backend.cuda_reason = hybridep.cuda_reason = lambda: None
@@ -36,8 +36,8 @@ def fakes():
         fake_ep.uninstall()
 
 
-def fake_parity(rank, world, case, backend, opts):
-    with fakes():
+def fake_parity(rank, world, case, backend, opts, hybrid_api="current"):
+    with fakes(hybrid_api):
         out = run_parity(rank, world, case, backend, opts)
         out["log"] = dict(fake_ep.LOG)
         return out

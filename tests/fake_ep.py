@@ -292,7 +292,14 @@ class HybridEPBuffer:
         acc = torch.zeros(T * self.R, hidden.shape[1], dtype=torch.float32)
         acc.index_add_(0, gid[ok], hidden[ok].float())
         dist.all_reduce(acc, group=self.group)
-        out = acc[self.rank * T:(self.rank + 1) * T].to(hidden.dtype)
+        # The library allocates the output uninitialised and writes only tokens routed
+        # somewhere: unrouted rows are garbage (NaN here, so a caller relying on them fails).
+        hits = torch.zeros(T * self.R)
+        hits.index_add_(0, gid[ok], torch.ones(int(ok.sum())))
+        dist.all_reduce(hits, group=self.group)
+        unrouted = (hits[self.rank * T:(self.rank + 1) * T] == 0).unsqueeze(1)
+        out = acc[self.rank * T:(self.rank + 1) * T].masked_fill(unrouted, float("nan"))
+        out = out.to(hidden.dtype)
         out_p = None
         if probs is not None:
             E = self.L * self.R
@@ -300,15 +307,57 @@ class HybridEPBuffer:
             pacc.index_put_((gid[ok], lid[ok] + self.rank * self.L), probs[ok].float(),
                             accumulate=True)
             dist.all_reduce(pacc, group=self.group)
-            out_p = pacc[self.rank * T:(self.rank + 1) * T]
+            out_p = pacc[self.rank * T:(self.rank + 1) * T].masked_fill(unrouted, float("nan"))
         return out, out_p
 
 
-def install(hybrid: bool = True, uccl: bool = True) -> None:
+class HybridEPBuffer2eec484(HybridEPBuffer):
+    """The older hybrid-ep API (commit 2eec484): ``use_host_meta`` instead of
+    ``non_blocking``, no ``use_shared_buffer`` argument, an 8-field handle without the
+    overflow flag, tokens_per_expert int32. Its hazards fail loudly here: ``pad_multiple``
+    None/0 (the permute preprocessing divides by it), more rows than ``num_permuted_tokens``
+    (written out of bounds), a token count that is not a multiple of the 128-token chunk
+    (a static_assert of the JIT build), hidden not a multiple of 512 (invalid config)."""
+
+    def __init__(self, group, hidden_dim, max_num_of_tokens_per_rank, num_local_experts,
+                 use_fp8=False, num_sms_dispatch_api=None, num_sms_combine_api=None,
+                 num_sms_preprocessing_api=None, use_mnnvl=None, ib_dev_name_list=[]):
+        assert hidden_dim % 512 == 0, f"hidden_dim {hidden_dim} not a multiple of 512"
+        assert max_num_of_tokens_per_rank % 128 == 0, max_num_of_tokens_per_rank
+        super().__init__(group, hidden_dim, max_num_of_tokens_per_rank, num_local_experts,
+                         use_fp8, num_sms_dispatch_api, num_sms_combine_api)
+
+    def dispatch_with_permute(self, *, hidden, topk_idx=None, topk_weights=None,
+                              num_of_experts_per_rank=None, num_of_experts=None, use_fp8=None,
+                              routing_map=None, probs=None, scaling_factor=None,
+                              num_dispatched_tokens=None, num_permuted_tokens=None,
+                              pad_multiple=None, handle=None, use_host_meta=True):
+        assert pad_multiple, "pad_multiple None/0: division by zero in permute_processing"
+        T, H = hidden.shape
+        assert H % 512 == 0 and max(T, self.max_tokens) % 128 == 0, (T, H)
+        full = None if handle is None else handle + (None, None, None)
+        tokens, out_p, scale, tpe, full = super().dispatch_with_permute(
+            hidden=hidden, routing_map=routing_map, probs=probs,
+            num_permuted_tokens=num_permuted_tokens, pad_multiple=pad_multiple, handle=full)
+        if full[10] is not None:
+            assert int(full[10][0]) == 0, "more rows than num_permuted_tokens: out of bounds"
+        if tpe is not None:
+            tpe = tpe.to(torch.int32)
+        return tokens, out_p, scale, tpe, full[:8]
+
+    def combine_with_unpermute(self, *, hidden, probs=None, num_dispatched_tokens=None,
+                               handle=None, pad_multiple=None):
+        assert hidden.shape[1] % 512 == 0
+        return super().combine_with_unpermute(hidden=hidden, probs=probs,
+                                              handle=handle + (None, None, None))
+
+
+def install(hybrid: bool = True, uccl: bool = True, hybrid_api: str = "current") -> None:
+    """hybrid_api: "current" (hybrid-ep head) or "2eec484" (the older use_host_meta API)."""
     mod = types.ModuleType("deep_ep")
     mod.Buffer, mod.Config, mod.EventOverlap = Buffer, Config, EventOverlap
     if hybrid:
-        mod.HybridEPBuffer = HybridEPBuffer
+        mod.HybridEPBuffer = HybridEPBuffer2eec484 if hybrid_api == "2eec484" else HybridEPBuffer
     sys.modules["deep_ep"] = mod
     if uccl:
         pkg = types.ModuleType("uccl")

@@ -148,6 +148,9 @@ def parity(backends, world, hidden, experts_per_rank, topk):
             out[scen] = per_backend
             log0(f"[parity R={world}] {scen}: " + ", ".join(
                 f"{b}={'OK' if v.get('ok') else 'FAIL'}" for b, v in per_backend.items()))
+            for b, v in per_backend.items():
+                if not v.get("ok"):  # how it failed: exception text or the error sizes
+                    log0(f"[parity-detail R={world}] {scen} {b}: {v}")
     return out
 
 

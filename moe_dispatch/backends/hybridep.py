@@ -7,9 +7,19 @@ The permutation is fused into the communication (``dispatch_with_permute`` /
 
 Uneven token counts: HybridEP all-gathers the routing maps as equal blocks, so every rank
 must pass the same number of tokens. The backend pads each rank's tokens with unrouted
-zero rows up to the largest count in the group (rounded up to 16), learnt in the same
-small exchange that settles input validation; the padding rows go nowhere and are cut
-from combine's output. A zero-token rank is just the extreme case.
+zero rows up to the largest count in the group (rounded up to the kernels' 128-token
+chunk, a compile-time constant of their JIT build), learnt in the same small exchange
+that settles input validation; the padding rows go nowhere and are cut from combine's
+output. A zero-token rank is just the extreme case. Hidden sizes that are not a multiple
+of 512 (the library's validity rule) travel zero-padded to the next multiple.
+
+Tokens routed nowhere (all slots masked, and the padding rows) are left unwritten by the
+library's combine: the backend zeroes their output rows and their grads.
+
+Library versions: the current hybrid-ep API and older commits with the ``use_host_meta``
+API (e.g. 2eec484) are both driven; see ``moe_dispatch.hybrid_buffer``. On the older API
+``num_permuted_tokens`` is refused (it has no overflow guard: extra rows would be
+written out of bounds).
 
 backend_options:
   num_sms_dispatch_api, num_sms_combine_api (int): SMs of the two kernels.
@@ -21,7 +31,8 @@ backend_options:
       not synchronize the host. If more rows arrive than allowed, the handle's
       ``overflow_flag`` is set: check it with ``HybridEPBackend.overflowed(handle)`` or
       ``check_overflow(handle)`` (each a host sync, when you choose). With
-      ``pad_multiple`` it must be a multiple of it.
+      ``pad_multiple`` it must be a multiple of it. Current hybrid-ep API only: older
+      commits (use_host_meta API) have no overflow guard, so it is refused there.
   tokens_per_rank (int): static token count promised by every rank (requires
       ``num_permuted_tokens``). The validation exchange is then skipped, so dispatch has no
       host sync at all; input checks are local only (a bad rank raises alone), so use it
@@ -30,6 +41,8 @@ backend_options:
 """
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -38,7 +51,8 @@ import torch
 from .. import comm
 from ..ep_common import agree, cuda_reason, require_equal, round_up
 from ..hybrid_buffer import (HybridCall, HybridCombine, HybridDispatch, HybridSettings,
-                             hybrid_reason, manager_for, new_box, overflow_flag)
+                             hybrid_reason, is_legacy_api, load_hybrid_ep_buffer_class,
+                             manager_for, new_box, overflow_flag)
 from ..permute import GroupPlan, group_plan, permute, unpermute
 from ..protocol import BackendConfig, DispatchInputError, DispatchResult, PendingCheck
 from ..routing import topk_to_dense
@@ -46,6 +60,18 @@ from ..routing import topk_to_dense
 WIRE_DTYPE = torch.bfloat16
 _OPTIONS = {"num_sms_dispatch_api", "num_sms_combine_api", "max_tokens_per_rank",
             "num_permuted_tokens", "tokens_per_rank", "use_shared_buffer"}
+# Token counts per rank are padded to a multiple of the kernels' token chunk (env
+# NUM_OF_TOKENS_PER_CHUNK_{DISPATCH,COMBINE}_API, default 128): the JIT build asserts it.
+_CHUNK_ENV = ("NUM_OF_TOKENS_PER_CHUNK_DISPATCH_API", "NUM_OF_TOKENS_PER_CHUNK_COMBINE_API")
+# Hidden sizes valid for HybridEP (BufferConfig.is_valid); others travel zero-padded.
+HIDDEN_ALIGN = 512
+
+
+def token_align() -> int:
+    a = 16  # the metadata maps' own alignment
+    for name in _CHUNK_ENV:
+        a = math.lcm(a, max(int(os.environ.get(name, "128")), 1))
+    return a
 
 
 @dataclass(frozen=True)
@@ -59,6 +85,8 @@ class HybridEPHandle:
     out_dtype:     dtype of the caller's hidden states.
     overflow_flag: [1] int32 on the GPU, nonzero when more rows arrived than
                    ``num_permuted_tokens`` allowed (None if the library has no flag).
+    routed_T:      [T_pad] bool, token routed to at least one expert (padding rows False);
+                   combine zeroes the other rows, which the library leaves unwritten.
     """
 
     lib_handle: Any
@@ -67,6 +95,7 @@ class HybridEPHandle:
     num_rows: int
     out_dtype: torch.dtype
     overflow_flag: Optional[torch.Tensor] = None
+    routed_T: Optional[torch.Tensor] = None
 
 
 class HybridEPBackend:
@@ -139,6 +168,7 @@ class HybridEPBackend:
             return DispatchResult(tokens, torch.tensor(plan.tokens_per_expert, dtype=torch.long),
                                   probs, HybridEPHandle(None, plan, T, tokens.shape[0],
                                                         x_TH.dtype))
+        align = token_align()
         if self.tokens_per_rank is not None:
             # Static shapes: no exchange. Host errors are raised here, on this rank alone.
             if check.host_error is not None:
@@ -146,30 +176,50 @@ class HybridEPBackend:
             if T > self.tokens_per_rank:
                 raise DispatchInputError(f"hybridep: {T} tokens exceed tokens_per_rank="
                                          f"{self.tokens_per_rank}")
-            T_pad = round_up(max(self.tokens_per_rank, 1), 16)
+            T_pad = round_up(max(self.tokens_per_rank, 1), align)
         else:
             rows = agree(check, self.group, comm.group_device(self.group), [H, T])
             require_equal(rows, 0, "hidden size")
-            T_pad = round_up(max(max(r[1] for r in rows), 1), 16)
+            T_pad = round_up(max(max(r[1] for r in rows), 1), align)
         if self.max_tokens_per_rank:
-            T_pad = max(T_pad, round_up(self.max_tokens_per_rank, 16))
+            T_pad = max(T_pad, round_up(self.max_tokens_per_rank, align))
+        if self.num_permuted_tokens is not None and self._legacy():
+            raise RuntimeError(
+                "hybridep: this deep_ep.HybridEPBuffer (older hybrid-ep API with use_host_meta) "
+                "does not guard num_permuted_tokens (extra rows are written out of bounds) "
+                "and syncs the host anyway: leave num_permuted_tokens unset or upgrade")
+        H_pad = round_up(H, HIDDEN_ALIGN)
         map_TE, probs_TE = topk_to_dense(idx_TK, probs_TK.float(), self.E)
         x_b = x_TH.to(WIRE_DTYPE)
+        if H_pad > H:
+            x_b = torch.nn.functional.pad(x_b, (0, H_pad - H))
         if T_pad > T:
             # Unrouted padding rows: equal blocks for HybridEP's all-gather, sent nowhere.
-            x_b = torch.cat([x_b, x_b.new_zeros(T_pad - T, H)])
+            x_b = torch.cat([x_b, x_b.new_zeros(T_pad - T, H_pad)])
             map_TE = torch.cat([map_TE, map_TE.new_zeros(T_pad - T, self.E)])
             probs_TE = torch.cat([probs_TE, probs_TE.new_zeros(T_pad - T, self.E)])
+        map_TE = map_TE.contiguous()
         box = new_box()
         tokens, probs = HybridDispatch.apply(x_b.contiguous(), probs_TE.contiguous(),
-                                             map_TE.contiguous(), self.call, box)
+                                             map_TE, self.call, box)
         tpe = box.tokens_per_expert
-        tpe = tpe.to(torch.long).clone() if tpe.device.type == "cpu" else tpe.to(torch.long)
+        if tpe.device.type == "cpu":
+            tpe = tpe.to(torch.long).clone()  # pinned buffer of the library: own a copy
+        elif self.num_permuted_tokens is None:
+            tpe = tpe.to(torch.long).cpu()  # legacy API returns it on the GPU if nothing came
+        else:
+            tpe = tpe.to(torch.long)
+        if H_pad > H:
+            tokens = tokens[:, :H].contiguous()
         if tokens.dtype != x_TH.dtype:
             tokens = tokens.to(x_TH.dtype)
         handle = HybridEPHandle(box.handle, None, T, tokens.shape[0], x_TH.dtype,
-                                overflow_flag(box.handle))
+                                overflow_flag(box.handle), box.routed_T)
         return DispatchResult(tokens, tpe, probs, handle)
+
+    def _legacy(self) -> bool:
+        buf = self.call.manager.buffer
+        return is_legacy_api(buf if buf is not None else load_hybrid_ep_buffer_class())
 
     def combine(self, y_NH: torch.Tensor, handle: HybridEPHandle) -> torch.Tensor:
         if handle.plan is not None:
@@ -177,9 +227,17 @@ class HybridEPBackend:
         if y_NH.shape[0] != handle.num_rows:
             raise ValueError(f"combine: expert output has {y_NH.shape[0]} rows, dispatch produced "
                              f"{handle.num_rows}")
-        out = HybridCombine.apply(y_NH.to(WIRE_DTYPE), handle.lib_handle, self.call,
-                                  handle.num_rows)
-        return out[:handle.num_tokens].to(handle.out_dtype)
+        y_b = y_NH.to(WIRE_DTYPE)
+        H = y_b.shape[1]
+        H_pad = round_up(H, HIDDEN_ALIGN)
+        if H_pad > H:
+            y_b = torch.nn.functional.pad(y_b, (0, H_pad - H))
+        out = HybridCombine.apply(y_b, handle.lib_handle, self.call, handle.num_rows,
+                                  handle.routed_T)
+        out = out[:handle.num_tokens]
+        if H_pad > H:
+            out = out[:, :H].contiguous()
+        return out.to(handle.out_dtype)
 
     def free_buffer(self) -> None:
         if self.call is not None:
