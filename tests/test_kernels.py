@@ -448,3 +448,18 @@ def test_fused_stage_matches_torch(T, T_cap, K, H, dtype):
     assert torch.equal(idx_out[:T], idx.to(torch.int32)) and (idx_out[T:] == -1).all()
     assert torch.equal(p_out[:T], probs) and p_out[T:].isnan().all()
     assert meta[:5].tolist() == [T, 1, H * x.element_size(), K, 1] and (meta[5:] == 55).all()
+
+
+@needs_triton
+@pytest.mark.parametrize("T,T_cap,K,R,E", [(37, 40, 3, 4, 16), (20, 16, 2, 3, 9), (9, 16, 8, 1, 5),
+                                           (0, 8, 2, 2, 4)])
+def test_fused_token_maps_match_torch(T, T_cap, K, R, E):
+    g = torch.Generator().manual_seed(T * 13 + K)
+    idx = torch.randint(-1, E + 2, (T, K), generator=g).to(DEV)  # -1 and out-of-range ids
+    out = {}
+    for impl in ("torch", "triton"):
+        eng = nvshmem._Engine.__new__(nvshmem._Engine)
+        eng.R, eng.L, eng.E, eng.impl = R, E // R, E, impl
+        out[impl] = eng._token_maps(idx, min(T, T_cap), T_cap)
+    assert torch.equal(out["triton"][0], out["torch"][0])
+    assert torch.equal(out["triton"][1], out["torch"][1])

@@ -483,7 +483,7 @@ class _Engine:
     # ------------------------------------------------------------------ dispatch
 
     def _dispatch_fwd(self, x_TH, probs_TK, idx_TK, check):
-        tr, R, L, E = self.tr, self.R, self.L, self.E
+        tr, R, L = self.tr, self.R, self.L
         dev = x_TH.device
         T, K = idx_TK.shape
         H = x_TH.shape[1]
@@ -554,16 +554,7 @@ class _Engine:
 
         # Where each token's partial sums come back, and which prob grads are real.
         T_eff = min(T, T_cap)
-        valid_TK = (idx_TK >= 0) & (idx_TK < E)
-        if T_eff < T:
-            valid_TK = valid_TK & (torch.arange(T, device=dev) < T_eff).unsqueeze(1)
-        rank_TK = torch.where(valid_TK, torch.div(idx_TK, L, rounding_mode="floor"), R)
-        has_TR = torch.zeros(T, R + 1, dtype=torch.bool, device=dev)
-        has_TR.scatter_(1, rank_TK, True)
-        has_TR = has_TR[:, :R]
-        rows_TR = torch.arange(R, device=dev).unsqueeze(0) * T_cap + \
-            torch.arange(T, device=dev).unsqueeze(1)
-        pos_TR = torch.where(has_TR, rows_TR, -1)
+        pos_TR, valid_TK = self._token_maps(idx_TK, T_eff, T_cap)
         if static:
             status = dropped.to(torch.int32) * STATUS_ROWS_DROPPED
             status = status + (metas_R[:, 0] > T_cap).any().to(torch.int32) * STATUS_TOKENS_DROPPED
@@ -576,6 +567,28 @@ class _Engine:
         h = NVSHMEMHandle(arena, pos_VK, pos_TR, valid_TK, filled_M, T, T_cap, budget, dtype, H,
                           tpe, status)
         return h, tokens, probs_M
+
+    def _token_maps(self, idx_TK, T_eff, T_cap):
+        """(pos_TR, valid_TK) of ``NVSHMEMHandle`` (one launch on the Triton path)."""
+        R, L, E = self.R, self.L, self.E
+        T = idx_TK.shape[0]
+        dev = idx_TK.device
+        if self.impl == "triton":
+            from ..kernels import _triton
+            valid_TK = torch.empty(idx_TK.shape, dtype=torch.bool, device=dev)
+            pos_TR = torch.empty(T, R, dtype=torch.int64, device=dev)
+            _triton.token_maps(idx_TK.contiguous(), T_eff, E, L, T_cap, R, valid_TK, pos_TR)
+            return pos_TR, valid_TK
+        valid_TK = (idx_TK >= 0) & (idx_TK < E)
+        if T_eff < T:
+            valid_TK = valid_TK & (torch.arange(T, device=dev) < T_eff).unsqueeze(1)
+        rank_TK = torch.where(valid_TK, torch.div(idx_TK, L, rounding_mode="floor"), R)
+        has_TR = torch.zeros(T, R + 1, dtype=torch.bool, device=dev)
+        has_TR.scatter_(1, rank_TK, True)
+        has_TR = has_TR[:, :R]
+        rows_TR = torch.arange(R, device=dev).unsqueeze(0) * T_cap + \
+            torch.arange(T, device=dev).unsqueeze(1)
+        return torch.where(has_TR, rows_TR, -1), valid_TK
 
     def _stage(self, arena, x_TH, idx_TK, probs_TK, T_st, K, H, dtype, bad, code, T,
                row_bytes, fits):

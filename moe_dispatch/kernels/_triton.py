@@ -324,18 +324,21 @@ def _layout_pos_kernel(idx_table, hist_ptr, pos_ptr, host_ptr, status_ptr, slots
     experts = tl.arange(0, L_P2)
     crow = tl.arange(0, NC_P2)
     hist = tl.load(hist_ptr + crow[:, None] * L_P2 + experts[None, :],
-                   mask=(crow[:, None] < R * NCP), other=0).to(tl.int64)
+                   mask=(crow[:, None] < R * NCP), other=0)
+    # int32 tile math (row counts are far below 2**31); int64 only against the budget.
     c = tl.sum(hist, axis=0)
     before = tl.sum(tl.where(crow[:, None] < g, hist, 0), axis=0)
-    padded = (c + pad - 1) // pad * pad
+    pad32 = pad.to(tl.int32)
+    padded = (c + pad32 - 1) // pad32 * pad32
     pstart = tl.cumsum(padded, axis=0) - padded
     budget64 = budget.to(tl.int64)
     if g == 0:
-        tpe = tl.minimum(padded, tl.maximum(budget64 - pstart, 0))
+        tpe = tl.minimum(padded.to(tl.int64), tl.maximum(budget64 - pstart.to(tl.int64), 0))
         tl.store(host_ptr + R * 16 + experts, tpe, mask=experts < L)
-        tl.store(host_ptr + R * 16 + L, (tl.sum(padded, axis=0) > budget64).to(tl.int64))
+        tl.store(host_ptr + R * 16 + L,
+                 (tl.sum(padded, axis=0).to(tl.int64) > budget64).to(tl.int64))
         tl.store(host_ptr + R * 16 + L + 1, tl.load(status_ptr).to(tl.int64))
-    running = pstart
+    running = pstart + before
     base = tl.load(idx_table + s).to(tl.pointer_type(tl.int32))
     start = j.to(tl.int64) * chunk
     out_base = s.to(tl.int64) * slots_per_src
@@ -344,9 +347,9 @@ def _layout_pos_kernel(idx_table, hist_ptr, pos_ptr, host_ptr, status_ptr, slots
         ok = i < slots_per_src
         lid = tl.load(base + i, mask=ok, other=-1) - e0
         hit = ((lid[:, None] == experts[None, :]) & ok[:, None]
-               & (experts[None, :] < L)).to(tl.int64)
+               & (experts[None, :] < L)).to(tl.int32)
         before_in = tl.cumsum(hit, axis=0) - hit  # earlier slots of the same expert
-        pos = tl.sum(hit * (running[None, :] + before_in), axis=1)
+        pos = tl.sum(hit * (running[None, :] + before_in), axis=1).to(tl.int64)
         mine = tl.sum(hit, axis=1) > 0
         pos = tl.where(mine, tl.where(pos < budget64, pos, -2), -1)
         tl.store(pos_ptr + out_base + i, pos, mask=ok)
@@ -372,8 +375,8 @@ def layout_plan(idx_table: torch.Tensor, meta_table: torch.Tensor, status: torch
     L_P2 = triton.next_power_of_2(max(L, 1))
     block = block or max(16, min(1024, 8192 // L_P2))
     # Enough chunks to spread the walk over the GPU, few enough that every program can
-    # reduce the whole histogram from L2 in one tile.
-    max_chunks = max(R, min(256, 16384 // L_P2))
+    # reduce the whole [chunks, L] histogram from L2 in one register tile.
+    max_chunks = max(R, min(256, 8192 // L_P2))
     ncp = chunks_per_src or max(1, min(triton.cdiv(max(slots_per_src, 1), block),
                                        max_chunks // R))
     chunk = _round_to(triton.cdiv(max(slots_per_src, 1), ncp), block)
@@ -385,7 +388,7 @@ def layout_plan(idx_table: torch.Tensor, meta_table: torch.Tensor, status: torch
                                       num_warps=4)
         _layout_pos_kernel[(R, ncp)](idx_table, hist, pos_out, host_out, status, slots_per_src,
                                      chunk, e0, budget, max(int(pad), 1), R=R, L=L, L_P2=L_P2,
-                                     NCP=ncp, NC_P2=nc_p2, BLOCK_S=block, num_warps=4)
+                                     NCP=ncp, NC_P2=nc_p2, BLOCK_S=block, num_warps=8)
 
 
 def _round_to(x: int, m: int) -> int:
@@ -438,3 +441,42 @@ def stage(x_TH: torch.Tensor, idx_TK: torch.Tensor, probs_TK: torch.Tensor, T_st
                             T_st, H, K, num_tokens, row_bytes,
                             K_P2=triton.next_power_of_2(max(K, 1)), BLOCK_H=block,
                             num_warps=warps)
+
+
+@triton.jit(do_not_specialize=["T", "T_eff", "K", "E", "L", "T_cap"])
+def _token_maps_kernel(idx_ptr, valid_ptr, pos_ptr, T, T_eff, K, E, L, T_cap,
+                       R: tl.constexpr, R_P2: tl.constexpr, K_P2: tl.constexpr,
+                       BLOCK_T: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    ks = tl.arange(0, K_P2)
+    rs = tl.arange(0, R_P2)
+    tm = t < T
+    m2 = tm[:, None] & (ks[None, :] < K)
+    ids = tl.load(idx_ptr + t[:, None] * K + ks[None, :], mask=m2, other=-1)
+    valid = (ids >= 0) & (ids < E) & (t[:, None] < T_eff) & m2
+    tl.store(valid_ptr + t[:, None] * K + ks[None, :], valid.to(tl.int8), mask=m2)
+    rank = tl.where(valid, ids // L, -1)
+    has = tl.zeros([BLOCK_T, R_P2], dtype=tl.int32)
+    for k in tl.static_range(K_P2):
+        rk = tl.sum(tl.where(ks[None, :] == k, rank, 0), axis=1)  # column k
+        vk = tl.sum(tl.where((ks[None, :] == k) & valid, 1, 0), axis=1) > 0
+        has = tl.maximum(has, ((rk[:, None] == rs[None, :]) & vk[:, None]).to(tl.int32))
+    pos = tl.where(has > 0, rs[None, :].to(tl.int64) * T_cap + t[:, None], -1)
+    tl.store(pos_ptr + t[:, None] * R + rs[None, :], pos, mask=tm[:, None] & (rs[None, :] < R))
+
+
+def token_maps(idx_TK: torch.Tensor, T_eff: int, num_experts: int, num_local: int,
+               T_cap: int, R: int, valid_TK: torch.Tensor, pos_TR: torch.Tensor) -> None:
+    """One launch for the combine-side maps of a dispatch:
+    valid_TK [T, K] bool: 0 <= id < E and t < T_eff (slots whose prob gradient comes back);
+    pos_TR [T, R] int64: r * T_cap + t where token t has a valid slot on rank r, else -1."""
+    T, K = idx_TK.shape
+    if T == 0:
+        return
+    k_p2 = triton.next_power_of_2(max(K, 1))
+    r_p2 = triton.next_power_of_2(max(R, 1))
+    block = 64
+    with _launch_lock:
+        _token_maps_kernel[(triton.cdiv(T, block),)](
+            idx_TK, valid_TK.view(torch.int8), pos_TR, T, T_eff, K, num_experts, num_local,
+            T_cap, R=R, R_P2=r_p2, K_P2=k_p2, BLOCK_T=block, num_warps=4)
