@@ -168,7 +168,8 @@ def optional_int(x: Optional[float], scale: int = 1) -> int:
 
 
 class CollectiveBackendBase:
-    """Shared setup of the backends built on torch.distributed collectives alone."""
+    """Shared setup of a backend over an EP group (group, R ranks, this rank, L local experts).
+    ``availability`` here only needs torch.distributed; library backends override it."""
 
     def __init__(self, config):
         self.cfg = config

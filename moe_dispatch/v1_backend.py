@@ -80,7 +80,7 @@ class _Sent:
 _OPTIONS = {"num_sms", "async_finish", "allocate_on_comm_stream", "buffer_module"}
 
 
-class V1Backend:
+class V1Backend(comm.CollectiveBackendBase):
     """Base of the ``deepep`` and ``uccl`` backends.
 
     backend_options:
@@ -104,12 +104,8 @@ class V1Backend:
         if unknown:
             raise ValueError(f"{self.name}: unknown backend_options {sorted(unknown)}; "
                              f"known: {sorted(self._option_names())}")
-        self.cfg = config
-        self.group = config.group
-        self.R = comm.group_size(self.group)
-        self.rank = comm.group_rank(self.group)
+        super().__init__(config)
         self.E = config.num_experts
-        self.L = self.E // self.R
         self.num_sms = opts.get("num_sms")
         if self.num_sms is not None and (not isinstance(self.num_sms, int) or self.num_sms <= 0
                                          or self.num_sms % 2):

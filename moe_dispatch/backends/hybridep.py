@@ -98,7 +98,7 @@ class HybridEPHandle:
     routed_T: Optional[torch.Tensor] = None
 
 
-class HybridEPBackend:
+class HybridEPBackend(comm.CollectiveBackendBase):
     name = "hybridep"
     # Rows travel as BF16 (HybridEP's dispatch/combine kernels), whatever the input's dtype.
     wire_dtype = torch.bfloat16
@@ -109,12 +109,8 @@ class HybridEPBackend:
         if unknown:
             raise ValueError(f"hybridep: unknown backend_options {sorted(unknown)}; "
                              f"known: {sorted(_OPTIONS)}")
-        self.cfg = config
-        self.group = config.group
-        self.R = comm.group_size(self.group)
-        self.rank = comm.group_rank(self.group)
+        super().__init__(config)
         self.E = config.num_experts
-        self.L = self.E // self.R
         for key in ("num_sms_dispatch_api", "num_sms_combine_api", "max_tokens_per_rank",
                     "num_permuted_tokens", "tokens_per_rank"):
             v = opts.get(key)
