@@ -155,13 +155,15 @@ def reference_moe(case: Case, idxs: Optional[List[torch.Tensor]] = None):
 
 def local_experts(W: torch.Tensor, offset: int):
     """Expert callable for ``MoETokenDispatcher.forward``: rows of local expert l use
-    W[offset + l]; probs are applied here, as real experts do."""
+    W[offset + l]; probs are applied here, as real experts do. Rows past
+    sum(tokens_per_expert) (a static-budget buffer's tail) give zeros."""
     def run(tokens_NH, tokens_per_expert_L, probs_N):
-        outs = []
-        for l, chunk in enumerate(torch.split(tokens_NH, tokens_per_expert_L.tolist())):
-            outs.append(expert_fn(W[offset + l].to(chunk.dtype), chunk))
-        y = torch.cat(outs) if outs else tokens_NH[:0]
-        return y * probs_N.to(y.dtype).unsqueeze(1)
+        outs, start = [], 0
+        for l, n in enumerate(tokens_per_expert_L.tolist()):
+            outs.append(expert_fn(W[offset + l].to(tokens_NH.dtype), tokens_NH[start:start + n]))
+            start += n
+        outs.append(tokens_NH[start:] * 0)
+        return torch.cat(outs) * probs_N.to(tokens_NH.dtype).unsqueeze(1)
     return run
 
 

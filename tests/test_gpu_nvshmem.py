@@ -44,7 +44,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from moe_dispatch.protocol import BackendConfig, PendingCheck  # noqa: E402
 from moe_dispatch.registry import get_backend_class  # noqa: E402
-from moe_dispatch.testing import expert_fn, make_case, reference_dispatch, reference_moe, rel_err  # noqa: E402
+from moe_dispatch.testing import (local_experts, make_case, reference_dispatch,  # noqa: E402
+                                  reference_moe, rel_err)
 
 
 def _init():
@@ -195,13 +196,7 @@ class _CpuNVSHMEM:
 
 
 def _experts(W, offset, tokens, tpe, probs):
-    """Expert l of this rank on its rows (host split); rows past sum(tpe) give zeros."""
-    outs, start = [], 0
-    for l, n in enumerate(tpe.tolist()):
-        outs.append(expert_fn(W[offset + l].to(tokens.dtype), tokens[start:start + n]))
-        start += n
-    outs.append(tokens[start:] * 0)
-    return torch.cat(outs) * probs.to(tokens.dtype).unsqueeze(1)
+    return local_experts(W, offset)(tokens, tpe, probs)
 
 
 def _graph_experts(scale_L, tokens, tpe, probs):

@@ -27,7 +27,8 @@ from moe_dispatch import kernels  # noqa: E402
 from moe_dispatch.backends import nvshmem  # noqa: E402
 from moe_dispatch.permute import group_plan, permute, unpermute  # noqa: E402
 from moe_dispatch.protocol import DispatchInputError, PendingCheck  # noqa: E402
-from moe_dispatch.testing import expert_fn, make_case, reference_dispatch, reference_moe, rel_err  # noqa: E402
+from moe_dispatch.testing import (local_experts, make_case, reference_dispatch,  # noqa: E402
+                                  reference_moe, rel_err)
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
@@ -218,13 +219,7 @@ def _run_ranks(R, fn):
 
 
 def _experts(W, offset, tokens, tpe, probs):
-    """Expert l of this rank on its rows; rows past sum(tpe) (static budget) give zeros."""
-    outs, start = [], 0
-    for l, n in enumerate(tpe.tolist()):
-        outs.append(expert_fn(W[offset + l].to(tokens.dtype), tokens[start:start + n]))
-        start += n
-    outs.append(tokens[start:] * 0)
-    return torch.cat(outs) * probs.to(tokens.dtype).unsqueeze(1)
+    return local_experts(W, offset)(tokens, tpe, probs)
 
 
 def _rank_fn(case, options, pad):
