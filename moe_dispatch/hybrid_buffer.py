@@ -203,7 +203,10 @@ def dispatch_with_permute(buffer, x, routing_map, probs, num_local_experts: int,
     kw: Dict[str, Any] = dict(hidden=x, scaling_factor=None, pad_multiple=pad_multiple,
                               num_permuted_tokens=num_permuted_tokens)
     if handle is None:
-        kw.update(routing_map=routing_map, probs=probs, num_of_experts_per_rank=num_local_experts)
+        # The library all-gathers the routing map, which NCCL requires contiguous.
+        kw.update(routing_map=routing_map.contiguous(),
+                  probs=None if probs is None else probs.contiguous(),
+                  num_of_experts_per_rank=num_local_experts)
     else:
         kw["handle"] = handle
     sync_free = num_permuted_tokens is not None and handle is None

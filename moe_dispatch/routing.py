@@ -24,13 +24,13 @@ def topk_to_dense(idx_TK: torch.Tensor, probs_TK: torch.Tensor, num_experts: int
     """
     T = idx_TK.shape[0]
     valid_TK = idx_TK >= 0
-    # Masked slots scatter into a spare column E that is cut off afterwards.
-    col_TK = torch.where(valid_TK, idx_TK.long(), num_experts)
-    probs_TE = probs_TK.new_zeros(T, num_experts + 1).scatter_add(
-        1, col_TK, probs_TK * valid_TK)[:, :num_experts]
-    map_TE = torch.zeros(T, num_experts + 1, dtype=torch.bool, device=idx_TK.device)
-    map_TE.scatter_(1, col_TK, True)
-    return map_TE[:, :num_experts], probs_TE
+    # Masked slots add zero to column 0 (no spare column, so both results are contiguous:
+    # libraries such as HybridEP all-gather the map and need that).
+    col_TK = idx_TK.long().clamp(min=0)
+    probs_TE = probs_TK.new_zeros(T, num_experts).scatter_add(1, col_TK, probs_TK * valid_TK)
+    hits_TE = torch.zeros(T, num_experts, dtype=torch.int32, device=idx_TK.device)
+    hits_TE.scatter_add_(1, col_TK, valid_TK.to(torch.int32))
+    return hits_TE > 0, probs_TE
 
 
 def dense_to_topk(routing_map_TE: torch.Tensor, probs_TE: torch.Tensor,

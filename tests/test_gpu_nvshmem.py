@@ -306,6 +306,23 @@ def check_parity(name, impl="triton"):
     return errs
 
 
+def check_narrow_k_rank():
+    """A zero-token rank whose top-k width is 1 while the others use 4 (what a dense
+    routing map gives an empty rank): the ranks share one staged slot layout."""
+    rank, R = dist.get_rank(), dist.get_world_size()
+    case, pad, dtype = _case("zero_token_rank", R)
+    case.idxs[1] = case.idxs[1][:, :1]
+    case.probs[1] = case.probs[1][:, :1]
+    W = case.W.to(DEV)
+    ours = _run(_backend("nvshmem", case.num_experts, pad), case, rank, dtype, W)
+    ref_a2a = _run(_backend("alltoall", case.num_experts, pad), case, rank, dtype, W)
+    errs = _compare_ref(ours, case, rank, pad, 1e-5)
+    errs += _compare_pair(ours, ref_a2a, 1e-5, "alltoall")
+    if ours["gp"] is not None and ours["gp"].shape != case.probs[rank].shape:
+        errs.append(f"prob grad shape {tuple(ours['gp'].shape)}")
+    return errs
+
+
 def check_repeat_large():
     """Bigger rows (bf16, H 1024, 512 tokens) five times in a row vs alltoall: races show
     up as errors that move between repetitions."""
@@ -459,6 +476,7 @@ def _checks():
     out = [(f"parity_{n}", (lambda n=n: check_parity(n))) for n in CASES]
     out += [("parity_masked_slots_torch_impl", lambda: check_parity("masked_slots", "torch")),
             ("parity_pad_multiple_torch_impl", lambda: check_parity("pad_multiple", "torch")),
+            ("narrow_k_rank", check_narrow_k_rank),
             ("repeat_large_bf16", check_repeat_large),
             ("static_budget", check_static_budget),
             ("static_overflow", check_static_overflow)]

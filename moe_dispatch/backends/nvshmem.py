@@ -506,13 +506,16 @@ class _Engine:
             T_st = min(T, arena.T_cap) if fits else 0
             self._stage(arena, x_TH, idx_TK, probs_TK, T_st, K, H, dtype, bad_host or not fits,
                         code, T, row_bytes, fits)
+            # Every rank stages rows K_cap wide (-1 past its own K), so ranks whose K differ
+            # (e.g. a zero-token rank routed from a dense map) share one slot layout.
+            Kc = arena.K_cap
             self._mark("stage")
             tr.barrier(_CH_STAGED)
             self._mark("barrier")
             # The plan is queued before the host sync, so the GPU computes it while the host
             # waits; in the default mode nothing is over budget (the budget is exact).
             metas_R, pos_VK, tpe_L, dropped, host_buf = self._layout_plan(
-                arena, K, self.budget if static else 1 << 62)
+                arena, Kc, self.budget if static else 1 << 62)
             self._mark("layout_plan")
             if static:
                 break
@@ -527,10 +530,10 @@ class _Engine:
                     "invalid")
             check.raise_if_failed([row[1] for row in rows], self.rank)
             ok = [row for row in rows if row[1] == 0]
-            for col, what in ((2, "hidden size (bytes per row)"), (3, "top-k width K")):
-                vals = [row[col] for row in ok]
-                if any(v != vals[0] for v in vals):
-                    raise DispatchInputError(f"dispatch: {what} differs across EP ranks: {vals}")
+            vals = [row[2] for row in ok]
+            if any(v != vals[0] for v in vals):
+                raise DispatchInputError(f"dispatch: hidden size (bytes per row) differs across "
+                                         f"EP ranks: {vals}")
             if all(row[4] for row in rows):
                 break
             # Some rank's tokens did not fit: every rank saw the same metas, so all grow
@@ -599,18 +602,19 @@ class _Engine:
             from ..kernels import _triton
             _triton.stage(x_TH.contiguous(), idx_TK.contiguous(), probs_TK.contiguous(), T_st,
                           arena.local("x", dtype, (arena.T_cap, H)),
-                          idx_st[:arena.T_cap * K].view(arena.T_cap, K),
-                          arena.local("probs", torch.float32, (arena.T_cap, K)),
+                          idx_st.view(arena.T_cap, arena.K_cap),
+                          arena.local("probs", torch.float32, (arena.T_cap, arena.K_cap)),
                           meta, code, T, row_bytes)
             return
         if bad:
             idx_st.fill_(-1)  # contributes no rows, whatever K peers read with
         else:
             arena.local("x", dtype, (arena.T_cap, H))[:T_st].copy_(x_TH[:T_st])
-            idx_v = idx_st[:arena.T_cap * K].view(arena.T_cap, K)
-            idx_v[:T_st].copy_(idx_TK[:T_st])
-            idx_v[T_st:].fill_(-1)
-            arena.local("probs", torch.float32, (arena.T_cap, K))[:T_st].copy_(probs_TK[:T_st])
+            idx_st.fill_(-1)
+            idx_st.view(arena.T_cap, arena.K_cap)[:T_st, :K].copy_(idx_TK[:T_st])
+            probs_v = arena.local("probs", torch.float32, (arena.T_cap, arena.K_cap))
+            probs_v.zero_()
+            probs_v[:T_st, :K].copy_(probs_TK[:T_st])
         meta[0].fill_(T)
         meta[1].copy_(code)
         meta[2].fill_(row_bytes)
@@ -723,8 +727,10 @@ class _Engine:
         g_p = None
         if grad_probs_M is not None:
             T = h.num_tokens
-            g = arena.local("gprob", torch.float32, (T_cap, K))[:min(T, T_cap)]
-            g_p = torch.zeros(T, K, dtype=torch.float32, device=y_MH.device)
+            # The gradient area is K_cap wide; this rank's own slots are the first K.
+            g = arena.local("gprob", torch.float32, (T_cap, K))[:min(T, T_cap),
+                                                                 :h.valid_TK.shape[1]]
+            g_p = torch.zeros(h.valid_TK.shape, dtype=torch.float32, device=y_MH.device)
             g_p[:g.shape[0]] = g
             g_p = torch.where(h.valid_TK, g_p, 0.0)
         return out, g_p

@@ -395,9 +395,9 @@ def _round_to(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
-@triton.jit(do_not_specialize=["T_st", "K", "num_tokens", "row_bytes"])
+@triton.jit(do_not_specialize=["T_st", "K", "K_out", "num_tokens", "row_bytes"])
 def _stage_kernel(x_ptr, idx_ptr, probs_ptr, x_out, idx_out, probs_out, meta_out, code_ptr,
-                  T_st, H, K, num_tokens, row_bytes,
+                  T_st, H, K, K_out, num_tokens, row_bytes,
                   K_P2: tl.constexpr, BLOCK_H: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     hb = tl.program_id(1)
@@ -408,13 +408,14 @@ def _stage_kernel(x_ptr, idx_ptr, probs_ptr, x_out, idx_out, probs_out, meta_out
     tl.store(x_out + t * H + cols, row, mask=m)
     if hb == 0:
         ks = tl.arange(0, K_P2)
-        km = ks < K
+        km = ks < K_out
         zk = tl.zeros([K_P2], dtype=tl.int64)
-        lk = km & (t + zk < T_st)
+        lk = (ks < K) & (t + zk < T_st)
+        # Rows are K_out wide whatever this rank's K: -1 / 0 past the tokens and past K.
         ids = tl.load(idx_ptr + t * K + ks, mask=lk, other=-1)
-        tl.store(idx_out + t * K + ks, ids.to(tl.int32), mask=km)  # -1 past the tokens
+        tl.store(idx_out + t * K_out + ks, ids.to(tl.int32), mask=km)
         p = tl.load(probs_ptr + t * K + ks, mask=lk, other=0.0)
-        tl.store(probs_out + t * K + ks, p.to(tl.float32), mask=lk)
+        tl.store(probs_out + t * K_out + ks, p.to(tl.float32), mask=km)
         if t == 0:
             tl.store(meta_out + 0, num_tokens.to(tl.int64))
             tl.store(meta_out + 1, tl.load(code_ptr).to(tl.int64))
@@ -427,19 +428,21 @@ def stage(x_TH: torch.Tensor, idx_TK: torch.Tensor, probs_TK: torch.Tensor, T_st
           x_out: torch.Tensor, idx_out: torch.Tensor, probs_out: torch.Tensor,
           meta_out: torch.Tensor, code: torch.Tensor, num_tokens: int, row_bytes: int) -> None:
     """One launch for the dispatch staging: x_out[:T_st] = x, idx_out[t] = int32 ids
-    (-1 for t >= T_st, up to idx_out's rows), probs_out[:T_st] = float32 probs, and the meta
-    row (tokens, check code, row bytes, K, fits=1).
+    (-1 for t >= T_st, up to idx_out's rows, and for columns past idx_TK's K),
+    probs_out[t] = float32 probs (0 where the ids are -1 by padding), and the meta row
+    (tokens, check code, row bytes, K, fits=1).
 
-    x_out [T_cap, H] (dtype of x), idx_out [T_cap, K] int32, probs_out [T_cap, K] float32,
-    meta_out [16] int64, code: 0-dim int tensor on the device."""
+    x_out [T_cap, H] (dtype of x), idx_out [T_cap, K_out] int32, probs_out [T_cap, K_out]
+    float32 with K_out >= K, meta_out [16] int64, code: 0-dim int tensor on the device."""
     T_cap, H = x_out.shape
-    K = idx_out.shape[1]
+    K = idx_TK.shape[1]
+    K_out = idx_out.shape[1]
     block, warps = _block_h(H, x_out.element_size())
     grid = (T_cap, triton.cdiv(H, block))
     with _launch_lock:
         _stage_kernel[grid](x_TH, idx_TK, probs_TK, x_out, idx_out, probs_out, meta_out, code,
-                            T_st, H, K, num_tokens, row_bytes,
-                            K_P2=triton.next_power_of_2(max(K, 1)), BLOCK_H=block,
+                            T_st, H, K, K_out, num_tokens, row_bytes,
+                            K_P2=triton.next_power_of_2(max(K_out, 1)), BLOCK_H=block,
                             num_warps=warps)
 
 
