@@ -9,7 +9,8 @@ device pointers over NVLink. A dispatch is one pass of data per direction:
       computes on the GPU where each of its slots lands in its expert-grouped output,
       then one Triton kernel reads each (token, destination rank) row once from the
       owner's buffer over NVLink and writes it straight to every expert-grouped slot it
-      has here (probs alongside); barrier.
+      has here (probs alongside). No barrier after it: pulls stage into two
+      alternating buffer sets, so the next pull cannot overwrite what peers still read.
   combine (push): one Triton kernel sums each token's local expert rows (the per-rank
       partial reduction, float32) and writes the partial straight into the token
       owner's buffer over NVLink; barrier; the owner sums its <= R partials per token.
@@ -238,24 +239,37 @@ _transports: Dict[Tuple[str, str], _Transport] = {}
 # =============================================================================== arena
 
 
+_STAGED = ("x", "idx", "probs", "meta")
+
+
 class _Arena:
     """One generation of symmetric buffers, laid out as regions of one allocation.
 
-    x:     [T_cap, H]   staged rows (tokens on dispatch, output grads on combine backward)
-    idx:   [T_cap, K]   int32 staged expert ids (-1 beyond the staged tokens)
-    probs: [T_cap, K]   float32 staged probs
-    gprob: [T_cap, K]   float32 prob gradients pushed back by the experts' ranks
-    meta:  [16]         int64: tokens, check code, row bytes, K, fits
-    comb:  [R*T_cap, H] partial sums pushed by each rank (rows r*T_cap + t)
+    Staged by the sender, read by peers (two sets, alternating between pull-type ops):
+      x:     [T_cap, H]   staged rows (tokens on dispatch, output grads on combine backward)
+      idx:   [T_cap, K]   int32 staged expert ids (-1 beyond the staged tokens)
+      probs: [T_cap, K]   float32 staged probs
+      meta:  [16]         int64: tokens, check code, row bytes, K, fits
+    Written by peers:
+      gprob: [T_cap, K]   float32 prob gradients pushed back by the experts' ranks
+      comb:  [R*T_cap, H] partial sums pushed by each rank (rows r*T_cap + t)
+
+    Why two staging sets: op n's peers may still be reading set n % 2 when this rank
+    returns; op n+1 stages into the other set and its after-staging barrier is passed by
+    each rank only after its reads of op n (stream order), so op n+2 may overwrite set
+    n % 2 with no barrier at the end of a pull.
     """
 
-    REGIONS = ("x", "idx", "probs", "gprob", "meta", "comb")
+    STAGED = _STAGED
+    REGIONS = tuple(f"{n}{p}" for p in (0, 1) for n in _STAGED) + ("gprob", "comb")
 
     def __init__(self, tr: _Transport, T_cap: int, row_bytes: int, K_cap: int):
         self.T_cap, self.row_bytes, self.K_cap = T_cap, row_bytes, K_cap
         R = tr.world
-        sizes = dict(x=T_cap * row_bytes, idx=T_cap * K_cap * 4, probs=T_cap * K_cap * 4,
-                     gprob=T_cap * K_cap * 4, meta=16 * 8, comb=R * T_cap * row_bytes)
+        base = dict(x=T_cap * row_bytes, idx=T_cap * K_cap * 4, probs=T_cap * K_cap * 4,
+                    meta=16 * 8)
+        sizes = {f"{n}{p}": base[n] for p in (0, 1) for n in self.STAGED}
+        sizes.update(gprob=T_cap * K_cap * 4, comb=R * T_cap * row_bytes)
         self.off, total = {}, 0
         for name in self.REGIONS:
             self.off[name] = total
@@ -265,6 +279,18 @@ class _Arena:
             name: torch.tensor([p + self.off[name] for p in self.win.ptrs], dtype=torch.int64,
                                device=tr.device)
             for name in self.REGIONS}
+        self.cur = 0  # staging set of the current pull-type op (same on every rank)
+
+    def next_stage(self) -> None:
+        """Start a pull-type op: switch to the other staging set."""
+        self.cur ^= 1
+
+    def _name(self, name: str) -> str:
+        return f"{name}{self.cur}" if name in self.STAGED else name
+
+    def table(self, name: str) -> torch.Tensor:
+        """[R] int64 device addresses of region ``name`` on every rank."""
+        return self.tables[self._name(name)]
 
     def local(self, name: str, dtype: torch.dtype, shape) -> torch.Tensor:
         return self._view(self.win.local, name, dtype, shape)
@@ -277,7 +303,7 @@ class _Arena:
         for d in shape:
             n *= d
         esize = torch.empty((), dtype=dtype).element_size()
-        start = self.off[name]
+        start = self.off[self._name(name)]
         return raw[start:start + n * esize].view(dtype).view(*shape)
 
 
@@ -504,6 +530,7 @@ class _Engine:
                     f"{arena.row_bytes}, top-k {arena.K_cap}); dispatch the widest layer first")
             fits = fits_hk and (T <= arena.T_cap or static)
             T_st = min(T, arena.T_cap) if fits else 0
+            arena.next_stage()
             self._stage(arena, x_TH, idx_TK, probs_TK, T_st, K, H, dtype, bad_host or not fits,
                         code, T, row_bytes, fits)
             # Every rank stages rows K_cap wide (-1 past its own K), so ranks whose K differ
@@ -551,8 +578,7 @@ class _Engine:
         if filled_M is not None:
             self._zero_unfilled(tokens, filled_M)
         self._mark("pull")
-        tr.barrier(_CH_PULLED)
-        tr.note_op(True)
+        self._end_pull()
         self._mark("barrier_end")
 
         # Where each token's partial sums come back, and which prob grads are real.
@@ -631,7 +657,7 @@ class _Engine:
             from ..kernels import _triton
             host_buf = torch.empty(R * 16 + L + 2, dtype=torch.int64, device=dev)
             pos = torch.empty(R * T_cap * K, dtype=torch.int64, device=dev)
-            _triton.layout_plan(arena.tables["idx"], arena.tables["meta"], self.tr.status,
+            _triton.layout_plan(arena.table("idx"), arena.table("meta"), self.tr.status,
                                 T_cap * K, self.rank * L, L, self.pad or 1, budget, pos,
                                 host_buf)
             return (host_buf[:R * 16].view(R, 16), pos.view(R * T_cap, K),
@@ -649,8 +675,8 @@ class _Engine:
         idx_all = torch.empty(R, T_cap * K, dtype=torch.int32, device=dev)
         if self.impl == "triton":
             from ..kernels import _triton
-            _triton.peer_gather(arena.tables["meta"], metas)
-            _triton.peer_gather(arena.tables["idx"], idx_all)
+            _triton.peer_gather(arena.table("meta"), metas)
+            _triton.peer_gather(arena.table("idx"), idx_all)
         else:
             for s in range(R):
                 metas[s].copy_(arena.peer(s, "meta", torch.int64, (16,)))
@@ -668,8 +694,8 @@ class _Engine:
         H, dtype = out_MH.shape[1], out_MH.dtype
         if self.impl == "triton":
             from ..kernels import _triton
-            _triton.peer_scatter_rows(arena.tables["x"], T_cap, self.rank, pos_VK, out_MH,
-                                      arena.tables["probs"] if with_probs else None,
+            _triton.peer_scatter_rows(arena.table("x"), T_cap, self.rank, pos_VK, out_MH,
+                                      arena.table("probs") if with_probs else None,
                                       probs_M if with_probs else None)
             return
         K = pos_VK.shape[1]
@@ -705,9 +731,9 @@ class _Engine:
         comb = arena.local("comb", dtype, (R * T_cap, H))
         if self.impl == "triton":
             from ..kernels import _triton
-            _triton.peer_gather_reduce(y_MH, h.pos_VK, arena.tables["comb"], T_cap, self.rank,
+            _triton.peer_gather_reduce(y_MH, h.pos_VK, arena.table("comb"), T_cap, self.rank,
                                        comb, grad_probs_M,
-                                       arena.tables["gprob"] if grad_probs_M is not None else None)
+                                       arena.table("gprob") if grad_probs_M is not None else None)
         else:
             self._push_torch(y_MH, h, grad_probs_M, arena, T_cap, H, K)
         self._mark("push")
@@ -763,15 +789,23 @@ class _Engine:
             dtype = h.dtype
         T_st = min(h.num_tokens, T_cap)
         tr._last_pull = None
+        arena.next_stage()
         arena.local("x", dtype, (T_cap, H))[:T_st].copy_(g_out_TH[:T_st])
         tr.barrier(_CH_STAGED)
         g_y = torch.empty(h.num_rows, H, dtype=dtype, device=g_out_TH.device)
         self._pull(arena, h.pos_VK, g_y, None, with_probs=False)
         if h.filled_M is not None:
             self._zero_unfilled(g_y, h.filled_M)
-        tr.barrier(_CH_PULLED)
-        tr.note_op(True)
+        self._end_pull()
         return g_y.to(g_out_TH.dtype)
+
+    def _end_pull(self) -> None:
+        """After a pull. Eagerly nothing: the next pull-type op stages into the other set
+        (see ``_Arena``). A captured graph may be replayed back to back, reusing the
+        staging set it captured, so there every rank waits for every peer's reads."""
+        if self.tr.capturing():
+            self.tr.barrier(_CH_PULLED)
+        self.tr.note_op(True)
 
 
 # =============================================================================== backend
