@@ -19,26 +19,66 @@ import torch
 class GroupPlan:
     """How input rows map to expert-grouped output rows.
 
-    slot_M:            [M_real] int64, flat index ``row * K + k`` of each real output row,
-                       in output order (expert ascending, then input row ascending).
-    dest_M:            [M_real] int64 position of each real row in the padded output, or
-                       None when there is no padding (dest is then arange).
+    A plan is built either by the torch path (``_slot_M``/``_dest_M`` given) or by the
+    GPU counting sort (``pos_NK`` given); the other maps are derived on first use.
+
+    _slot_M:           [M_real] int64 or None (derive from ``pos_NK``): see ``slot_M``.
+    _dest_M:           [M_real] int64 or None: see ``dest_M``.
     num_in_rows:       N.
     topk:              K.
     num_out_rows:      M, padding included.
     tokens_per_expert: per local expert row counts, padding included (host ints).
+    pos_NK:            [N, K] int64 output row of slot (n, k), -1 = no row; or None.
+    filled_M:          [M] uint8, 1 on real rows, 0 on padding rows; None when there is
+                       no padding or the plan has no ``pos_NK``.
+    counts:            per local expert row counts without padding (host ints); needed
+                       with ``pos_NK`` only.
     """
 
-    slot_M: torch.Tensor
-    dest_M: Optional[torch.Tensor]
+    _slot_M: Optional[torch.Tensor]
+    _dest_M: Optional[torch.Tensor]
     num_in_rows: int
     topk: int
     num_out_rows: int
     tokens_per_expert: tuple
+    pos_NK: Optional[torch.Tensor] = None
+    filled_M: Optional[torch.Tensor] = None
+    counts: Optional[tuple] = None
+
+    @property
+    def slot_M(self) -> torch.Tensor:
+        """[M_real] int64, flat index ``row * K + k`` of each real output row, in output
+        order (expert ascending, then input row ascending)."""
+        if self._slot_M is None:
+            self._derive_slots()
+        return self._slot_M
+
+    @property
+    def dest_M(self) -> Optional[torch.Tensor]:
+        """[M_real] int64 position of each real row in the padded output, or None when
+        there is no padding (dest is then arange)."""
+        if self._slot_M is None:
+            self._derive_slots()
+        return self._dest_M
 
     @property
     def row_M(self) -> torch.Tensor:
         return torch.div(self.slot_M, self.topk, rounding_mode="floor")
+
+    def _derive_slots(self) -> None:
+        # Inverse of pos_NK (CPU path and debugging only; the GPU path never needs it).
+        # Slots with no row scatter into a trailing dump entry.
+        counts = list(self.counts)
+        M, m_real = self.num_out_rows, sum(counts)
+        flat = self.pos_NK.reshape(-1)
+        dev = flat.device
+        inv = torch.zeros(M + 1, dtype=torch.long, device=dev)
+        inv.scatter_(0, torch.where(flat >= 0, flat, M),
+                     torch.arange(flat.numel(), device=dev))
+        dest_M = _dest_map(counts, list(self.tokens_per_expert), dev)
+        slot_M = inv[:m_real] if dest_M is None else inv.index_select(0, dest_M)
+        object.__setattr__(self, "_slot_M", slot_M)
+        object.__setattr__(self, "_dest_M", dest_M)
 
 
 def local_expert_counts(lid_NK: torch.Tensor, num_local_experts: int) -> torch.Tensor:
@@ -67,7 +107,13 @@ def group_plan(lid_NK: torch.Tensor, num_local_experts: int,
                        them (alltoall learns them from its count exchange); otherwise
                        they are read from the device here, one host sync.
     pad_multiple:      round each expert's rows up to a multiple of this with zero rows.
+
+    On CUDA with triton, a counting-sort kernel builds ``pos_NK`` directly
+    (``moe_dispatch.kernels.group_plan``); the result is the same plan.
     """
+    from . import kernels
+    if kernels.use_triton(lid_NK):
+        return kernels.group_plan(lid_NK, num_local_experts, tokens_per_expert, pad_multiple)
     N, K = lid_NK.shape
     if tokens_per_expert is None:
         tokens_per_expert = local_expert_counts(lid_NK, num_local_experts).tolist()
@@ -78,17 +124,24 @@ def group_plan(lid_NK: torch.Tensor, num_local_experts: int,
     # Stable sort by expert keeps input-row order within an expert.
     slot_M = torch.argsort(key, stable=True)[:m_real]
     padded = pad_counts(counts, pad_multiple)
-    dest_M = None
-    if padded != counts:
-        dev = lid_NK.device
-        from .comm import ints_on
-        shifts = [p - c for p, c in zip(_cumsum(padded), _cumsum(counts))]
-        counts_shift = ints_on(counts + shifts, dev)  # one copy, no stream sync
-        L = num_local_experts
-        expert_M = torch.repeat_interleave(torch.arange(L, device=dev), counts_shift[:L],
-                                           output_size=m_real)
-        dest_M = torch.arange(m_real, device=dev) + counts_shift[L:][expert_M]
+    dest_M = _dest_map(counts, padded, lid_NK.device)
     return GroupPlan(slot_M, dest_M, N, K, sum(padded), tuple(padded))
+
+
+def _dest_map(counts: Sequence[int], padded: Sequence[int],
+              dev: torch.device) -> Optional[torch.Tensor]:
+    """[M_real] int64 padded output row of each real row (in output order), None when
+    ``padded == counts``. counts/padded: per-expert host ints without/with padding."""
+    counts, padded = list(counts), list(padded)
+    if padded == counts:
+        return None
+    from .comm import ints_on
+    m_real, L = sum(counts), len(counts)
+    shifts = [p - c for p, c in zip(_cumsum(padded), _cumsum(counts))]
+    counts_shift = ints_on(counts + shifts, dev)  # one copy, no stream sync
+    expert_M = torch.repeat_interleave(torch.arange(L, device=dev), counts_shift[:L],
+                                       output_size=m_real)
+    return torch.arange(m_real, device=dev) + counts_shift[L:][expert_M]
 
 
 def _cumsum(xs: Sequence[int]) -> List[int]:

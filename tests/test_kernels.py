@@ -146,6 +146,130 @@ def test_every_output_row_written(pad):
     assert (red[empty] == 0).all()
 
 
+# ===================================================================== counting-sort plan
+
+
+def _plan_lid(kind, N, K, L, g):
+    """[N, K] local ids of one test kind (torch reference decides what is right)."""
+    lid = _random_lid(N, K, L, 0.3, g)
+    if kind == "zero_rows":  # whole rows with no slot here, incl. the first and last
+        lid[torch.rand(N, generator=g) < 0.4] = -1
+        lid[0] = -1
+        lid[-1] = -1
+    elif kind == "one_expert":  # every slot on the last expert
+        lid.fill_(L - 1)
+    elif kind == "no_slots":
+        lid.fill_(-1)
+    return lid
+
+
+def _check_plan(monkeypatch, lid, L, pad, host_counts, tiles, g, dtype=torch.float32):
+    ref = group_plan(lid, L, pad_multiple=pad)  # CPU tensors: the torch argsort path
+    counts = None
+    if host_counts:
+        counts = torch.bincount(lid[lid >= 0].reshape(-1), minlength=L).tolist()
+    block, chunks = tiles or (None, None)
+    plan = kernels.group_plan(lid.to(DEV), L, counts, pad, block=block, chunks=chunks)
+    pos_ref, filled_ref = kernels.plan_maps(ref)
+    assert plan.tokens_per_expert == ref.tokens_per_expert
+    assert plan.num_out_rows == ref.num_out_rows
+    assert plan.pos_NK.dtype == torch.long and plan.pos_NK.shape == lid.shape
+    assert torch.equal(plan.pos_NK.cpu(), pos_ref), (plan.pos_NK, pos_ref)
+    assert (plan.filled_M is None) == (filled_ref is None)
+    if filled_ref is not None:
+        assert torch.equal(plan.filled_M.cpu(), filled_ref)
+    # maps derived lazily for the torch path
+    assert torch.equal(plan.slot_M.cpu(), ref.slot_M)
+    assert torch.equal(plan.row_M.cpu(), ref.row_M)
+    assert (plan.dest_M is None) == (ref.dest_M is None)
+    if ref.dest_M is not None:
+        assert torch.equal(plan.dest_M.cpu(), ref.dest_M)
+
+    N, K = lid.shape
+    H = 20
+    x = torch.randn(N, H, generator=g).to(dtype)
+    p = torch.rand(N, K, generator=g)
+    tok_ref, pr_ref = permute(x, p, ref)
+    # poisoned outputs: every row and prob (padding included) must be written
+    out = torch.full((plan.num_out_rows, H), float("nan"), dtype=dtype, device=DEV)
+    pout = torch.full((plan.num_out_rows,), float("nan"), device=DEV)
+    tok, pr = kernels.permute_rows(x.to(DEV), plan.pos_NK, plan.num_out_rows, plan.filled_M,
+                                   p.to(DEV), out, pout)
+    assert torch.equal(tok.cpu(), tok_ref) and torch.equal(pr.cpu(), pr_ref)
+    tok2, pr2 = kernels.permute(x.to(DEV), p.to(DEV), plan)
+    assert torch.equal(tok2.cpu(), tok_ref) and torch.equal(pr2.cpu(), pr_ref)
+    y = torch.randn(tok_ref.shape, generator=g).to(dtype)
+    u_ref = unpermute(y, ref)
+    tol = 1e-6 if dtype == torch.float32 else 2e-2  # fp32 sums in another order
+    assert rel_err(kernels.unpermute(y.to(DEV), plan).cpu(), u_ref) <= tol
+    with monkeypatch.context() as m:  # the torch path on the kernel's plan (lazy maps)
+        _torch_path(m)
+        tok3, pr3 = permute(x.to(DEV), p.to(DEV), plan)
+        assert torch.equal(tok3.cpu(), tok_ref) and torch.equal(pr3.cpu(), pr_ref)
+        assert torch.equal(unpermute(y.to(DEV), plan).cpu(), u_ref)
+    return plan
+
+
+@needs_triton
+@pytest.mark.parametrize("host_counts", [True, False])
+@pytest.mark.parametrize("N,K,L,pad,kind,tiles", [
+    (9, 3, 4, None, "random", None),            # one chunk: a single launch
+    (13, 2, 3, 3, "random", None),
+    (40, 3, 5, 3, "random", (16, None)),        # 8 chunks of 16 slots
+    (40, 3, 5, 16, "zero_rows", (16, 3)),       # chunks of 48 slots: 3 blocks each
+    (37, 2, 4, 1, "zero_rows", (16, 2)),
+    (30, 4, 6, 16, "one_expert", (16, 4)),
+    (12, 2, 3, None, "one_expert", None),
+    (1, 1, 1, None, "random", None),
+    (1, 4, 3, 3, "random", None),
+    (1, 2, 4, 16, "no_slots", None),
+    (50, 2, 64, 3, "random", None),             # many experts, one chunk
+    (50, 3, 64, None, "random", (16, 5)),       # many experts, several chunks
+    (70, 1, 64, 16, "zero_rows", (16, None)),   # K = 1, 5 chunks
+    (6, 16, 8, None, "random", (32, None)),     # K = 16
+    (0, 2, 3, 4, "random", None),               # no rows: nothing launched
+])
+def test_triton_plan_matches_torch(monkeypatch, host_counts, N, K, L, pad, kind, tiles):
+    g = torch.Generator().manual_seed(N * 1009 + K * 31 + L)
+    lid = _plan_lid(kind, N, K, L, g) if N else torch.zeros(0, K, dtype=torch.long)
+    _check_plan(monkeypatch, lid, L, pad, host_counts, tiles, g)
+
+
+@needs_triton
+def test_triton_plan_default_tiling_several_chunks(monkeypatch):
+    """Default tiling past the one-launch size (L=64: blocks of 128 slots, > 4 blocks)."""
+    g = torch.Generator().manual_seed(7)
+    lid = _random_lid(90, 8, 64, 0.2, g)
+    _check_plan(monkeypatch, lid, 64, 3, True, None, g, dtype=torch.bfloat16)
+
+
+@needs_triton
+def test_group_plan_uses_counting_sort_when_triton_is_on(monkeypatch):
+    """``group_plan`` + ``permute`` take the kernel path (no argsort, no index_copy) when
+    ``use_triton`` says so (here forced on CPU tensors), with the torch path's results."""
+    g = torch.Generator().manual_seed(11)
+    N, K, L, H = 21, 2, 4, 8
+    lid = _random_lid(N, K, L, 0.3, g)
+    x = torch.randn(N, H, generator=g)
+    p = torch.rand(N, K, generator=g)
+    ref = group_plan(lid, L, pad_multiple=4)
+    tok_ref, pr_ref = permute(x, p, ref)
+    with monkeypatch.context() as m:
+        m.setattr(kernels, "use_triton", lambda t: isinstance(t, torch.Tensor))
+
+        def boom(*a, **k):
+            raise AssertionError("torch index op on the kernel path")
+        m.setattr(torch, "argsort", boom)
+        m.setattr(torch.Tensor, "index_copy_", boom)
+        m.setattr(torch.Tensor, "index_fill_", boom)
+        plan = group_plan(lid.to(DEV), L, pad_multiple=4)
+        assert plan.pos_NK is not None and plan.filled_M is not None
+        tok, pr = permute(x.to(DEV), p.to(DEV), plan)
+        u = unpermute(tok, plan)
+    assert torch.equal(tok.cpu(), tok_ref) and torch.equal(pr.cpu(), pr_ref)
+    assert rel_err(u.cpu(), unpermute(tok_ref, ref)) <= 1e-6
+
+
 # ===================================================================== simulated ranks
 
 

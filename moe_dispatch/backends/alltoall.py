@@ -85,10 +85,11 @@ class AllToAllBackend(comm.CollectiveBackendBase):
         # gather and combine's final per-token sum share its kernels and backward.
         lid_TR = torch.where(mask_TR, torch.arange(R, device=dev), -1)
         send_plan = group_plan(lid_TR, R, send_splits)
-        token_S = send_plan.row_M
         # Each sent row carries the token's K global ids (as float32, exact below 2**24) and
         # probs; the receiver keeps the slots of its own experts. One collective for both.
-        meta_SK2 = torch.cat([idx_TK.to(torch.float32), probs_TK], dim=1).index_select(0, token_S)
+        # Permuted with the same plan as the rows (a row gather, no per-row index map).
+        meta_SK2, _ = permute(torch.cat([idx_TK.to(torch.float32), probs_TK], dim=1), None,
+                              send_plan)
         send_x, _ = permute(x_TH, None, send_plan)
 
         recv_x = comm.all_to_all(send_x, recv_splits, send_splits, self.group)

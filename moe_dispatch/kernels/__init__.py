@@ -3,6 +3,9 @@
 ``use_triton(t)`` decides per call; the plain torch code in ``moe_dispatch.permute`` stays
 the reference and the CPU path. The kernels here compute exactly what that code computes:
 
+* ``group_plan(lid_NK, L, tokens_per_expert, pad_multiple)``: the plan from a stable
+  counting sort (one or two launches) that writes the inverse map ``pos_NK`` and the
+  padding mask ``filled_M`` directly, instead of a stable argsort and an index_copy.
 * ``permute(x_NH, probs_NK, plan)``: each input row is read once and written to each of
   its output slots (a scatter through the inverse map ``pos_NK``), its probs alongside;
   padding rows are zeros with prob 0.
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import os
 import weakref
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -51,6 +54,60 @@ def _k():
     return _triton
 
 
+# ------------------------------------------------------------------ plan
+
+
+def group_plan(lid_NK: torch.Tensor, num_local_experts: int,
+               tokens_per_expert: Optional[Sequence[int]] = None,
+               pad_multiple: Optional[int] = None, block: Optional[int] = None,
+               chunks: Optional[int] = None):
+    """Triton version of ``moe_dispatch.permute.group_plan``: the same plan, carrying
+    ``pos_NK`` (and ``filled_M`` when padded) from a stable counting sort, so permute and
+    unpermute need no further index work. Launches: one output allocation (plus
+    ``filled_M`` when padded) and one or two kernels; with ``tokens_per_expert`` None the
+    counts are read back after the kernels (one host sync).
+
+    lid_NK:            [N, K] integer local expert id of each slot, -1 = not for this rank.
+    num_local_experts: L.
+    tokens_per_expert: unpadded host counts per local expert, or None (read from device).
+    pad_multiple:      round each expert's rows up to a multiple of this with zero rows.
+    block, chunks:     tiling overrides for tests (see ``_triton.local_plan``).
+    """
+    from ..permute import GroupPlan, pad_counts
+    N, K = lid_NK.shape
+    L = num_local_experts
+    pad = max(int(pad_multiple or 1), 1)
+    dev = lid_NK.device
+    if N * K == 0:
+        counts = [0] * L if tokens_per_expert is None else [int(c) for c in tokens_per_expert]
+        padded = pad_counts(counts, pad_multiple)
+        filled = None
+        if padded != counts:  # no slots but counts given: every row is padding
+            filled = torch.zeros(sum(padded), dtype=torch.uint8, device=dev)
+        return GroupPlan(None, None, N, K, sum(padded), tuple(padded),
+                         torch.empty(N, K, dtype=torch.long, device=dev), filled,
+                         tuple(counts))
+    if not lid_NK.is_contiguous():
+        lid_NK = lid_NK.contiguous()
+    filled = None
+    if tokens_per_expert is not None:
+        counts = [int(c) for c in tokens_per_expert]
+        padded = pad_counts(counts, pad_multiple)
+        if padded != counts:
+            filled = torch.empty(sum(padded), dtype=torch.uint8, device=dev)
+    elif pad > 1:
+        # Counts unknown yet: room for the most rows padding can give; sliced below.
+        filled = torch.empty(N * K + L * (pad - 1), dtype=torch.uint8, device=dev)
+    buf = _k().local_plan(lid_NK, L, pad, filled, block=block, chunks=chunks)
+    pos_NK = buf.as_strided((N, K), (K, 1))
+    if tokens_per_expert is None:
+        counts = buf[N * K:N * K + L].tolist()  # the one host sync
+        padded = pad_counts(counts, pad_multiple)
+        filled = filled[:sum(padded)] if padded != counts else None
+    return GroupPlan(None, None, N, K, sum(padded), tuple(padded), pos_NK, filled,
+                     tuple(counts))
+
+
 # ------------------------------------------------------------------ plan inverse maps
 
 _maps_cache: dict = {}
@@ -62,10 +119,12 @@ def plan_maps(plan) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     pos_NK:   [N, K] int64, output row of slot (n, k), -1 where the slot has no row here.
     filled_M: [M] uint8, 1 where an output row is a real row, 0 on padding rows; None when
               the plan has no padding (every row is real).
-    Uses ``plan.pos_NK`` when the plan carries it; otherwise computed once per plan
-    object and cached for the plan's lifetime (one scatter of N*K indices).
+    The plan's own maps when it carries them (built by ``group_plan`` here: no work);
+    otherwise computed once per plan object and cached for the plan's lifetime (one
+    scatter of N*K indices).
     """
-    pos = getattr(plan, "pos_NK", None)
+    if plan.pos_NK is not None:
+        return plan.pos_NK, plan.filled_M
     key = id(plan)
     hit = _maps_cache.get(key)
     if hit is not None and hit[0]() is plan:
@@ -73,11 +132,10 @@ def plan_maps(plan) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     dev = plan.slot_M.device
     N, K, M = plan.num_in_rows, plan.topk, plan.num_out_rows
     m_real = plan.slot_M.numel()
-    if pos is None:
-        dest = plan.dest_M if plan.dest_M is not None else torch.arange(m_real, device=dev)
-        pos = torch.full((N * K,), -1, dtype=torch.long, device=dev)
-        pos.index_copy_(0, plan.slot_M, dest)
-        pos = pos.view(N, K)
+    dest = plan.dest_M if plan.dest_M is not None else torch.arange(m_real, device=dev)
+    pos = torch.full((N * K,), -1, dtype=torch.long, device=dev)
+    pos.index_copy_(0, plan.slot_M, dest)
+    pos = pos.view(N, K)
     filled = None
     if plan.dest_M is not None:
         filled = torch.zeros(M, dtype=torch.uint8, device=dev)
@@ -101,11 +159,20 @@ def permute_rows(x_NH: torch.Tensor, pos_NK: torch.Tensor, num_out_rows: int,
                  probs_out_M: Optional[torch.Tensor] = None):
     """Scatter rows: out[pos[n, k]] = x[n]; rows with filled_M == 0 become zeros.
 
-    Returns (out_MH, probs_M or None). ``out_MH`` / ``probs_out_M`` may be given
-    (e.g. poisoned buffers in tests); otherwise allocated.
+    x_NH:         [N, H] rows to scatter.
+    pos_NK:       [N, K] int64 output row of each slot, -1 = no row.
+    num_out_rows: M.
+    filled_M:     [M] uint8, 0 on rows no slot writes (they are zeroed, probs too), or None.
+    probs_NK:     [N, K] probs of the slots (any float dtype, read as float32), or None.
+    out_MH, probs_out_M: [M, H] (dtype of x) / [M] float32 outputs, e.g. poisoned buffers
+                  in tests; otherwise allocated.
+    Returns (out_MH, probs_M float32 or None). Two launches at most (scatter, zero fill);
+    no host op on inputs that are already contiguous.
     """
-    x_NH = x_NH.contiguous()
-    pos_NK = pos_NK.contiguous()
+    if not x_NH.is_contiguous():
+        x_NH = x_NH.contiguous()
+    if not pos_NK.is_contiguous():
+        pos_NK = pos_NK.contiguous()
     H = x_NH.shape[1]
     if out_MH is None:
         out_MH = torch.empty(num_out_rows, H, dtype=x_NH.dtype, device=x_NH.device)
@@ -113,20 +180,22 @@ def permute_rows(x_NH: torch.Tensor, pos_NK: torch.Tensor, num_out_rows: int,
     if probs_NK is not None:
         probs_M = probs_out_M if probs_out_M is not None else torch.empty(
             num_out_rows, dtype=torch.float32, device=x_NH.device)
-        if filled_M is not None:
-            probs_M.zero_()
-        probs_NK = probs_NK.contiguous().float()
+        # The kernel converts to float32 itself (exactly as .float() would).
+        if not probs_NK.is_contiguous():
+            probs_NK = probs_NK.contiguous()
     _k().scatter_rows(x_NH, pos_NK, out_MH, probs_NK, probs_M)
-    if filled_M is not None:
-        _k().zero_unfilled(out_MH, filled_M)
+    if filled_M is not None:  # padding rows (and their probs) become zeros
+        _k().zero_unfilled(out_MH, filled_M, probs_M)
     return out_MH, probs_M
 
 
 def reduce_rows(y_MH: torch.Tensor, pos_NK: torch.Tensor,
                 out_NH: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Gather-reduce: out[n] = sum_k y[pos[n, k]] (float32 accumulation), zeros if none."""
-    y_MH = y_MH.contiguous()
-    pos_NK = pos_NK.contiguous()
+    if not y_MH.is_contiguous():
+        y_MH = y_MH.contiguous()
+    if not pos_NK.is_contiguous():
+        pos_NK = pos_NK.contiguous()
     if out_NH is None:
         out_NH = torch.empty(pos_NK.shape[0], y_MH.shape[1], dtype=y_MH.dtype,
                              device=y_MH.device)

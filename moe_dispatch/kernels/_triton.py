@@ -127,13 +127,18 @@ def _gather_reduce_kernel(y_ptr, pos_ptr, out_ptr, out_table, rows_per_dst, dst_
 
 
 @triton.jit
-def _zero_unfilled_kernel(out_ptr, filled_ptr, H, BLOCK_H: tl.constexpr):
+def _zero_unfilled_kernel(out_ptr, filled_ptr, probs_ptr, H, WITH_PROBS: tl.constexpr,
+                          BLOCK_H: tl.constexpr):
     m = tl.program_id(0).to(tl.int64)
     hb = tl.program_id(1)
     cols = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     f = tl.load(filled_ptr + m) + tl.zeros([BLOCK_H], dtype=tl.int32)
     zero = tl.zeros([BLOCK_H], dtype=out_ptr.dtype.element_ty)
     tl.store(out_ptr + m * H + cols, zero, mask=(cols < H) & (f == 0))
+    if WITH_PROBS:
+        if hb == 0:
+            if tl.load(filled_ptr + m) == 0:
+                tl.store(probs_ptr + m, 0.0)
 
 
 @triton.jit
@@ -190,7 +195,8 @@ def scatter_rows(x_VH: torch.Tensor, pos_VK: torch.Tensor, out_MH: torch.Tensor,
     K = pos_VK.shape[1]
     block, warps = _block_h(H, x_VH.element_size())
     with_p = probs_M is not None
-    _launch(_scatter_rows_kernel, (V, triton.cdiv(H, block)),
+    # At least one column block: with H == 0 the probs still move.
+    _launch(_scatter_rows_kernel, (V, max(1, triton.cdiv(H, block))),
             x_VH, pos_VK, 1, 0, pos_VK, out_MH,
             probs_VK if with_p else pos_VK, pos_VK, probs_M if with_p else out_MH, H, 1,
             K=K, PEER=False, WITH_PROBS=with_p, BLOCK_H=block, num_warps=warps)
@@ -206,12 +212,16 @@ def gather_reduce(y_MH: torch.Tensor, pos_VK: torch.Tensor, out_VH: torch.Tensor
             K=K, PEER=False, WITH_PROBS=False, BLOCK_H=block, num_warps=warps)
 
 
-def zero_unfilled(out_MH: torch.Tensor, filled_M: torch.Tensor) -> None:
-    """Zero every row m of out_MH with filled_M[m] == 0 (padding / unused budget rows)."""
+def zero_unfilled(out_MH: torch.Tensor, filled_M: torch.Tensor,
+                  probs_M: torch.Tensor | None = None) -> None:
+    """Zero every row m of out_MH with filled_M[m] == 0 (padding / unused budget rows),
+    and probs_M[m] ([M] float32) with it when given."""
     M, H = out_MH.shape
     block, warps = _block_h(H, out_MH.element_size())
-    _launch(_zero_unfilled_kernel, (M, triton.cdiv(H, block)), out_MH, filled_M, H,
-            BLOCK_H=block, num_warps=warps)
+    with_p = probs_M is not None
+    _launch(_zero_unfilled_kernel, (M, max(1, triton.cdiv(H, block))), out_MH, filled_M,
+            probs_M if with_p else out_MH, H, WITH_PROBS=with_p, BLOCK_H=block,
+            num_warps=warps)
 
 
 # ----------------------------------------------------------------------------- peers
@@ -483,3 +493,131 @@ def token_maps(idx_TK: torch.Tensor, T_eff: int, num_experts: int, num_local: in
         _token_maps_kernel[(triton.cdiv(T, block),)](
             idx_TK, valid_TK.view(torch.int8), pos_TR, T, T_eff, K, num_experts, num_local,
             T_cap, R=R, R_P2=r_p2, K_P2=k_p2, BLOCK_T=block, num_warps=4)
+
+
+# ----------------------------------------------------------------------------- local plan
+#
+# ``group_plan`` on the GPU: a stable counting sort of the slots by local expert in two
+# launches (one for small inputs), replacing torch.where + a stable argsort + the
+# index_copy that inverted it:
+#   1. ``_plan_hist_kernel``: program j counts the slots of each expert in chunk j of the
+#      flat [N * K] ids (one-hot sums) -> hist [chunks, L_P2].
+#   2. ``_plan_pos_kernel``: program j reduces the histogram to per-expert totals, padded
+#      block starts and the slots of each expert in earlier chunks, then walks its chunk
+#      again giving each slot its row: block start + earlier slots of the same expert (a
+#      cumsum over the one-hot tile), i.e. (expert, row, k) order, as the argsort gives.
+#      It also writes slice j of filled_M (real rows vs padding, from the block starts)
+#      and, from program 0, the unpadded per-expert counts.
+# With a single chunk the second kernel counts the chunk itself and the first is skipped.
+
+
+@triton.jit(do_not_specialize=["n_slots", "chunk", "hist_off"])
+def _plan_hist_kernel(lid_ptr, buf_ptr, n_slots, chunk, hist_off,
+                      L: tl.constexpr, L_P2: tl.constexpr, BLOCK_S: tl.constexpr):
+    j = tl.program_id(0)
+    experts = tl.arange(0, L_P2)
+    hist = tl.zeros([L_P2], dtype=tl.int32)
+    start = j.to(tl.int64) * chunk
+    for off in range(0, chunk, BLOCK_S):
+        i = start + off + tl.arange(0, BLOCK_S)
+        lid = tl.load(lid_ptr + i, mask=i < n_slots, other=-1)
+        hit = (lid[:, None] == experts[None, :]) & (experts[None, :] < L)
+        hist += tl.sum(hit.to(tl.int32), axis=0)
+    tl.store(buf_ptr + hist_off + j * L_P2 + experts, hist.to(tl.int64))
+
+
+@triton.jit(do_not_specialize=["n_slots", "chunk", "hist_off", "pad", "m_alloc", "m_chunk"])
+def _plan_pos_kernel(lid_ptr, buf_ptr, filled_ptr, n_slots, chunk, hist_off, pad, m_alloc,
+                     m_chunk, L: tl.constexpr, L_P2: tl.constexpr, NC: tl.constexpr,
+                     NC_P2: tl.constexpr, SELF_HIST: tl.constexpr, FILLED: tl.constexpr,
+                     BLOCK_S: tl.constexpr):
+    j = tl.program_id(0)
+    experts = tl.arange(0, L_P2)
+    start = j.to(tl.int64) * chunk
+    if SELF_HIST:  # the only chunk: count it here
+        c = tl.zeros([L_P2], dtype=tl.int32)
+        for off in range(0, chunk, BLOCK_S):
+            i = start + off + tl.arange(0, BLOCK_S)
+            lid = tl.load(lid_ptr + i, mask=i < n_slots, other=-1)
+            hit = (lid[:, None] == experts[None, :]) & (experts[None, :] < L)
+            c += tl.sum(hit.to(tl.int32), axis=0)
+        before = tl.zeros([L_P2], dtype=tl.int32)
+    else:
+        crow = tl.arange(0, NC_P2)
+        hist = tl.load(buf_ptr + hist_off + crow[:, None] * L_P2 + experts[None, :],
+                       mask=crow[:, None] < NC, other=0).to(tl.int32)
+        c = tl.sum(hist, axis=0)
+        before = tl.sum(tl.where(crow[:, None] < j, hist, 0), axis=0)
+    # int32 tile math: row counts are far below 2**31.
+    padded = (c + pad - 1) // pad * pad
+    pstart = tl.cumsum(padded, axis=0) - padded
+    if j == 0:
+        tl.store(buf_ptr + n_slots + experts, c.to(tl.int64), mask=experts < L)
+    running = pstart + before
+    for off in range(0, chunk, BLOCK_S):
+        i = start + off + tl.arange(0, BLOCK_S)
+        ok = i < n_slots
+        lid = tl.load(lid_ptr + i, mask=ok, other=-1)
+        hit = ((lid[:, None] == experts[None, :]) & (experts[None, :] < L)).to(tl.int32)
+        before_in = tl.cumsum(hit, axis=0) - hit  # earlier slots of the same expert
+        pos = tl.sum(hit * (running[None, :] + before_in), axis=1).to(tl.int64)
+        pos = tl.where(tl.sum(hit, axis=1) > 0, pos, -1)
+        tl.store(buf_ptr + i, pos, mask=ok)
+        running += tl.sum(hit, axis=0)
+    if FILLED:
+        # Row m is real iff pstart[e] <= m < pstart[e] + c[e] for some expert e.
+        real_end = pstart + c
+        mstart = j.to(tl.int64) * m_chunk
+        for off in range(0, m_chunk, BLOCK_S):
+            m = mstart + off + tl.arange(0, BLOCK_S)
+            real = (m[:, None] >= pstart[None, :]) & (m[:, None] < real_end[None, :])
+            f = tl.max(real.to(tl.int32), axis=1)
+            tl.store(filled_ptr + m, f.to(tl.uint8), mask=m < m_alloc)
+
+
+def local_plan(lid_NK: torch.Tensor, num_local: int, pad: int,
+               filled_M: torch.Tensor | None = None, block: int | None = None,
+               chunks: int | None = None) -> torch.Tensor:
+    """Counting-sort plan of ``lid_NK`` (see the comment above); returns ``buf``.
+
+    lid_NK:    [N, K] integer local expert ids, contiguous; ids outside [0, L) (-1) are
+               slots with no row.
+    num_local: L.
+    pad:       block multiple (1 = no padding): expert e's rows start at the sum of the
+               earlier experts' counts, each rounded up to ``pad``.
+    filled_M:  [M] uint8 written when given: 1 on real rows, 0 on padding (and on rows
+               past the last block, so an upper bound of M may be allocated).
+    block, chunks: tiling overrides (tests use them to cross chunk boundaries).
+    buf:       [N * K + L + hist] int64: pos (output row of each flat slot, -1 none), then
+               the unpadded per-expert counts, then scratch.
+    """
+    N, K = lid_NK.shape
+    S = N * K
+    L = num_local
+    L_P2 = triton.next_power_of_2(max(L, 1))
+    block = block or max(16, min(1024, 8192 // L_P2))
+    n_blocks = triton.cdiv(max(S, 1), block)
+    if chunks is None:
+        # A few blocks: one program counts and walks them (one launch). Otherwise enough
+        # chunks to spread the walk, few enough that each program reduces the whole
+        # [chunks, L] histogram in one register tile.
+        chunks = 1 if n_blocks <= 4 else min(n_blocks, max(1, min(256, 8192 // L_P2)))
+    chunk = _round_to(triton.cdiv(max(S, 1), chunks), block)
+    nc = triton.cdiv(max(S, 1), chunk)
+    self_hist = nc == 1
+    hist_words = 0 if self_hist else nc * L_P2
+    buf = torch.empty(S + L + hist_words, dtype=torch.int64, device=lid_NK.device)
+    if S == 0:
+        return buf
+    with_f = filled_M is not None
+    m_alloc = filled_M.shape[0] if with_f else 0
+    m_chunk = _round_to(triton.cdiv(max(m_alloc, 1), nc), block)
+    with _launch_lock:
+        if not self_hist:
+            _plan_hist_kernel[(nc,)](lid_NK, buf, S, chunk, S + L, L=L, L_P2=L_P2,
+                                     BLOCK_S=block, num_warps=4)
+        _plan_pos_kernel[(nc,)](lid_NK, buf, filled_M if with_f else buf, S, chunk, S + L,
+                                max(int(pad), 1), m_alloc, m_chunk, L=L, L_P2=L_P2, NC=nc,
+                                NC_P2=triton.next_power_of_2(nc), SELF_HIST=self_hist,
+                                FILLED=with_f, BLOCK_S=block, num_warps=8)
+    return buf
