@@ -280,6 +280,15 @@ class _Arena:
                                device=tr.device)
             for name in self.REGIONS}
         self.cur = 0  # staging set of the current pull-type op (same on every rank)
+        self.device = tr.device
+        self._scratch: Dict[str, torch.Tensor] = {}
+
+    def scratch(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A local work buffer kept for this arena's lifetime (not symmetric)."""
+        buf = self._scratch.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype:
+            buf = self._scratch[name] = torch.empty(numel, dtype=dtype, device=self.device)
+        return buf[:numel]
 
     def next_stage(self) -> None:
         """Start a pull-type op: switch to the other staging set."""
@@ -460,6 +469,12 @@ class _Engine:
         # Set to a list to record (phase, CUDA event) pairs (benchmark breakdowns).
         self.profile: Optional[list] = None
 
+    def _zero_code(self, dev: torch.device) -> torch.Tensor:
+        z = getattr(self, "_zero", None)
+        if z is None or z.device != dev:
+            z = self._zero = torch.zeros((), dtype=torch.int64, device=dev)
+        return z
+
     def _mark(self, name: str) -> None:
         if self.profile is not None and self.tr.device.type == "cuda":
             ev = torch.cuda.Event(enable_timing=True)
@@ -519,7 +534,9 @@ class _Engine:
         bad_host = check.host_error is not None
         self._mark("dispatch")
         tr._last_pull = None  # unknown until this op completes (it may raise midway)
-        code = check.code(dev)
+        # A fine check needs no new tensor: reuse one zero (one launch less per call).
+        code = check.code(dev) if check.host_error is not None or check.device_bad is not None \
+            else self._zero_code(dev)
         arena = self._arena_for(T, row_bytes, K)
         while True:
             fits_hk = row_bytes <= arena.row_bytes and K <= arena.K_cap
@@ -655,11 +672,16 @@ class _Engine:
         R, L, T_cap, dev = self.R, self.L, arena.T_cap, self.tr.device
         if self.impl == "triton":
             from ..kernels import _triton
-            host_buf = torch.empty(R * 16 + L + 2, dtype=torch.int64, device=dev)
+            # Default mode reads host_buf back at once, so one buffer per arena serves
+            # every call; static mode hands slices of it to the caller: a fresh one.
+            static = self.budget is not None
+            host_buf = torch.empty(R * 16 + L + 2, dtype=torch.int64, device=dev) if static \
+                else arena.scratch("host", R * 16 + L + 2, torch.int64)
             pos = torch.empty(R * T_cap * K, dtype=torch.int64, device=dev)
             _triton.layout_plan(arena.table("idx"), arena.table("meta"), self.tr.status,
                                 T_cap * K, self.rank * L, L, self.pad or 1, budget, pos,
-                                host_buf)
+                                host_buf,
+                                scratch=lambda n: arena.scratch("hist", n, torch.int32))
             return (host_buf[:R * 16].view(R, 16), pos.view(R * T_cap, K),
                     host_buf[R * 16:R * 16 + L], host_buf[R * 16 + L], host_buf)
         metas_R, lid_VK = self._layout(arena, K)

@@ -369,7 +369,7 @@ def _layout_pos_kernel(idx_table, hist_ptr, pos_ptr, host_ptr, status_ptr, slots
 def layout_plan(idx_table: torch.Tensor, meta_table: torch.Tensor, status: torch.Tensor,
                 slots_per_src: int, e0: int, num_local: int, pad: int, budget: int,
                 pos_out: torch.Tensor, host_out: torch.Tensor, block: int | None = None,
-                chunks_per_src: int | None = None) -> None:
+                chunks_per_src: int | None = None, scratch=None) -> None:
     """Fused dispatch layout over every rank's staged ids (see the comment above).
 
     idx_table:     [R] int64 addresses of each rank's staged ids ([slots_per_src] int32).
@@ -378,6 +378,8 @@ def layout_plan(idx_table: torch.Tensor, meta_table: torch.Tensor, status: torch
     pos_out:       [R * slots_per_src] int64: output row of each slot, -1 not here, -2 dropped.
     host_out:      [R * 16 + L + 2] int64: metas, tokens_per_expert (padded, clipped to
                    ``budget``), dropped flag (padded total > budget), status.
+    scratch:       optional callable numel -> int32 device tensor for the [chunks, L]
+                   histogram (written and read within this call).
     block, chunks_per_src: tiling overrides (tests use them to cross chunk boundaries).
     """
     R = idx_table.shape[0]
@@ -391,7 +393,9 @@ def layout_plan(idx_table: torch.Tensor, meta_table: torch.Tensor, status: torch
                                        max_chunks // R))
     chunk = _round_to(triton.cdiv(max(slots_per_src, 1), ncp), block)
     nc_p2 = triton.next_power_of_2(R * ncp)
-    hist = torch.empty(R * ncp * L_P2, dtype=torch.int32, device=pos_out.device)
+    # scratch(numel) -> int32 workspace the caller may keep between calls (saves a launch).
+    hist = scratch(R * ncp * L_P2) if scratch is not None else \
+        torch.empty(R * ncp * L_P2, dtype=torch.int32, device=pos_out.device)
     with _launch_lock:
         _layout_hist_kernel[(R, ncp)](idx_table, meta_table, host_out, hist, slots_per_src,
                                       chunk, e0, L=L, L_P2=L_P2, NCP=ncp, BLOCK_S=block,
