@@ -4,8 +4,9 @@ Shapes: T local tokens, K top-k slots, E global experts, L local experts (E // R
 R ranks in the EP group, H hidden size, N dispatched rows on this rank.
 
 A backend receives routing in the canonical top-k form (``idx_TK`` int64 with -1 for a
-masked slot, ``probs_TK`` float32, 0 where masked) and returns rows grouped by local
-expert. The probs travel with the rows but are never applied by a backend: experts
+masked slot, ``probs_TK`` float32, any value where masked: a backend reads only the probs
+of slots that reach an expert row, and gives masked slots zero gradient) and returns rows
+grouped by local expert. The probs travel with the rows but are never applied by a backend: experts
 apply them. Everything combine needs is returned as an explicit, immutable handle, so a
 backend holds no per-call state and two layers (or an activation recompute) can never
 read each other's metadata.
@@ -89,8 +90,9 @@ class Backend(Protocol):
         """Send each token to the ranks owning its experts.
 
         x_TH:     [T, H] floating hidden states (T may be 0).
-        idx_TK:   [T, K] int64 global expert ids, -1 = masked slot.
-        probs_TK: [T, K] float32 routing probs, 0 where masked.
+        idx_TK:   [T, K] int64 global expert ids in [-1, E), -1 = masked slot
+                  (``canonicalize`` turns bad ids into -1 and flags them in ``check``).
+        probs_TK: [T, K] float32 routing probs; ignored (zero gradient) where masked.
         check:    input validation still pending: the backend must settle it on every
                   rank before its first data collective (see ``PendingCheck``), or make a
                   bad rank's collective harmless (fully masked rows of the agreed shape) and
@@ -116,8 +118,9 @@ class PendingCheck:
 
     host_error:  a message found on the host without touching device data (shapes,
                  dtypes), or None.
-    device_bad:  a 0-dim int64 tensor, nonzero when a value check failed (expert id out
-                 of range, NaN/inf/negative prob); evaluated on the device, no sync.
+    device_bad:  a 0-dim int64 tensor, 1 when a value check failed (expert id out of
+                 range, NaN/inf/negative prob), else 0; evaluated on the device, no sync.
+                 (Other dtypes are accepted: nonzero = failed.)
     value_help:  text explaining what ``device_bad`` checked, for the error message.
 
     Backends that exchange counts anyway fold ``code()`` into that message and call
@@ -130,12 +133,16 @@ class PendingCheck:
     value_help: str = ""
 
     def code(self, device: torch.device) -> torch.Tensor:
-        """0-dim int64 on ``device``: 0 ok, 1 value error, 2 host (shape/dtype) error."""
+        """0-dim int64 on ``device``: 0 ok, 1 value error, 2 host (shape/dtype) error.
+        Read-only: it may be ``device_bad`` itself or a cached zero."""
         if self.host_error is not None:
             return torch.tensor(2, dtype=torch.int64, device=device)
-        if self.device_bad is None:
-            return torch.zeros((), dtype=torch.int64, device=device)
-        return (self.device_bad != 0).to(torch.int64).to(device)
+        bad = self.device_bad
+        if bad is None:
+            return _zero_code(device)
+        if bad.dtype == torch.int64:
+            return bad.to(device)  # already 0/1: no launch on its own device
+        return (bad != 0).to(torch.int64).to(device)
 
     def raise_if_failed(self, codes: list[int], my_rank: int) -> None:
         """Raise ``DispatchInputError`` on every rank if any code is nonzero."""
@@ -162,3 +169,19 @@ class PendingCheck:
         dist.all_gather_into_tensor(out, code, group=group) if device.type == "cuda" else \
             dist.all_gather(list(out.chunk(world)), code, group=group)
         self.raise_if_failed(out.tolist(), dist.get_rank(group))
+
+
+_zero_codes: dict = {}
+
+
+def _zero_code(device: torch.device) -> torch.Tensor:
+    """A cached read-only 0-dim int64 zero per device (the code of an unchecked call),
+    so a call with ``check_inputs=False`` costs no fill launch. Not cached while a CUDA
+    graph is being captured (its fill would run only inside the graph)."""
+    key = (device.type, device.index)
+    z = _zero_codes.get(key)
+    if z is None:
+        z = torch.zeros((), dtype=torch.int64, device=device)
+        if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+            _zero_codes[key] = z
+    return z

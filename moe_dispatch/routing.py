@@ -13,6 +13,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from . import kernels
 from .protocol import PendingCheck
 
 
@@ -124,6 +125,13 @@ def canonicalize(hidden: torch.Tensor, num_experts: int, *,
     raises it on every rank together, after the ranks have agreed, instead of one rank
     raising while the others wait in a collective. On a host error the returned tensors
     are empty placeholders of the right rank.
+
+    With ``check_values`` the top-k ids outside [-1, E) are returned as -1 (flagged in
+    ``check.device_bad``), so a backend never sees an out-of-range id; without it the
+    caller promises valid ids. Probs of masked slots are returned as given (backends
+    ignore them; they get zero gradient). Inputs already int64 / float32 / [T, H] are
+    returned as they are, without a copy (the checked ids are a new tensor). On CUDA the
+    value check is one Triton launch (``moe_dispatch.kernels._check``).
     """
     err = _host_errors(hidden, num_experts, topk_idx, topk_probs, routing_map, probs)
     if err is not None:
@@ -135,30 +143,67 @@ def canonicalize(hidden: torch.Tensor, num_experts: int, *,
                 torch.zeros(0, 1, dtype=torch.long, device=dev),
                 torch.zeros(0, 1, dtype=torch.float32, device=dev),
                 PendingCheck(err, None))
-    x_TH = hidden.reshape(-1, hidden.shape[-1])
+    # Inputs already in the canonical form pass through untouched: on the GPU dispatch
+    # path every op (even a no-op call) is host time.
+    x_TH = hidden if hidden.dim() == 2 else hidden.reshape(-1, hidden.shape[-1])
     if topk_idx is not None:
-        idx_TK = topk_idx.long()
-        probs_TK = topk_probs.float()
+        probs_TK = topk_probs if topk_probs.dtype == torch.float32 else topk_probs.float()
         bad = None
         help_ = ("dispatch: topk_idx has an expert id outside [-1, num_experts) or "
                  "topk_probs has NaN/inf/negative values")
-        if check_values and idx_TK.numel():
-            # Few kernels on purpose (each launch costs host time): an id outside
-            # [-1, E) changes under clamp; NaN and +inf map to -1, so "< 0" flags them too.
-            bad = (idx_TK.clamp(-1, num_experts - 1) != idx_TK).any() | _bad_probs(probs_TK)
-        # Masked slots carry no weight whatever the caller put there.
-        probs_TK = probs_TK * (idx_TK >= 0)
+        if check_values and topk_idx.numel():
+            # Bad ids become -1 here, so none reaches a backend's layout or scatter; the
+            # error itself travels in ``check``.
+            idx_TK, bad = _check_topk(topk_idx, topk_probs, probs_TK, num_experts)
+        else:
+            idx_TK = topk_idx if topk_idx.dtype == torch.int64 else topk_idx.long()
+        # Probs of masked slots are left as given: every backend reads only the probs of
+        # slots that reach an expert row, and masked slots get zero gradient.
     else:
         help_ = "dispatch: probs has NaN/inf/negative values"
         bad = None
         if check_values and probs.numel():
-            bad = _bad_probs(probs)
+            bad = _check_probs(probs)
             if topk is not None:
                 # A top-k hint smaller than a row's routed count would drop experts silently.
                 help_ += f", or a token is routed to more than topk={topk} experts"
                 bad = bad | (routing_map.sum(1) > topk).any()
         idx_TK, probs_TK = dense_to_topk(routing_map.bool(), probs, topk)
     return x_TH, idx_TK, probs_TK, PendingCheck(None, bad, help_)
+
+
+def _check_topk(idx: torch.Tensor, probs: torch.Tensor, probs_f32: torch.Tensor,
+                num_experts: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(idx_TK int64 with ids outside [-1, E) replaced by -1, bad 0-dim int64 0/1).
+
+    One Triton launch on CUDA (``kernels._check``); the torch code is the reference.
+    ``probs_f32`` is ``probs`` as float32: both paths check the float32 values."""
+    if kernels.use_triton(idx):
+        return _fused().check_values(idx, probs, num_experts)
+    idx = idx.long()
+    # An id outside [-1, E) changes under clamp.
+    oob_TK = idx.clamp(-1, num_experts - 1) != idx
+    bad = (oob_TK.any() | _bad_probs(probs_f32)).to(torch.int64)
+    return idx.masked_fill(oob_TK, -1), bad
+
+
+_fused_module = None
+
+
+def _fused():
+    """``moe_dispatch.kernels._check``, imported on first use (it needs triton)."""
+    global _fused_module
+    if _fused_module is None:
+        from .kernels import _check
+        _fused_module = _check
+    return _fused_module
+
+
+def _check_probs(p: torch.Tensor) -> torch.Tensor:
+    """0-dim int64 0/1: any NaN, +-inf or negative value of ``p`` (as float32)."""
+    if kernels.use_triton(p):
+        return _fused().check_values(None, p, 0)[1]
+    return _bad_probs(p.float()).to(torch.int64)
 
 
 def _bad_probs(p: torch.Tensor) -> torch.Tensor:

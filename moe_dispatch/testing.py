@@ -16,8 +16,8 @@ import torch
 @dataclass
 class Case:
     """Inputs of every EP rank: xs[r] [T_r, H], idxs[r] [T_r, K] int64 (-1 masked),
-    probs[r] [T_r, K] float32 (0 where masked), W [E, H, H] expert weights, gouts[r] [T_r, H]
-    upstream gradients."""
+    probs[r] [T_r, K] float32 (``masked_prob``, default 0, where masked), W [E, H, H]
+    expert weights, gouts[r] [T_r, H] upstream gradients."""
 
     xs: List[torch.Tensor]
     idxs: List[torch.Tensor]
@@ -33,13 +33,15 @@ class Case:
 
 def make_case(world: int, tokens: Sequence[int], hidden: int, num_experts: int, topk: int, *,
               seed: Optional[int] = None, mask_frac: float = 0.0, skew: Optional[str] = None,
-              dtype=torch.float32) -> Case:
+              dtype=torch.float32, masked_prob: float = 0.0) -> Case:
     """Fresh random routing for ``world`` ranks with ``tokens[r]`` tokens each.
 
     skew: None (uniform distinct experts), "zipf" (popularity ~ 1/rank^1.2), or
           "one_expert" (every token's first slot is one random expert; with K=1 all tokens
           go to it).
     mask_frac: fraction of slots set to -1.
+    masked_prob: the prob left in masked slots (the reference ignores it, as backends must;
+          nonzero tests that they do).
     """
     g = torch.Generator().manual_seed(seed if seed is not None else
                                       int(torch.randint(0, 2 ** 31 - 1, (1,)).item()))
@@ -65,7 +67,7 @@ def make_case(world: int, tokens: Sequence[int], hidden: int, num_experts: int, 
         if mask_frac > 0 and T:
             m = torch.rand(T, topk, generator=g) < mask_frac
             idx = idx.masked_fill(m, -1)
-            p = p.masked_fill(m, 0.0)
+            p = p.masked_fill(m, masked_prob)
         xs.append(torch.randn(T, hidden, generator=g).to(dtype))
         idxs.append(idx)
         probs.append(p.float())

@@ -9,10 +9,12 @@ Per dispatch:
      that settles the ``PendingCheck`` on every rank and agrees on H and K (a zero-token
      rank's narrower K is widened with masked slots). Later calls with the agreed shape
      add nothing: a rank whose input is bad (value check failed on the device, a host
-     error, or H / K that no longer fit the agreed shape) masks all its slots, still takes
-     part in DeepEP's dispatch with rows of the agreed shape (so no rank hangs and the
-     buffer is only ever used with the agreed H), and raises a flag carried in the
-     per-expert counts DeepEP already hands to the host (``v1_buffer.v1_dispatch``).
+     error, or H / K that no longer fit the agreed shape) still takes part in DeepEP's
+     dispatch with rows of the agreed shape (so no rank hangs and the buffer is only ever
+     used with the agreed H): no rows at all for a host error or a shape misfit; for a
+     value error its rows with the bad ids already turned into -1 by the check
+     (``routing.canonicalize``). It raises a flag carried in the per-expert counts DeepEP
+     already hands to the host (``v1_buffer.v1_dispatch``).
      Every rank sees the flag right after the dispatch and only then runs ``agree``: it
      raises on every rank, or (a legitimate new shape) the dispatch is redone with it.
   2. DeepEP layout + dispatch: each token goes once to every rank holding one of its
@@ -183,14 +185,12 @@ class V1Backend(comm.CollectiveBackendBase):
                                   torch.zeros(0, K_a, dtype=torch.long, device=dev),
                                   torch.zeros(0, K_a, dtype=torch.float32, device=dev), 1)
         else:
-            idx_TK, probs_TK = pad_topk(idx_TK, probs_TK, K_a)
-            flag = None
-            if check.device_bad is not None:
-                # Value errors are known on the device only: mask every slot there (so
-                # nothing out of range reaches the layout kernel) and flag, without a sync.
-                flag = check.device_bad.reshape(()).bool()
-                idx_TK = idx_TK.masked_fill(flag, -1)
-            sent = self._exchange(x_TH, idx_TK, probs_TK, flag)
+            if K < K_a:
+                idx_TK, probs_TK = pad_topk(idx_TK, probs_TK, K_a)
+            # Value errors are known on the device only: the check already turned bad ids
+            # into -1 (nothing out of range reaches the layout kernel); its 0/1 verdict is
+            # added to the counts DeepEP hands every rank, without a sync.
+            sent = self._exchange(x_TH, idx_TK, probs_TK, check.device_bad)
         if not is_flagged(sent.box.counts, self.R):
             return self._finish(sent)
         # Some rank flagged (or real counts reached the flag range): agree now. This raises
@@ -227,7 +227,7 @@ class V1Backend(comm.CollectiveBackendBase):
         H = x_TH.shape[1]
         x_b = x_TH.to(WIRE_DTYPE).contiguous()
         idx_b = idx_TK.contiguous()
-        p_b = probs_TK.float().contiguous()
+        p_b = probs_TK.contiguous()  # float32 already (the protocol's form)
         if T == 0:
             # One masked row (sent nowhere) keeps the kernels away from empty launches.
             x_b = torch.cat([x_b, x_b.new_zeros(1, H)])

@@ -442,8 +442,9 @@ def v1_dispatch(buffer, x, topk_idx, topk_weights, num_experts: int, *, config=N
     recv_topk_idx holds local expert ids (-1 for slots on other ranks). The per-expert
     list is a host list: DeepEP's CPU waits for the counts (not CUDA-graph compatible).
 
-    flag: None, a host int 0/1, or a 0-dim bool device tensor (True = set). A set flag adds
-    ``flag_offset(R)`` to every per-expert count this rank sends. The library only sums
+    flag: None, a host int 0/1, or a 0-dim device tensor, int 0/1 or bool (e.g.
+    ``PendingCheck.device_bad``). A set flag adds ``flag_offset(R)`` to every per-expert
+    count this rank sends (one launch: ``n_expert += flag * offset``). The library only sums
     these counts into the receivers' host lists (they steer no data), so every rank's
     list then shows the flag (``is_flagged``) right after the dispatch, with no extra
     collective or sync: the backends use it to make every rank raise for one rank's bad
@@ -458,7 +459,9 @@ def v1_dispatch(buffer, x, topk_idx, topk_weights, num_experts: int, *, config=N
             ev.current_stream_wait()  # the layout ran on the communication stream
         off = flag_offset(buffer.group_size)
         if isinstance(flag, torch.Tensor):
-            n_expert.add_(flag.reshape(()).to(n_expert.dtype), alpha=off)
+            # An int 0-dim tensor adds in n_expert's dtype without a conversion launch.
+            n_expert.add_(flag if flag.dtype != torch.bool else flag.to(n_expert.dtype),
+                          alpha=off)
         else:
             n_expert.add_(off)
         if async_finish:

@@ -143,6 +143,7 @@ def test_single_rank_is_local_permutation(name):
 
 SCENARIOS = {
     "uneven": (lambda R: [6 + 5 * r for r in range(R)], dict(mask_frac=0.2), {}),
+    "masked_garbage_probs": (lambda R: [9] * R, dict(mask_frac=0.3, masked_prob=0.7), {}),
     "zero_token_rank": (lambda R: [0] + [9] * (R - 1), dict(mask_frac=0.1), {}),
     "skew_one_expert": (lambda R: [10] * R, dict(skew="one_expert"), {}),
     "zipf_pad": (lambda R: [12] * R, dict(skew="zipf"), {"pad_multiple": 4}),

@@ -12,6 +12,8 @@ BACKENDS = ["alltoall", "allgather"]
 SCENARIOS = {
     "uniform_uneven": (lambda R: [6 + 5 * r for r in range(R)], dict(), {}),
     "masked_slots": (lambda R: [12] * R, dict(mask_frac=0.3), {}),
+    # Probs of masked slots are ignored (no weight, zero gradient) whatever they hold.
+    "masked_garbage_probs": (lambda R: [12] * R, dict(mask_frac=0.3, masked_prob=0.7), {}),
     "zero_token_rank": (lambda R: [0] + [9] * (R - 1), dict(mask_frac=0.1), {}),
     "all_to_one_expert": (lambda R: [8] * R, dict(skew="one_expert", topk=1), {}),
     "hot_expert_topk": (lambda R: [10] * R, dict(skew="one_expert"), {}),

@@ -393,6 +393,7 @@ SIM_CASES = {
     "zero_token_rank_r3": (3, [6, 0, 4], dict(mask_frac=0.1), 4),
     "zipf_r4": (4, [5, 3, 6, 2], dict(skew="zipf", mask_frac=0.1), None),
     "single_rank": (1, [9], dict(mask_frac=0.3), 2),
+    "masked_garbage_probs_r2": (2, [6, 7], dict(mask_frac=0.3, masked_prob=0.7), None),
 }
 
 
@@ -565,7 +566,8 @@ def test_fused_stage_matches_torch(T, T_cap, K, H, dtype):
     assert torch.equal(x_out[:T], x)
     assert x_out[T:].isnan().all()  # rows past the tokens are never written
     assert torch.equal(idx_out[:T], idx.to(torch.int32)) and (idx_out[T:] == -1).all()
-    assert torch.equal(p_out[:T], probs) and p_out[T:].isnan().all()
+    # rows past the tokens get prob 0 with their -1 ids (rows are staged K_cap wide)
+    assert torch.equal(p_out[:T], probs) and (p_out[T:] == 0).all()
     assert meta[:5].tolist() == [T, 1, H * x.element_size(), K, 1] and (meta[5:] == 55).all()
 
 
