@@ -26,7 +26,7 @@ import triton.language as tl
 from ._triton import _launch_lock
 
 BLOCK = 2048  # slots per program
-_FLT_MAX = 3.4028234663852886e38
+_FLT_MAX = tl.constexpr(3.4028234663852886e38)  # kernels may read constexpr globals only
 
 
 @triton.jit(do_not_specialize=["n", "num_experts", "num_programs"])
