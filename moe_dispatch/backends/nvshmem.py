@@ -282,6 +282,7 @@ class _Arena:
         self.cur = 0  # staging set of the current pull-type op (same on every rank)
         self.device = tr.device
         self._scratch: Dict[str, torch.Tensor] = {}
+        self._views: Dict[tuple, torch.Tensor] = {}
 
     def scratch(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """A local work buffer kept for this arena's lifetime (not symmetric)."""
@@ -302,7 +303,12 @@ class _Arena:
         return self.tables[self._name(name)]
 
     def local(self, name: str, dtype: torch.dtype, shape) -> torch.Tensor:
-        return self._view(self.win.local, name, dtype, shape)
+        # Cached: building a view is three tensor ops of host time, on every call.
+        key = (self._name(name), dtype, tuple(shape))
+        view = self._views.get(key)
+        if view is None:
+            view = self._views[key] = self._view(self.win.local, name, dtype, shape)
+        return view
 
     def peer(self, s: int, name: str, dtype: torch.dtype, shape) -> torch.Tensor:
         return self._view(self.win.peer_bytes(s), name, dtype, shape)
@@ -311,7 +317,7 @@ class _Arena:
         n = 1
         for d in shape:
             n *= d
-        esize = torch.empty((), dtype=dtype).element_size()
+        esize = dtype.itemsize
         start = self.off[self._name(name)]
         return raw[start:start + n * esize].view(dtype).view(*shape)
 
