@@ -267,6 +267,9 @@ class HybridEPDispatch(torch.autograd.Function):
                                       num_sms_combine_api)
         mgr = _hb.manager_for(group)
         buffer = mgr.get(x.shape[-1], x.shape[-2], settings, strict=False)
+        # The seed's combine reads the module-level buffer: point it at the one used here
+        # (it may predate this module's import, e.g. made by the hybridep backend).
+        _on_hybrid_buffer(buffer)
         out = _hb.dispatch_with_permute(buffer, x, routing_map, probs, num_local_experts,
                                         pad_multiple=pad_multiple,
                                         num_permuted_tokens=num_permuted_tokens)

@@ -29,6 +29,9 @@ def main(argv=None) -> int:
     ap.add_argument("--topk", type=int, default=8)
     ap.add_argument("--experts", type=int, default=256)
     ap.add_argument("--pad", type=int, default=None, help="pad_multiple (default: none)")
+    ap.add_argument("--sweep", default="",
+                    help="comma list of BLOCK_H:num_warps tile overrides to time as well, "
+                         "e.g. 1024:4,2048:8 (MOE_DISPATCH_TRITON_BLOCK)")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
 
@@ -88,6 +91,18 @@ def main(argv=None) -> int:
     t_plan = med(lambda: group_plan(lid, L, counts, args.pad))
     t_both = med(lambda: permute(x, probs, group_plan(lid, L, counts, args.pad)))
 
+    sweep = {}
+    for tile in [t for t in args.sweep.split(",") if t]:
+        os.environ["MOE_DISPATCH_TRITON_BLOCK"] = tile.replace(":", ",")
+        tp_ = med(lambda: kernels.permute_rows(x, pos, M, filled, probs))
+        tu_ = med(lambda: kernels.reduce_rows(y, pos))
+        os.environ.pop("MOE_DISPATCH_TRITON_BLOCK")
+        sweep[tile] = {"permute_of_copy": p_bytes / tp_ / copy_bw,
+                       "unpermute_of_copy": u_bytes / tu_ / copy_bw,
+                       "permute_us": tp_ * 1e6, "unpermute_us": tu_ * 1e6}
+        print(f"tile {tile:8s} permute {tp_ * 1e6:7.1f} us {p_bytes / tp_ / copy_bw:6.1%} | "
+              f"unpermute {tu_ * 1e6:7.1f} us {u_bytes / tu_ / copy_bw:6.1%} of copy")
+
     res = {
         "gpu": torch.cuda.get_device_name(), "shape": dict(R=R, T=T, H=H, K=K, E=E, pad=args.pad),
         "rows_in": N, "rows_out": M, "matches_torch_path": same,
@@ -95,7 +110,7 @@ def main(argv=None) -> int:
         "permute": {"us": t_p * 1e6, "TBps": p_bytes / t_p / 1e12, "of_copy": p_bytes / t_p / copy_bw},
         "unpermute": {"us": t_u * 1e6, "TBps": u_bytes / t_u / 1e12, "of_copy": u_bytes / t_u / copy_bw},
         "torch_permute_us": t_torch_p * 1e6, "torch_unpermute_us": t_torch_u * 1e6,
-        "plan_us": t_plan * 1e6, "plan_plus_permute_us": t_both * 1e6,
+        "plan_us": t_plan * 1e6, "plan_plus_permute_us": t_both * 1e6, "sweep": sweep,
     }
     print(f"GPU {res['gpu']}: copy ceiling {copy_bw / 1e12:.2f} TB/s (1 GiB, read+write)")
     print(f"rows in {N}, rows out {M} (EP{R}, {T} tok/rank, H {H}, top-{K} of {E}, pad {args.pad})"
