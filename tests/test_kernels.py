@@ -206,7 +206,8 @@ def _check_plan(monkeypatch, lid, L, pad, host_counts, tiles, g, dtype=torch.flo
         _torch_path(m)
         tok3, pr3 = permute(x.to(DEV), p.to(DEV), plan)
         assert torch.equal(tok3.cpu(), tok_ref) and torch.equal(pr3.cpu(), pr_ref)
-        assert torch.equal(unpermute(y.to(DEV), plan).cpu(), u_ref)
+        # CUDA's index_add sums a row's >= 3 slots in any order: equal up to rounding.
+        assert rel_err(unpermute(y.to(DEV), plan).cpu(), u_ref) <= tol
     return plan
 
 
@@ -403,6 +404,13 @@ def _small_round(monkeypatch):
     monkeypatch.setattr(nvshmem, "_T_ROUND", 8, raising=False)
 
 
+sim_only = pytest.mark.skipif(
+    torch.cuda.is_available(),
+    reason="simulated ranks are threads spinning on one device: CPU only (the real "
+           "multi-GPU path is tests/test_gpu_nvshmem.py under torchrun)")
+
+
+@sim_only
 @pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
 @pytest.mark.parametrize("name", list(SIM_CASES))
 def test_sim_engine_matches_dense_reference(impl, name):
@@ -412,6 +420,7 @@ def test_sim_engine_matches_dense_reference(impl, name):
     _check(results, case, pad)
 
 
+@sim_only
 @needs_triton
 @pytest.mark.parametrize("pad", [None, 2])
 def test_sim_static_budget(pad):
@@ -423,6 +432,7 @@ def test_sim_static_budget(pad):
     _check(results, case, pad, budget=budget)
 
 
+@sim_only
 @needs_triton
 def test_sim_static_budget_overflow_is_flagged_and_bounded():
     R = 2
@@ -443,6 +453,7 @@ def test_sim_static_budget_overflow_is_flagged_and_bounded():
         assert torch.isfinite(res.tokens_NH).all() and torch.isfinite(y).all()
 
 
+@sim_only
 def test_sim_bad_input_raises_on_every_rank():
     R = 2
     case = make_case(R, [4, 4], hidden=8, num_experts=2 * R, topk=2)

@@ -28,15 +28,27 @@ import triton.language as tl
 _launch_lock = threading.RLock()
 
 
-def _block_h(H: int, elem_size: int) -> tuple[int, int]:
+def _block_h(H: int, elem_size: int, exact: bool = False) -> tuple[int, int]:
     """(BLOCK_H, num_warps): a whole row per program up to 16 KiB (one wide burst of
     independent loads per program, few programs), 16-32 bytes per thread.
+
+    exact: when H is not a power of two, prefer the widest power-of-two tile of >= 2 KiB
+    that divides H, so no lane idles (H=7168 bf16: 1024-wide tiles, 4 warps; measured on
+    H200 at the DeepEP shape: permute 87 %, unpermute 89 % of the copy ceiling, against
+    89 % / 79 % with one 8192-wide tile). Used by the local kernels.
     MOE_DISPATCH_TRITON_BLOCK="BLOCK_H,num_warps" overrides (for tuning)."""
     env = os.environ.get("MOE_DISPATCH_TRITON_BLOCK")
     if env:
         b, w = (int(v) for v in env.split(","))
         return b, w
-    block = min(triton.next_power_of_2(max(H, 1)), max(16384 // elem_size, 16))
+    cap = max(16384 // elem_size, 16)
+    block = min(triton.next_power_of_2(max(H, 1)), cap)
+    if exact and H % block:
+        b = block // 2
+        while b * elem_size >= 2048 and H % b:
+            b //= 2
+        if b * elem_size >= 2048:
+            block = b
     warps = max(1, min(16, block * elem_size // 512))
     return block, warps
 
@@ -193,7 +205,7 @@ def scatter_rows(x_VH: torch.Tensor, pos_VK: torch.Tensor, out_MH: torch.Tensor,
     """out[pos[v, k]] = x[v] for every pos >= 0; probs_M[pos[v, k]] = probs_VK[v, k]."""
     V, H = x_VH.shape
     K = pos_VK.shape[1]
-    block, warps = _block_h(H, x_VH.element_size())
+    block, warps = _block_h(H, x_VH.element_size(), exact=True)
     with_p = probs_M is not None
     # At least one column block: with H == 0 the probs still move.
     _launch(_scatter_rows_kernel, (V, max(1, triton.cdiv(H, block))),
@@ -206,7 +218,7 @@ def gather_reduce(y_MH: torch.Tensor, pos_VK: torch.Tensor, out_VH: torch.Tensor
     """out[v] = sum_k y[pos[v, k]] over pos >= 0, accumulated in float32 (zeros if none)."""
     V, K = pos_VK.shape
     H = out_VH.shape[1]
-    block, warps = _block_h(H, out_VH.element_size())
+    block, warps = _block_h(H, out_VH.element_size(), exact=True)
     _launch(_gather_reduce_kernel, (V, triton.cdiv(H, block)),
             y_MH, pos_VK, out_VH, pos_VK, 1, 0, y_MH, pos_VK, H, 1,
             K=K, PEER=False, WITH_PROBS=False, BLOCK_H=block, num_warps=warps)
@@ -217,7 +229,7 @@ def zero_unfilled(out_MH: torch.Tensor, filled_M: torch.Tensor,
     """Zero every row m of out_MH with filled_M[m] == 0 (padding / unused budget rows),
     and probs_M[m] ([M] float32) with it when given."""
     M, H = out_MH.shape
-    block, warps = _block_h(H, out_MH.element_size())
+    block, warps = _block_h(H, out_MH.element_size(), exact=True)
     with_p = probs_M is not None
     _launch(_zero_unfilled_kernel, (M, max(1, triton.cdiv(H, block))), out_MH, filled_M,
             probs_M if with_p else out_MH, H, WITH_PROBS=with_p, BLOCK_H=block,
