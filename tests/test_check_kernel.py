@@ -5,24 +5,17 @@ Both must flag exactly the same inputs (ids outside [-1, E); probs NaN, +-inf or
 as float32, masked slots included; -0.0 is fine), return the same ids (bad ones -> -1, as
 int64) and leave nothing behind between calls (the multi-program ticket resets itself).
 """
-import importlib.util
 import os
 
 import pytest
 import torch
 
-try:  # not imported here: TRITON_INTERPRET must be set before the kernels are defined
-    HAS_TRITON = importlib.util.find_spec("triton") is not None
-except (ImportError, ValueError):
-    HAS_TRITON = False
-if HAS_TRITON and not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# First: sets TRITON_INTERPRET on CPU machines before the kernels are defined.
+from triton_mode import DEV, HAS_TRITON, needs_triton  # noqa: E402,F401
 
 from moe_dispatch import kernels, routing  # noqa: E402
 from moe_dispatch.protocol import PendingCheck  # noqa: E402
 
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
 NAN, INF = float("nan"), float("inf")
 E = 6

@@ -8,20 +8,13 @@
   addresses) and must match the single-process dense reference forward and backward.
   Its plain-torch implementation runs without triton, so that part also runs in CI.
 """
-import importlib.util
-import os
 import threading
 
 import pytest
 import torch
 
-try:  # not imported here: TRITON_INTERPRET must be set before the kernels are defined
-    HAS_TRITON = importlib.util.find_spec("triton") is not None
-except (ImportError, ValueError):
-    HAS_TRITON = False
-if HAS_TRITON and not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# First: sets TRITON_INTERPRET on CPU machines before the kernels are defined.
+from triton_mode import DEV, HAS_TRITON, needs_triton  # noqa: E402,F401
 
 from moe_dispatch import kernels  # noqa: E402
 from moe_dispatch.backends import nvshmem  # noqa: E402
@@ -30,7 +23,6 @@ from moe_dispatch.protocol import DispatchInputError, PendingCheck  # noqa: E402
 from moe_dispatch.testing import (local_experts, make_case, reference_dispatch,  # noqa: E402
                                   reference_moe, rel_err)
 
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
 
 def _torch_path(monkeypatch):
