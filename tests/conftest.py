@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import sys
 
@@ -28,3 +29,19 @@ def gloo_pool():
 def pytest_sessionfinish(session, exitstatus):
     for p in _pools.values():
         p.close()
+
+
+def pytest_configure(config):
+    # Without a GPU the kernel tests run interpreted; also compile for sm_90 every Triton
+    # launch they make (tests/triton_compile_check.py), since the interpreter accepts code a
+    # GPU compile rejects. MOE_TRITON_COMPILE_CHECK=0 skips it.
+    if os.environ.get("MOE_TRITON_COMPILE_CHECK", "1") == "0":
+        return
+    if importlib.util.find_spec("triton") is None:
+        return
+    import torch
+    if torch.cuda.is_available():
+        return
+    import triton_compile_check
+    if not config.pluginmanager.is_registered(triton_compile_check):
+        config.pluginmanager.register(triton_compile_check, "triton_compile_check")
