@@ -341,6 +341,39 @@ def check_repeat_large():
     return errs
 
 
+def check_back_to_back_dispatch():
+    """Three dispatches in a row with no combine (or any other barrier) between them, one
+    rank's reads made late each time: a dispatch ends without a barrier, so the next one
+    must stage into the other buffer set while the slow peer still reads this one."""
+    rank, R = dist.get_rank(), dist.get_world_size()
+    be = _backend("nvshmem", 8 * R)
+    engine = be.engine
+    a2a = _backend("alltoall", 8 * R)
+    # Cases first: drawing a shared seed is a collective, which would line the ranks up.
+    cases = [make_case(R, [96 + 16 * ((r + it) % R) for r in range(R)], hidden=64,
+                       num_experts=8 * R, topk=4, seed=_shared_seed(), dtype=torch.float32,
+                       mask_frac=0.1) for it in range(3)]
+    outs = []
+    for it, case in enumerate(cases):
+        slow = rank == it % R
+        # The slow rank reads late (host sleep on CPU, a GPU spin before its pull kernel).
+        engine.before_pull = (lambda: time.sleep(0.5)) if slow and CPU_MODE else \
+            (lambda: torch.cuda._sleep(50_000_000)) if slow else None
+        x = case.xs[rank].to(DEV)
+        outs.append(be.dispatch(x, case.idxs[rank].to(DEV), case.probs[rank].to(DEV),
+                                PendingCheck(None, None)))
+    engine.before_pull = None
+    errs = []
+    for it, (case, res) in enumerate(zip(cases, outs)):
+        ref = a2a.dispatch(case.xs[rank].to(DEV), case.idxs[rank].to(DEV),
+                           case.probs[rank].to(DEV), PendingCheck(None, None))
+        if not torch.equal(res.tokens_NH.cpu(), ref.tokens_NH.cpu()):
+            errs.append(f"dispatch {it}: tokens differ from alltoall")
+        if not torch.equal(res.probs_N.cpu(), ref.probs_N.cpu()):
+            errs.append(f"dispatch {it}: probs differ from alltoall")
+    return errs
+
+
 def check_static_budget():
     rank, R = dist.get_rank(), dist.get_world_size()
     case, pad, dtype = _case("masked_slots", R)
@@ -477,6 +510,7 @@ def _checks():
     out += [("parity_masked_slots_torch_impl", lambda: check_parity("masked_slots", "torch")),
             ("parity_pad_multiple_torch_impl", lambda: check_parity("pad_multiple", "torch")),
             ("narrow_k_rank", check_narrow_k_rank),
+            ("back_to_back_dispatch", check_back_to_back_dispatch),
             ("repeat_large_bf16", check_repeat_large),
             ("static_budget", check_static_budget),
             ("static_overflow", check_static_overflow)]

@@ -474,6 +474,8 @@ class _Engine:
                 raise RuntimeError(f"nvshmem backend: {err}")
         # Set to a list to record (phase, CUDA event) pairs (benchmark breakdowns).
         self.profile: Optional[list] = None
+        # Tests: called right before this rank's pull (to make its reads late).
+        self.before_pull = None
 
     def _zero_code(self, dev: torch.device) -> torch.Tensor:
         z = getattr(self, "_zero", None)
@@ -597,6 +599,8 @@ class _Engine:
             else None
         tokens = torch.empty(budget, H, dtype=dtype, device=dev)
         probs_M = torch.zeros(budget, dtype=torch.float32, device=dev)
+        if self.before_pull is not None:
+            self.before_pull()
         self._pull(arena, pos_VK, tokens, probs_M, with_probs=True)
         if filled_M is not None:
             self._zero_unfilled(tokens, filled_M)
