@@ -9,6 +9,7 @@
   Its plain-torch implementation runs without triton, so that part also runs in CI.
 """
 import threading
+import time
 
 import pytest
 import torch
@@ -443,6 +444,34 @@ def test_sim_static_budget_overflow_is_flagged_and_bounded():
         assert int(res.tokens_per_expert_L.sum()) <= budget
         assert int(res.handle.status.item()) & nvshmem.STATUS_ROWS_DROPPED
         assert torch.isfinite(res.tokens_NH).all() and torch.isfinite(y).all()
+
+
+@sim_only
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_sim_back_to_back_dispatch_with_a_late_reader(impl):
+    """Dispatches in a row with no barrier between them while one rank reads late: the next
+    dispatch must stage into the other buffer set, not over rows a peer still reads."""
+    R = 2
+    cases = [make_case(R, [24 + 8 * ((r + it) % R) for r in range(R)], hidden=16,
+                       num_experts=4 * R, topk=2, seed=100 + it, mask_frac=0.1)
+             for it in range(3)]
+
+    def fn(r, tr):
+        eng = nvshmem._Engine(tr, 4 * R, None, {"impl": impl})
+        outs = []
+        for it, case in enumerate(cases):
+            eng.before_pull = (lambda: time.sleep(0.3)) if r == it % R else None
+            res = eng.dispatch(case.xs[r].to(DEV), case.idxs[r].to(DEV),
+                               case.probs[r].to(DEV), PendingCheck(None, None))
+            outs.append((res.tokens_NH.cpu(), res.probs_N.cpu()))
+        return outs
+
+    results = _run_ranks(R, fn)
+    for it, case in enumerate(cases):
+        for r in range(R):
+            tok_ref, _, p_ref = reference_dispatch(case, r, None)
+            assert torch.equal(results[r][it][0], tok_ref), (it, r)
+            assert torch.equal(results[r][it][1], p_ref), (it, r)
 
 
 @sim_only
