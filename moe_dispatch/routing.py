@@ -179,7 +179,7 @@ def _check_topk(idx: torch.Tensor, probs: torch.Tensor, probs_f32: torch.Tensor,
     One Triton launch on CUDA (``kernels._check``); the torch code is the reference.
     ``probs_f32`` is ``probs`` as float32: both paths check the float32 values."""
     if kernels.use_triton(idx):
-        return _fused().check_values(idx, probs, num_experts)
+        return kernels.check_values(idx, probs, num_experts)
     idx = idx.long()
     # An id outside [-1, E) changes under clamp.
     oob_TK = idx.clamp(-1, num_experts - 1) != idx
@@ -187,22 +187,10 @@ def _check_topk(idx: torch.Tensor, probs: torch.Tensor, probs_f32: torch.Tensor,
     return idx.masked_fill(oob_TK, -1), bad
 
 
-_fused_module = None
-
-
-def _fused():
-    """``moe_dispatch.kernels._check``, imported on first use (it needs triton)."""
-    global _fused_module
-    if _fused_module is None:
-        from .kernels import _check
-        _fused_module = _check
-    return _fused_module
-
-
 def _check_probs(p: torch.Tensor) -> torch.Tensor:
     """0-dim int64 0/1: any NaN, +-inf or negative value of ``p`` (as float32)."""
     if kernels.use_triton(p):
-        return _fused().check_values(None, p, 0)[1]
+        return kernels.check_values(None, p, 0)[1]
     return _bad_probs(p.float()).to(torch.int64)
 
 

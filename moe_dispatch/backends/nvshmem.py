@@ -598,7 +598,10 @@ class _Engine:
         filled_M = filled_rows(pos_VK, budget) if static or (self.pad and self.pad > 1) \
             else None
         tokens = torch.empty(budget, H, dtype=dtype, device=dev)
-        probs_M = torch.zeros(budget, dtype=torch.float32, device=dev)
+        # Without padding rows every output row gets its prob from the pull: no zero fill
+        # (one launch less between the host sync and the pull).
+        probs_M = torch.zeros(budget, dtype=torch.float32, device=dev) if filled_M is not None \
+            else torch.empty(budget, dtype=torch.float32, device=dev)
         if self.before_pull is not None:
             self.before_pull()
         self._pull(arena, pos_VK, tokens, probs_M, with_probs=True)

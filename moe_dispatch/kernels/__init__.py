@@ -54,6 +54,12 @@ def _k():
     return _triton
 
 
+def check_values(idx_TK: Optional[torch.Tensor], probs: torch.Tensor, num_experts: int):
+    """The dispatch input check in one launch; see ``moe_dispatch.kernels._check``."""
+    from . import _check
+    return _check.check_values(idx_TK, probs, num_experts)
+
+
 # ------------------------------------------------------------------ plan
 
 
