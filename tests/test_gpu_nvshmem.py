@@ -374,6 +374,54 @@ def check_back_to_back_dispatch():
     return errs
 
 
+def check_host_graph():
+    """The default mode's CUDA graphs and speculative pull against the eager path and
+    alltoall, forward + backward, new data and a fresh check-code tensor every call.
+    Token counts per call: 320, 200, 320, 200, 320, 200, 320, 320 (minus 24 per rank).
+    Each shape runs exactly first (which sizes its speculative buffer), then speculatively
+    (new graph key: seen), then from a captured graph. Calls 7 and 8 find the speculative
+    buffer too small (forced to one row): the fallback to an exact plan, eagerly and then
+    from a graph captured with that one-row budget."""
+    rank, R = dist.get_rank(), dist.get_world_size()
+    E, H = 16 * R, 1024
+    graphed = _backend("nvshmem", E)
+    eager = _backend("nvshmem", E, None, {"host_graph": False})
+    a2a = _backend("alltoall", E)
+    errs = []
+    counts = [320, 200, 320, 200, 320, 200, 320, 320]
+    cases = [make_case(R, [n - 24 * r for r in range(R)], hidden=H, num_experts=E, topk=8,
+                       seed=_shared_seed(), dtype=torch.bfloat16, mask_frac=0.05)
+             for n in counts]
+    for it, case in enumerate(cases):
+        if it >= 6:
+            for be in (graphed, eager):
+                be.engine._spec_rows = {k: 1 for k in be.engine._spec_rows}
+        W = case.W.to(DEV)
+        outs = []
+        for be in (graphed, eager, a2a):
+            x = case.xs[rank].to(DEV, torch.bfloat16).clone().requires_grad_(True)
+            p = case.probs[rank].to(DEV).clone().requires_grad_(True)
+            bad = torch.zeros((), dtype=torch.int64, device=DEV)  # a new code tensor per call
+            res = be.dispatch(x, case.idxs[rank].to(DEV), p, PendingCheck(None, bad, "bad"))
+            L = E // R
+            y = be.combine(_experts(W, rank * L, res.tokens_NH, res.tokens_per_expert_L,
+                                    res.probs_N), res.handle)
+            (y.float() * case.gouts[rank].to(DEV).float()).sum().backward()
+            outs.append(dict(tokens=res.tokens_NH.detach().cpu(),
+                             tpe=res.tokens_per_expert_L.cpu(),
+                             probs=res.probs_N.detach().cpu(), y=y.detach().float().cpu(),
+                             gx=x.grad.float().cpu(), gp=p.grad.cpu()))
+        errs += [f"call {it}: {e}" for e in _compare_pair(outs[0], outs[1], 0.0, "eager")]
+        errs += [f"call {it}: {e}" for e in _compare_pair(outs[0], outs[2], 1e-2, "alltoall")]
+    n_graphs = sum(1 for g in graphed.engine._graphs.values() if g)
+    if n_graphs != 3:
+        errs.append(f"{n_graphs} graphs captured, expected 3 (one per token count, one with "
+                    f"the one-row budget)")
+    if any(g for g in eager.engine._graphs.values()):
+        errs.append("host_graph=False captured a graph")
+    return errs
+
+
 def check_static_budget():
     rank, R = dist.get_rank(), dist.get_world_size()
     case, pad, dtype = _case("masked_slots", R)
@@ -515,7 +563,8 @@ def _checks():
             ("static_budget", check_static_budget),
             ("static_overflow", check_static_overflow)]
     if not CPU_MODE:
-        out += [("cuda_graph", check_cuda_graph),
+        out += [("host_graph", check_host_graph),
+                ("cuda_graph", check_cuda_graph),
                 ("errors", check_errors_are_clear),
                 ("barrier_torch", check_barrier_torch)]
     return out
@@ -636,7 +685,8 @@ def run_bench(T=4096, H=7168, K=8, E=256, iters=20, json_path=None):
         be = _backend("nvshmem", E)
         eng = be.engine
         with torch.no_grad():
-            for _ in range(3):
+            # Calls 1-4 compile and capture (two staging sets); the last one is recorded.
+            for _ in range(6):
                 eng.profile = []
                 r = disp_fn(be)(0)
                 be.combine(r.tokens_NH, r.handle)
@@ -645,8 +695,17 @@ def run_bench(T=4096, H=7168, K=8, E=256, iters=20, json_path=None):
         eng.profile = None
         phases = [(marks[i + 1][0], marks[i][1].elapsed_time(marks[i + 1][1]) * 1e3)
                   for i in range(len(marks) - 1) if marks[i + 1][0] not in ("dispatch", "combine")]
+        # Host side: when each mark was reached, from the start of its op (launch-bound
+        # phases show up as host time the GPU waits for).
+        host, t0 = [], None
+        for name, _, t in marks:
+            t0 = t if name in ("dispatch", "combine") else t0
+            host.append((name, (t - t0) * 1e6))
         out["nvshmem_phases_us_rank0"] = phases
+        out["nvshmem_host_marks_us_rank0"] = host
         _log("PHASES nvshmem (rank 0, us): " + ", ".join(f"{n} {t:.1f}" for n, t in phases))
+        _log("HOST nvshmem (rank 0, us since op start): " +
+             ", ".join(f"{n} {t:.1f}" for n, t in host))
     except Exception as exc:  # noqa: BLE001
         _log(f"PHASES: ERROR {type(exc).__name__}: {exc}")
 

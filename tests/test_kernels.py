@@ -475,6 +475,53 @@ def test_sim_back_to_back_dispatch_with_a_late_reader(impl):
 
 
 @sim_only
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("pad", [None, 2])
+def test_sim_speculative_pull_and_its_overflow(impl, pad):
+    """Default mode, same shapes every call, new data: call 0 sizes the speculative buffer,
+    calls 1 and 3 pull into it before the host knows the row count, call 2 finds it too
+    small (forced) and must fall back to an exact plan and pull. Forward and backward of
+    every call against the dense reference."""
+    R = 2
+    cases = [make_case(R, [9, 6], hidden=16, num_experts=4 * R, topk=3, seed=40 + it,
+                       mask_frac=0.15) for it in range(4)]
+
+    def fn(r, tr):
+        eng = nvshmem._Engine(tr, 4 * R, pad, {"impl": impl})
+        outs = []
+        for it, case in enumerate(cases):
+            if it == 2:  # every rank's buffer one row: more rows than it holds
+                eng._spec_rows = {k: 1 for k in eng._spec_rows}
+            x = case.xs[r].to(DEV).clone().requires_grad_(True)
+            p = case.probs[r].to(DEV).clone().requires_grad_(True)
+            res = eng.dispatch(x, case.idxs[r].to(DEV), p, PendingCheck(None, None))
+            y = eng.combine(_experts(case.W.to(DEV), r * 4, res.tokens_NH,
+                                     res.tokens_per_expert_L, res.probs_N), res.handle)
+            (y * case.gouts[r].to(DEV)).sum().backward()
+            spare = res.tokens_NH.untyped_storage().nbytes() - \
+                res.tokens_NH.numel() * res.tokens_NH.element_size()
+            outs.append(dict(tokens=res.tokens_NH.detach().cpu(),
+                             tpe=res.tokens_per_expert_L.cpu(), probs=res.probs_N.detach().cpu(),
+                             y=y.detach().cpu(), gx=x.grad.cpu(), gp=p.grad.cpu(), spare=spare))
+        return outs
+
+    results = _run_ranks(R, fn)
+    for it, case in enumerate(cases):
+        ys, gxs, gps = reference_moe(case)
+        for r in range(R):
+            res = results[r][it]
+            tok_ref, tpe_ref, p_ref = reference_dispatch(case, r, pad)
+            assert torch.equal(res["tpe"], tpe_ref), (it, r)
+            assert torch.equal(res["tokens"], tok_ref), (it, r)
+            assert torch.equal(res["probs"], p_ref), (it, r)
+            assert rel_err(res["y"], ys[r]) < 1e-5, (it, r)
+            assert rel_err(res["gx"], gxs[r]) < 1e-5, (it, r)
+            assert rel_err(res["gp"], gps[r]) < 1e-5, (it, r)
+            # speculative calls hand out the head of a larger buffer; the others are exact
+            assert (res["spare"] > 0) == (it in (1, 3)), (it, r, res["spare"])
+
+
+@sim_only
 def test_sim_bad_input_raises_on_every_rank():
     R = 2
     case = make_case(R, [4, 4], hidden=8, num_experts=2 * R, topk=2)
@@ -581,9 +628,10 @@ def test_fused_layout_matches_device_plan(R, T_cap, K, E, pad, budget, skew, emp
 
 
 @needs_triton
+@pytest.mark.parametrize("indirect", [False, True])
 @pytest.mark.parametrize("T,T_cap,K,H,dtype", [
     (5, 8, 3, 24, torch.float32), (0, 8, 2, 16, torch.float16), (8, 8, 1, 40, torch.float32)])
-def test_fused_stage_matches_torch(T, T_cap, K, H, dtype):
+def test_fused_stage_matches_torch(T, T_cap, K, H, dtype, indirect):
     from moe_dispatch.kernels import _triton
     g = torch.Generator().manual_seed(T * 31 + H)
     x = torch.randn(T, H, generator=g).to(dtype).to(DEV)
@@ -594,7 +642,18 @@ def test_fused_stage_matches_torch(T, T_cap, K, H, dtype):
     p_out = torch.full((T_cap, K), float("nan"), device=DEV)
     meta = torch.full((16,), 55, dtype=torch.int64, device=DEV)
     code = torch.tensor(1, dtype=torch.int64, device=DEV)
-    _triton.stage(x, idx, probs, T, x_out, idx_out, p_out, meta, code, T, H * x.element_size())
+    if indirect:
+        # Inputs reached through the address table; the tensors passed are decoys of the
+        # same dtypes, filled with values that must not show up in the output.
+        table = torch.tensor([t.data_ptr() for t in (x, idx, probs, code)], dtype=torch.int64,
+                             device=DEV)
+        decoys = (torch.full_like(x, 7), torch.full_like(idx, 5), torch.full_like(probs, 9),
+                  torch.zeros_like(code))
+        _triton.stage(*decoys[:3], T, x_out, idx_out, p_out, meta, decoys[3], T,
+                      H * x.element_size(), src_table=table)
+    else:
+        _triton.stage(x, idx, probs, T, x_out, idx_out, p_out, meta, code, T,
+                      H * x.element_size())
     assert torch.equal(x_out[:T], x)
     assert x_out[T:].isnan().all()  # rows past the tokens are never written
     assert torch.equal(idx_out[:T], idx.to(torch.int32)) and (idx_out[T:] == -1).all()
@@ -616,3 +675,58 @@ def test_fused_token_maps_match_torch(T, T_cap, K, R, E):
         out[impl] = eng._token_maps(idx, min(T, T_cap), T_cap)
     assert torch.equal(out["triton"][0], out["torch"][0])
     assert torch.equal(out["triton"][1], out["torch"][1])
+
+
+@needs_triton
+@pytest.mark.parametrize("T,T_cap,K,R,E", [(37, 40, 3, 4, 16), (0, 8, 2, 2, 4)])
+def test_token_maps_through_an_address_table(T, T_cap, K, R, E):
+    """The graph-replay form reads idx and writes both maps through a table; the tensors
+    passed as arguments are decoys that must stay untouched."""
+    from moe_dispatch.kernels import _triton
+    g = torch.Generator().manual_seed(T + 5)
+    idx = torch.randint(-1, E + 2, (T, K), generator=g).to(DEV)
+    ref_v = torch.empty(T, K, dtype=torch.bool, device=DEV)
+    ref_p = torch.empty(T, R, dtype=torch.int64, device=DEV)
+    _triton.token_maps(idx, min(T, T_cap), E, E // R, T_cap, R, ref_v, ref_p)
+    valid = torch.zeros(T, K, dtype=torch.bool, device=DEV)
+    pos = torch.full((T, R), 99, dtype=torch.int64, device=DEV)
+    table = torch.tensor([idx.data_ptr(), valid.data_ptr(), pos.data_ptr()], dtype=torch.int64,
+                         device=DEV)
+    d_idx, d_v, d_p = torch.zeros_like(idx), torch.zeros_like(valid), torch.full_like(pos, 7)
+    _triton.token_maps(d_idx, min(T, T_cap), E, E // R, T_cap, R, d_v, d_p, io_table=table)
+    assert torch.equal(valid, ref_v) and torch.equal(pos, ref_p)
+    assert not d_v.any() and (d_p == 7).all()
+
+
+@needs_triton
+@pytest.mark.parametrize("R,T_cap,K,H,dtype", [(3, 8, 3, 24, torch.float32),
+                                               (2, 16, 4, 40, torch.float16)])
+def test_pull_through_an_address_table(R, T_cap, K, H, dtype):
+    """The pull's graph-replay form writes rows, probs and a copy of the plan through an
+    address table, exactly what the direct launch writes (decoy outputs untouched)."""
+    from moe_dispatch.kernels import _triton
+    g = torch.Generator().manual_seed(R * 7 + H)
+    xs = [torch.randn(T_cap, H, generator=g).to(dtype).to(DEV) for _ in range(R)]
+    ps = [torch.rand(T_cap, K, generator=g).to(DEV) for _ in range(R)]
+    V = R * T_cap
+    # Each slot lands on its own output row or nowhere (-1): a random injective plan.
+    slots = torch.randperm(V * K, generator=g)
+    M = V * K // 2
+    pos = torch.where(slots < M, slots, -1).view(V, K).to(DEV)
+    src = torch.tensor([x.data_ptr() for x in xs], dtype=torch.int64, device=DEV)
+    pin = torch.tensor([p.data_ptr() for p in ps], dtype=torch.int64, device=DEV)
+    ref = torch.zeros(M, H, dtype=dtype, device=DEV)
+    ref_p = torch.zeros(M, device=DEV)
+    _triton.peer_scatter_rows(src, T_cap, 1, pos, ref, pin, ref_p)
+    out = torch.zeros(M, H, dtype=dtype, device=DEV)
+    out_p = torch.zeros(M, device=DEV)
+    pos_copy = torch.full_like(pos, 5)
+    table = torch.tensor([out.data_ptr(), out_p.data_ptr(), pos_copy.data_ptr()],
+                         dtype=torch.int64, device=DEV)
+    d_out, d_p = torch.zeros(1, H, dtype=dtype, device=DEV), torch.zeros(1, device=DEV)
+    _triton.peer_scatter_rows(src, T_cap, 1, pos, d_out, pin, d_p, dst_table=table)
+    assert torch.equal(out, ref) and torch.equal(out_p, ref_p)
+    assert torch.equal(pos_copy, pos)
+    assert not d_out.any() and not d_p.any()
+    with pytest.raises(ValueError, match="needs probs"):
+        _triton.peer_scatter_rows(src, T_cap, 1, pos, d_out, dst_table=table)

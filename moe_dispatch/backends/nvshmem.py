@@ -41,6 +41,10 @@ backend_options (all optional):
                        handle's own barrier; CUDA backend only).
   symm_backend:        None (torch's default), "CUDA" or "NVSHMEM": passed to
                        ``symm_mem.set_backend`` before the first allocation.
+  host_graph:          True (default): in the default mode on GPUs, the work before the
+                       host sync (staging, barrier, layout: four kernels) is captured as a
+                       CUDA graph the second time a shape is seen and replayed after, so the
+                       host launches one graph instead of four kernels. False: always eager.
 
 NVLink multicast is never used (TORCH_SYMM_MEM_DISABLE_MULTICAST=1 and
 NVSHMEM_DISABLE_NVLS=1 are set unless the caller set them). All dispatch/combine calls of
@@ -50,6 +54,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
@@ -444,7 +449,8 @@ class _Engine:
     def __init__(self, tr: _Transport, num_experts: int, pad_multiple: Optional[int],
                  options: Optional[dict]):
         opts = dict(options or {})
-        known = {"max_rows_per_rank", "max_tokens_per_rank", "impl", "barrier", "symm_backend"}
+        known = {"max_rows_per_rank", "max_tokens_per_rank", "impl", "barrier", "symm_backend",
+                 "host_graph", "speculative_rows"}
         unknown = set(opts) - known
         if unknown:
             raise ValueError(f"nvshmem: unknown backend_options {sorted(unknown)}; "
@@ -472,7 +478,15 @@ class _Engine:
             err = triton_available()
             if err:
                 raise RuntimeError(f"nvshmem backend: {err}")
-        # Set to a list to record (phase, CUDA event) pairs (benchmark breakdowns).
+        # Default mode on CUDA: the work before the host sync replays as a CUDA graph.
+        self.host_graph = bool(opts.get("host_graph", True)) and self.impl == "triton" \
+            and self.budget is None and tr.device.type == "cuda"
+        self._graphs: Dict[tuple, Any] = {}
+        self.speculate = bool(opts.get("speculative_rows", True)) and self.budget is None
+        self._spec_rows: Dict[tuple, int] = {}
+        self._pinned: Dict[int, Any] = {}
+        # Set to a list to record (phase, CUDA event, host seconds) per phase boundary
+        # (benchmark breakdowns: GPU time between events, host time between marks).
         self.profile: Optional[list] = None
         # Tests: called right before this rank's pull (to make its reads late).
         self.before_pull = None
@@ -487,7 +501,7 @@ class _Engine:
         if self.profile is not None and self.tr.device.type == "cuda":
             ev = torch.cuda.Event(enable_timing=True)
             ev.record()
-            self.profile.append((name, ev))
+            self.profile.append((name, ev, time.perf_counter()))
 
     # ------------------------------------------------------------------ public
 
@@ -556,22 +570,53 @@ class _Engine:
             fits = fits_hk and (T <= arena.T_cap or static)
             T_st = min(T, arena.T_cap) if fits else 0
             arena.next_stage()
-            self._stage(arena, x_TH, idx_TK, probs_TK, T_st, K, H, dtype, bad_host or not fits,
-                        code, T, row_bytes, fits)
             # Every rank stages rows K_cap wide (-1 past its own K), so ranks whose K differ
             # (e.g. a zero-token rank routed from a dense map) share one slot layout.
             Kc = arena.K_cap
-            self._mark("stage")
-            tr.barrier(_CH_STAGED)
-            self._mark("barrier")
-            # The plan is queued before the host sync, so the GPU computes it while the host
-            # waits; in the default mode nothing is over budget (the budget is exact).
-            metas_R, pos_VK, tpe_L, dropped, host_buf = self._layout_plan(
-                arena, Kc, self.budget if static else 1 << 62)
-            self._mark("layout_plan")
-            if static:
-                break
-            host = host_buf.tolist()  # the one sync: metas, counts, status in one copy
+            # Default mode: once a shape has been seen, pull before the host knows the exact
+            # row count, into a buffer of the largest count seen so far (plus slack); the
+            # host sync then overlaps the pull instead of preceding it.
+            spec = self._spec_rows.get((T, K, H, dtype)) \
+                if self.speculate and not static and fits and not bad_host else None
+            plan_budget = self.budget if static else (spec if spec is not None else 1 << 62)
+            graph = self._graph_for(arena, x_TH, idx_TK, probs_TK, code, T_st, T, row_bytes,
+                                    plan_budget) \
+                if self.host_graph and fits and not bad_host else None
+            pos_TR = valid_TK = pulled = None
+            if graph is not None:
+                # Same device work as below (and the token maps), in one graph replay.
+                pos_VK, host_buf, pos_TR, valid_TK = graph.before(x_TH, idx_TK, probs_TK, code)
+                self._mark("graph_before")
+            else:
+                self._stage(arena, x_TH, idx_TK, probs_TK, T_st, K, H, dtype,
+                            bad_host or not fits, code, T, row_bytes, fits)
+                self._mark("stage")
+                tr.barrier(_CH_STAGED)
+                self._mark("barrier")
+                # The plan is queued before the host sync, so the GPU computes it while the
+                # host waits.
+                metas_R, pos_VK, tpe_L, dropped, host_buf = self._layout_plan(
+                    arena, Kc, plan_budget)
+                self._mark("layout_plan")
+                if static:
+                    break
+            if spec is not None:
+                fetch = self._host_fetch(host_buf)
+                tokens = torch.empty(spec, H, dtype=dtype, device=dev)
+                probs_M = torch.zeros(spec, dtype=torch.float32, device=dev) \
+                    if self.pad and self.pad > 1 else \
+                    torch.empty(spec, dtype=torch.float32, device=dev)
+                if self.before_pull is not None:
+                    self.before_pull()
+                if graph is not None:
+                    pos_VK = graph.pull(tokens, probs_M)  # and a copy of the plan
+                else:
+                    self._pull(arena, pos_VK, tokens, probs_M, with_probs=True)
+                pulled = (tokens, probs_M)
+                self._mark("pull")
+                host = fetch()  # the one sync, while the pull runs
+            else:
+                host = host_buf.tolist()  # the one sync: metas, counts, status in one copy
             self._mark("host_sync")
             rows = [host[16 * r:16 * r + 5] for r in range(R)]
             counts = host[16 * R:16 * R + L]  # padded rows per local expert
@@ -593,27 +638,46 @@ class _Engine:
             arena = self._grow(max(row[0] for row in rows), max(row[2] for row in rows),
                                max(row[3] for row in rows))
         T_cap = arena.T_cap
+        if pulled is not None and host[16 * R + L]:
+            # More rows than the speculative buffer: the rows past it were not written. Plan
+            # again without a limit (peers keep this staging set until our next pull-type
+            # op) and pull into an exact buffer.
+            pulled = graph = None
+            _, pos_VK, _, _, host_buf = self._layout_plan(arena, Kc, 1 << 62)
+            counts = host_buf.tolist()[16 * R:16 * R + L]
         budget = self.budget if static else sum(counts)
+        if not static and self.speculate:
+            # High-water mark, 3 % slack, in 256-row steps: few distinct sizes (and graphs).
+            key = (T, K, H, dtype)
+            self._spec_rows[key] = max(self._spec_rows.get(key, 0),
+                                       _round_up(budget + budget // 32 + 1, 256))
         # In the default mode the budget is exact, so only padding rows need zeroing.
         filled_M = filled_rows(pos_VK, budget) if static or (self.pad and self.pad > 1) \
             else None
-        tokens = torch.empty(budget, H, dtype=dtype, device=dev)
-        # Without padding rows every output row gets its prob from the pull: no zero fill
-        # (one launch less between the host sync and the pull).
-        probs_M = torch.zeros(budget, dtype=torch.float32, device=dev) if filled_M is not None \
-            else torch.empty(budget, dtype=torch.float32, device=dev)
-        if self.before_pull is not None:
-            self.before_pull()
-        self._pull(arena, pos_VK, tokens, probs_M, with_probs=True)
+        T_eff = min(T, T_cap)
+        if pulled is not None:
+            tokens, probs_M = pulled[0][:budget], pulled[1][:budget]
+        else:
+            tokens = torch.empty(budget, H, dtype=dtype, device=dev)
+            # Without padding rows every output row gets its prob from the pull: no zero
+            # fill (one launch less between the host sync and the pull).
+            probs_M = torch.zeros(budget, dtype=torch.float32, device=dev) \
+                if filled_M is not None else torch.empty(budget, dtype=torch.float32, device=dev)
+            if self.before_pull is not None:
+                self.before_pull()
+            if graph is not None:
+                pos_VK = graph.pull(tokens, probs_M)  # and a copy of the plan for the handle
+            else:
+                self._pull(arena, pos_VK, tokens, probs_M, with_probs=True)
+            self._mark("pull")
         if filled_M is not None:
             self._zero_unfilled(tokens, filled_M)
-        self._mark("pull")
         self._end_pull()
         self._mark("barrier_end")
 
-        # Where each token's partial sums come back, and which prob grads are real.
-        T_eff = min(T, T_cap)
-        pos_TR, valid_TK = self._token_maps(idx_TK, T_eff, T_cap)
+        if pos_TR is None:
+            # Where each token's partial sums come back, and which prob grads are real.
+            pos_TR, valid_TK = self._token_maps(idx_TK, T_eff, T_cap)
         if static:
             status = dropped.to(torch.int32) * STATUS_ROWS_DROPPED
             status = status + (metas_R[:, 0] > T_cap).any().to(torch.int32) * STATUS_TOKENS_DROPPED
@@ -648,6 +712,49 @@ class _Engine:
         rows_TR = torch.arange(R, device=dev).unsqueeze(0) * T_cap + \
             torch.arange(T, device=dev).unsqueeze(1)
         return torch.where(has_TR, rows_TR, -1), valid_TK
+
+    def _host_fetch(self, host_buf: torch.Tensor):
+        """Start copying ``host_buf`` to the host; returns a function that waits for the
+        copy (not for later work on the stream) and gives the list of its values."""
+        if host_buf.device.type != "cuda":
+            return host_buf.tolist
+        pin = self._pinned.get(host_buf.numel())
+        if pin is None:
+            pin = self._pinned[host_buf.numel()] = (
+                torch.empty(host_buf.numel(), dtype=host_buf.dtype, pin_memory=True),
+                torch.cuda.Event())
+        buf, ev = pin
+        # The previous copy into ``buf`` was waited for by the previous dispatch.
+        buf.copy_(host_buf, non_blocking=True)
+        ev.record()
+
+        def fetch():
+            ev.synchronize()
+            return buf.tolist()
+        return fetch
+
+    def _graph_for(self, arena, x_TH, idx_TK, probs_TK, code, T_st, T, row_bytes,
+                   plan_budget):
+        """The pre-sync graph for this call's shapes, or None (run eagerly).
+
+        A shape is run eagerly the first time it is seen (that compiles its kernels), and
+        captured the second time. Inputs the kernel cannot reach through the graph's address
+        table (x not 16-byte aligned, non-contiguous) run eagerly."""
+        if self.tr.capturing() or x_TH.data_ptr() % 16 or not (
+                x_TH.is_contiguous() and idx_TK.is_contiguous() and probs_TK.is_contiguous()):
+            return None
+        key = (id(arena), arena.cur, T, T_st, tuple(idx_TK.shape), x_TH.shape[1], x_TH.dtype,
+               idx_TK.dtype, probs_TK.dtype, code.dtype, row_bytes, plan_budget)
+        g = self._graphs.get(key)
+        if g is None:
+            if len(self._graphs) >= 16:  # shapes keep changing: start over, bounded memory
+                self._graphs.clear()
+            self._graphs[key] = False
+            return None
+        if g is False:
+            g = self._graphs[key] = _PreSyncGraph(self, arena, x_TH, idx_TK, probs_TK, code,
+                                                  T_st, T, row_bytes, plan_budget)
+        return g
 
     def _stage(self, arena, x_TH, idx_TK, probs_TK, T_st, K, H, dtype, bad, code, T,
                row_bytes, fits):
@@ -841,6 +948,146 @@ class _Engine:
         if self.tr.capturing():
             self.tr.barrier(_CH_PULLED)
         self.tr.note_op(True)
+
+
+# =============================================================================== pre-sync graph
+
+
+class _PreSyncGraph:
+    """A default-mode dispatch as two CUDA graphs, captured once per (arena, staging set,
+    shapes, dtypes), around its host sync:
+      before: the staging kernel (inputs reached through an address table), the
+              after-staging barrier, the two layout kernels and the combine-side token maps
+              (which need only this rank's ids);
+      after:  the pull (outputs reached through an address table); it also copies the plan
+              out for the handle, since the graph's own is rewritten by the next replay.
+    A replay costs the host one call (measured on H200: 2.6 us, against 20-50 us per
+    Triton launch; ``python -m moe_dispatch.bench.launch``), so the GPU no longer waits for
+    the host on either side of the sync; everything sized before the sync is allocated
+    before it. The device work is exactly the eager path's, so ranks may mix paths.
+
+    Buffers it owns: ``io`` (the address tables, filled from pinned host memory before each
+    replay: the previous replays' copies have run by then, since every dispatch waits for
+    its "before" part), ``pos``
+    (the plan), ``host_buf`` (metas, counts, status: read back by the sync) and the layout's
+    histogram scratch."""
+
+    def __init__(self, eng: "_Engine", arena: _Arena, x_TH, idx_TK, probs_TK, code, T_st: int,
+                 T: int, row_bytes: int, plan_budget: int):
+        from ..kernels import _triton
+        tr, R, L = eng.tr, eng.R, eng.L
+        dev = tr.device
+        T_cap, Kc, H = arena.T_cap, arena.K_cap, x_TH.shape[1]
+        self.shape = (R * T_cap, Kc)
+        self.eng, self.arena, self.T, self.R, self.dev = eng, arena, T, R, dev
+        # Address tables (16-byte aligned slices): [0:4] staging inputs (x, ids, probs,
+        # check code), [4:7] token maps (ids, valid_TK, pos_TR), [8:11] pull outputs
+        # (tokens, probs, the plan's copy). On the host the pull's entries alternate
+        # between [8:11] and [12:15]: a speculative pull's table copy is queued after the
+        # point the host waits for, so the next call may still find it pending; the one
+        # after has waited past it.
+        self.io_host = torch.zeros(16, dtype=torch.int64, pin_memory=True)
+        self.io_np = self.io_host.numpy()
+        self.io = torch.zeros(12, dtype=torch.int64, device=dev)
+        self._slot = 8
+        self.after: Optional[torch.cuda.CUDAGraph] = None
+        self.pos = torch.empty(R * T_cap * Kc, dtype=torch.int64, device=dev)
+        self.host_buf = torch.empty(R * 16 + L + 2, dtype=torch.int64, device=dev)
+        hist: List[torch.Tensor] = []
+
+        def scratch(n):
+            if not hist:
+                hist.append(torch.empty(n, dtype=torch.int32, device=dev))
+            return hist[0][:n]
+
+        views = (arena.local("x", x_TH.dtype, (T_cap, H)),
+                 arena.local("idx", torch.int32, (T_cap, Kc)),
+                 arena.local("probs", torch.float32, (T_cap, Kc)),
+                 arena.local("meta", torch.int64, (16,)))
+        idx_table, meta_table = arena.table("idx"), arena.table("meta")
+        T_eff = min(T, T_cap)
+        valid_TK, pos_TR = self._maps(idx_TK)
+
+        def stage():
+            _triton.stage(x_TH, idx_TK, probs_TK, T_st, *views, code, T, row_bytes,
+                          src_table=self.io[0:4])
+
+        def layout():
+            _triton.layout_plan(idx_table, meta_table, tr.status, T_cap * Kc, eng.rank * L, L,
+                                eng.pad or 1, plan_budget, self.pos, self.host_buf,
+                                scratch=scratch)
+            _triton.token_maps(idx_TK, T_eff, eng.E, L, T_cap, R, valid_TK, pos_TR,
+                               io_table=self.io[4:7])
+
+        # Compile the address-table kernels (and size the scratch) outside the capture.
+        # Staging twice is harmless (peers read this set only after the barrier); the
+        # barrier must run exactly once per op, so it only runs inside the graph.
+        self._fill(x_TH, idx_TK, probs_TK, code, valid_TK, pos_TR)
+        stage()
+        layout()  # reads peers' stale ids into our own buffers: overwritten by the replay
+
+        def before():
+            stage()
+            tr.barrier(_CH_STAGED)
+            layout()
+        self.graph = _capture(before, dev)
+
+    def _maps(self, idx_TK):
+        return (torch.empty(idx_TK.shape, dtype=torch.bool, device=self.dev),
+                torch.empty(self.T, self.R, dtype=torch.int64, device=self.dev))
+
+    def _fill(self, x_TH, idx_TK, probs_TK, code, valid_TK, pos_TR) -> None:
+        # The previous replays' copies have run: every dispatch syncs after "before".
+        self.io_np[0:7] = (x_TH.data_ptr(), idx_TK.data_ptr(), probs_TK.data_ptr(),
+                           code.data_ptr(), idx_TK.data_ptr(), valid_TK.data_ptr(),
+                           pos_TR.data_ptr())
+        self.io[0:7].copy_(self.io_host[0:7], non_blocking=True)
+
+    def before(self, x_TH, idx_TK, probs_TK, code):
+        """Stage, barrier, plan and token maps of this call's inputs (queued, no sync);
+        returns (pos_VK, host_buf, pos_TR, valid_TK); host_buf is the graph's own."""
+        valid_TK, pos_TR = self._maps(idx_TK)
+        self._fill(x_TH, idx_TK, probs_TK, code, valid_TK, pos_TR)
+        self.graph.replay()
+        return self.pos.view(self.shape), self.host_buf, pos_TR, valid_TK
+
+    def pull(self, tokens_MH, probs_M):
+        """After the sync: rows and probs into ``tokens_MH`` / ``probs_M``; returns the
+        plan's copy for the handle (a new [R * T_cap, K_cap] int64 tensor)."""
+        from ..kernels import _triton
+        eng, arena = self.eng, self.arena
+        pos_out = torch.empty(self.shape, dtype=torch.int64, device=self.dev)
+        a = self._slot = 20 - self._slot  # 8, 12, 8, ...
+        self.io_np[a:a + 3] = (tokens_MH.data_ptr(), probs_M.data_ptr(), pos_out.data_ptr())
+        self.io[8:11].copy_(self.io_host[a:a + 3], non_blocking=True)
+        if self.after is not None:
+            self.after.replay()
+            return pos_out
+        pos, table = self.pos.view(self.shape), self.io[8:11]
+
+        def body():
+            _triton.peer_scatter_rows(arena.table("x"), arena.T_cap, eng.rank, pos, tokens_MH,
+                                      arena.table("probs"), probs_M, dst_table=table)
+
+        body()  # this call's work (and the kernel's compilation), then capture for the next
+        self.after = _capture(body, self.dev)
+        return pos_out
+
+
+def _capture(body, dev) -> "torch.cuda.CUDAGraph":
+    """A CUDA graph of ``body``'s launches (captured on a side stream, not run)."""
+    graph = torch.cuda.CUDAGraph()
+    cur = torch.cuda.current_stream(dev)
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(cur)
+    with torch.cuda.stream(side):
+        graph.capture_begin(capture_error_mode="thread_local")
+        try:
+            body()
+        finally:
+            graph.capture_end()
+    cur.wait_stream(side)
+    return graph
 
 
 # =============================================================================== backend

@@ -9,7 +9,9 @@ calls, ``triton.testing.do_bench``):
   * a 1 GiB device-to-device copy (the read+write ceiling of this GPU),
   * the Triton permute (each received row read once, written to each of its expert
     slots, probs alongside) and unpermute (float32 sum of each row's expert outputs),
-  * the plan (``group_plan``) alone, and the plain torch path for comparison.
+  * the plan (``group_plan``) alone, and the plain torch path for comparison,
+  * the ``nvshmem`` dispatch's staging copy and layout plan (its device work before the
+    host sync).
 Each kernel's bandwidth counts the bytes it must move (rows read + rows written, plus
 ids and probs); the fraction is that bandwidth over the copy ceiling. Both kernels are
 checked against the torch path before timing.
@@ -91,6 +93,30 @@ def main(argv=None) -> int:
     t_plan = med(lambda: group_plan(lid, L, counts, args.pad))
     t_both = med(lambda: permute(x, probs, group_plan(lid, L, counts, args.pad)))
 
+    # The nvshmem dispatch's work before its host sync, on the device: the staging copy of
+    # this rank's tokens into its symmetric buffer, and the layout plan over R ranks' staged
+    # ids (here every rank's ids live on this GPU: the same kernels, no NVLink).
+    from moe_dispatch.kernels import _triton
+    xs = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
+    ids_T = idx[:T].contiguous()
+    pr_T = torch.rand(T, K, device=dev)
+    st_x = torch.empty(T, H, device=dev, dtype=torch.bfloat16)
+    st_i = torch.empty(T, K, device=dev, dtype=torch.int32)
+    st_p = torch.empty(T, K, device=dev)
+    meta = torch.zeros(16, device=dev, dtype=torch.int64)
+    code = torch.zeros((), device=dev, dtype=torch.int64)
+    t_stage = med(lambda: _triton.stage(xs, ids_T, pr_T, T, st_x, st_i, st_p, meta, code, T,
+                                        H * esz))
+    staged = [idx[r * T:(r + 1) * T].to(torch.int32).contiguous() for r in range(R)]
+    metas = [torch.zeros(16, device=dev, dtype=torch.int64) for _ in range(R)]
+    itab = torch.tensor([t.data_ptr() for t in staged], device=dev, dtype=torch.int64)
+    mtab = torch.tensor([t.data_ptr() for t in metas], device=dev, dtype=torch.int64)
+    status = torch.zeros(1, device=dev, dtype=torch.int32)
+    lay_pos = torch.empty(R * T * K, device=dev, dtype=torch.int64)
+    lay_host = torch.empty(R * 16 + L + 2, device=dev, dtype=torch.int64)
+    t_layout = med(lambda: _triton.layout_plan(itab, mtab, status, T * K, 0, L, 1, 1 << 62,
+                                               lay_pos, lay_host))
+
     sweep = {}
     for tile in [t for t in args.sweep.split(",") if t]:
         os.environ["MOE_DISPATCH_TRITON_BLOCK"] = tile.replace(":", ",")
@@ -111,6 +137,8 @@ def main(argv=None) -> int:
         "unpermute": {"us": t_u * 1e6, "TBps": u_bytes / t_u / 1e12, "of_copy": u_bytes / t_u / copy_bw},
         "torch_permute_us": t_torch_p * 1e6, "torch_unpermute_us": t_torch_u * 1e6,
         "plan_us": t_plan * 1e6, "plan_plus_permute_us": t_both * 1e6, "sweep": sweep,
+        "nvshmem_stage": {"us": t_stage * 1e6, "of_copy": 2 * T * H * esz / t_stage / copy_bw},
+        "nvshmem_layout_us": t_layout * 1e6,
     }
     print(f"GPU {res['gpu']}: copy ceiling {copy_bw / 1e12:.2f} TB/s (1 GiB, read+write)")
     print(f"rows in {N}, rows out {M} (EP{R}, {T} tok/rank, H {H}, top-{K} of {E}, pad {args.pad})"
@@ -120,6 +148,9 @@ def main(argv=None) -> int:
         print(f"{name:9s} {r['us']:8.1f} us  {r['TBps']:5.2f} TB/s  {r['of_copy']:6.1%} of copy")
     print(f"torch path: permute {t_torch_p * 1e6:.1f} us, unpermute {t_torch_u * 1e6:.1f} us; "
           f"group_plan {t_plan * 1e6:.1f} us; plan+permute {t_both * 1e6:.1f} us")
+    print(f"nvshmem dispatch before its sync: stage {t_stage * 1e6:.1f} us "
+          f"({res['nvshmem_stage']['of_copy']:.1%} of copy), layout over {R} ranks "
+          f"{t_layout * 1e6:.1f} us")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)

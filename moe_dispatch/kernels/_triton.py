@@ -56,9 +56,9 @@ def _block_h(H: int, elem_size: int, exact: bool = False) -> tuple[int, int]:
 # Rank-dependent integers are not specialized, so every rank compiles the same variants.
 @triton.jit(do_not_specialize=["rank_shift", "num_src"])
 def _scatter_rows_kernel(src_ptr, src_table, rows_per_src, rank_shift, pos_ptr, out_ptr,
-                         pin_ptr, pin_table, pout_ptr, H, num_src,
+                         pin_ptr, pin_table, pout_ptr, dst_table, H, num_src,
                          K: tl.constexpr, PEER: tl.constexpr, WITH_PROBS: tl.constexpr,
-                         BLOCK_H: tl.constexpr):
+                         BLOCK_H: tl.constexpr, INDIRECT: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     hb = tl.program_id(1)
     if PEER:
@@ -69,6 +69,16 @@ def _scatter_rows_kernel(src_ptr, src_table, rows_per_src, rank_shift, pos_ptr, 
         v = s * rows_per_src + t
     else:
         v = pid
+    if INDIRECT:
+        # Output addresses from a device table (a CUDA graph replays this launch on new
+        # outputs); the pointer arguments only give element types. Entry 2 receives a copy
+        # of the plan rows (pos), so the caller keeps one the next replay cannot overwrite.
+        out_ptr = tl.multiple_of(tl.load(dst_table + 0).to(out_ptr.dtype), 16)
+        pout_ptr = tl.load(dst_table + 1).to(pout_ptr.dtype)
+        if hb == 0:
+            pos_copy = tl.load(dst_table + 2).to(pos_ptr.dtype)
+            for k in tl.static_range(K):
+                tl.store(pos_copy + v * K + k, tl.load(pos_ptr + v * K + k))
     cols = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     cmask = cols < H
     # Scalars are broadcast to vectors before comparing: masks stay boolean vectors.
@@ -210,8 +220,9 @@ def scatter_rows(x_VH: torch.Tensor, pos_VK: torch.Tensor, out_MH: torch.Tensor,
     # At least one column block: with H == 0 the probs still move.
     _launch(_scatter_rows_kernel, (V, max(1, triton.cdiv(H, block))),
             x_VH, pos_VK, 1, 0, pos_VK, out_MH,
-            probs_VK if with_p else pos_VK, pos_VK, probs_M if with_p else out_MH, H, 1,
-            K=K, PEER=False, WITH_PROBS=with_p, BLOCK_H=block, num_warps=warps)
+            probs_VK if with_p else pos_VK, pos_VK, probs_M if with_p else out_MH, pos_VK, H, 1,
+            K=K, PEER=False, WITH_PROBS=with_p, BLOCK_H=block, INDIRECT=False,
+            num_warps=warps)
 
 
 def gather_reduce(y_MH: torch.Tensor, pos_VK: torch.Tensor, out_VH: torch.Tensor) -> None:
@@ -242,19 +253,30 @@ def zero_unfilled(out_MH: torch.Tensor, filled_M: torch.Tensor,
 def peer_scatter_rows(src_table: torch.Tensor, rows_per_src: int, rank: int,
                       pos_VK: torch.Tensor, out_MH: torch.Tensor,
                       pin_table: torch.Tensor | None = None,
-                      probs_M: torch.Tensor | None = None) -> None:
+                      probs_M: torch.Tensor | None = None,
+                      dst_table: torch.Tensor | None = None) -> None:
     """Pull: row t of rank s's buffer (``src_table[s]``, [rows_per_src, H], dtype of out)
     goes to out[pos[s * rows_per_src + t, k]]; probs likewise from ``pin_table[s]``
-    ([rows_per_src, K] float32)."""
+    ([rows_per_src, K] float32).
+
+    dst_table: optional [3] int64 device tensor holding the addresses of out (16-byte
+    aligned), probs_M and a [V, K] int64 buffer that receives a copy of ``pos_VK``, read at
+    run time (for CUDA-graph replays on new outputs; out_MH / probs_M then only give
+    dtypes). Needs probs."""
     R = src_table.shape[0]
     V, K = pos_VK.shape
     H = out_MH.shape[1]
     block, warps = _block_h(H, out_MH.element_size())
     with_p = probs_M is not None
+    indirect = dst_table is not None
+    if indirect and not with_p:
+        raise ValueError("peer_scatter_rows: dst_table needs probs")
     _launch(_scatter_rows_kernel, (V, triton.cdiv(H, block)),
             out_MH, src_table, rows_per_src, rank, pos_VK, out_MH,
-            pos_VK, pin_table if with_p else src_table, probs_M if with_p else out_MH, H, R,
-            K=K, PEER=True, WITH_PROBS=with_p, BLOCK_H=block, num_warps=warps)
+            pos_VK, pin_table if with_p else src_table, probs_M if with_p else out_MH,
+            dst_table if indirect else src_table, H, R,
+            K=K, PEER=True, WITH_PROBS=with_p, BLOCK_H=block, INDIRECT=indirect,
+            num_warps=warps)
 
 
 def peer_gather_reduce(y_MH: torch.Tensor, pos_VK: torch.Tensor, dst_table: torch.Tensor,
@@ -423,14 +445,23 @@ def _round_to(x: int, m: int) -> int:
 
 @triton.jit(do_not_specialize=["T_st", "K", "K_out", "num_tokens", "row_bytes"])
 def _stage_kernel(x_ptr, idx_ptr, probs_ptr, x_out, idx_out, probs_out, meta_out, code_ptr,
-                  T_st, H, K, K_out, num_tokens, row_bytes,
-                  K_P2: tl.constexpr, BLOCK_H: tl.constexpr):
+                  src_table, T_st, H, K, K_out, num_tokens, row_bytes,
+                  K_P2: tl.constexpr, BLOCK_H: tl.constexpr, INDIRECT: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     hb = tl.program_id(1)
+    if INDIRECT:
+        # Input addresses come from a device table (written before a CUDA-graph replay);
+        # the pointer arguments only give their element types.
+        x_src = tl.multiple_of(tl.load(src_table + 0).to(x_ptr.dtype), 16)
+        idx_src = tl.load(src_table + 1).to(idx_ptr.dtype)
+        probs_src = tl.load(src_table + 2).to(probs_ptr.dtype)
+        code_src = tl.load(src_table + 3).to(code_ptr.dtype)
+    else:
+        x_src, idx_src, probs_src, code_src = x_ptr, idx_ptr, probs_ptr, code_ptr
     cols = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     zero_v = tl.zeros([BLOCK_H], dtype=tl.int64)
     m = (cols < H) & (t + zero_v < T_st)
-    row = tl.load(x_ptr + t * H + cols, mask=m)
+    row = tl.load(x_src + t * H + cols, mask=m)
     tl.store(x_out + t * H + cols, row, mask=m)
     if hb == 0:
         ks = tl.arange(0, K_P2)
@@ -438,13 +469,13 @@ def _stage_kernel(x_ptr, idx_ptr, probs_ptr, x_out, idx_out, probs_out, meta_out
         zk = tl.zeros([K_P2], dtype=tl.int64)
         lk = (ks < K) & (t + zk < T_st)
         # Rows are K_out wide whatever this rank's K: -1 / 0 past the tokens and past K.
-        ids = tl.load(idx_ptr + t * K + ks, mask=lk, other=-1)
+        ids = tl.load(idx_src + t * K + ks, mask=lk, other=-1)
         tl.store(idx_out + t * K_out + ks, ids.to(tl.int32), mask=km)
-        p = tl.load(probs_ptr + t * K + ks, mask=lk, other=0.0)
+        p = tl.load(probs_src + t * K + ks, mask=lk, other=0.0)
         tl.store(probs_out + t * K_out + ks, p.to(tl.float32), mask=km)
         if t == 0:
             tl.store(meta_out + 0, num_tokens.to(tl.int64))
-            tl.store(meta_out + 1, tl.load(code_ptr).to(tl.int64))
+            tl.store(meta_out + 1, tl.load(code_src).to(tl.int64))
             tl.store(meta_out + 2, row_bytes.to(tl.int64))
             tl.store(meta_out + 3, K.to(tl.int64))
             tl.store(meta_out + 4, tl.full([], 1, tl.int64))  # fits
@@ -452,30 +483,41 @@ def _stage_kernel(x_ptr, idx_ptr, probs_ptr, x_out, idx_out, probs_out, meta_out
 
 def stage(x_TH: torch.Tensor, idx_TK: torch.Tensor, probs_TK: torch.Tensor, T_st: int,
           x_out: torch.Tensor, idx_out: torch.Tensor, probs_out: torch.Tensor,
-          meta_out: torch.Tensor, code: torch.Tensor, num_tokens: int, row_bytes: int) -> None:
+          meta_out: torch.Tensor, code: torch.Tensor, num_tokens: int, row_bytes: int,
+          src_table: torch.Tensor | None = None) -> None:
     """One launch for the dispatch staging: x_out[:T_st] = x, idx_out[t] = int32 ids
     (-1 for t >= T_st, up to idx_out's rows, and for columns past idx_TK's K),
     probs_out[t] = float32 probs (0 where the ids are -1 by padding), and the meta row
     (tokens, check code, row bytes, K, fits=1).
 
     x_out [T_cap, H] (dtype of x), idx_out [T_cap, K_out] int32, probs_out [T_cap, K_out]
-    float32 with K_out >= K, meta_out [16] int64, code: 0-dim int tensor on the device."""
+    float32 with K_out >= K, meta_out [16] int64, code: 0-dim int tensor on the device.
+    src_table: optional [4] int64 device tensor holding the addresses of x, ids, probs and
+    code, read by the kernel at run time (x's must be 16-byte aligned); the tensors passed
+    then only give dtypes and shapes. This lets a CUDA graph replay the staging on new
+    inputs."""
     T_cap, H = x_out.shape
     K = idx_TK.shape[1]
     K_out = idx_out.shape[1]
     block, warps = _block_h(H, x_out.element_size())
     grid = (T_cap, triton.cdiv(H, block))
+    indirect = src_table is not None
     with _launch_lock:
         _stage_kernel[grid](x_TH, idx_TK, probs_TK, x_out, idx_out, probs_out, meta_out, code,
-                            T_st, H, K, K_out, num_tokens, row_bytes,
+                            src_table if indirect else meta_out, T_st, H, K, K_out,
+                            num_tokens, row_bytes,
                             K_P2=triton.next_power_of_2(max(K_out, 1)), BLOCK_H=block,
-                            num_warps=warps)
+                            INDIRECT=indirect, num_warps=warps)
 
 
 @triton.jit(do_not_specialize=["T", "T_eff", "K", "E", "L", "T_cap"])
-def _token_maps_kernel(idx_ptr, valid_ptr, pos_ptr, T, T_eff, K, E, L, T_cap,
+def _token_maps_kernel(idx_ptr, valid_ptr, pos_ptr, io_table, T, T_eff, K, E, L, T_cap,
                        R: tl.constexpr, R_P2: tl.constexpr, K_P2: tl.constexpr,
-                       BLOCK_T: tl.constexpr):
+                       BLOCK_T: tl.constexpr, INDIRECT: tl.constexpr):
+    if INDIRECT:  # addresses from a device table (CUDA-graph replays on new tensors)
+        idx_ptr = tl.load(io_table + 0).to(idx_ptr.dtype)
+        valid_ptr = tl.load(io_table + 1).to(valid_ptr.dtype)
+        pos_ptr = tl.load(io_table + 2).to(pos_ptr.dtype)
     t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     ks = tl.arange(0, K_P2)
     rs = tl.arange(0, R_P2)
@@ -495,20 +537,25 @@ def _token_maps_kernel(idx_ptr, valid_ptr, pos_ptr, T, T_eff, K, E, L, T_cap,
 
 
 def token_maps(idx_TK: torch.Tensor, T_eff: int, num_experts: int, num_local: int,
-               T_cap: int, R: int, valid_TK: torch.Tensor, pos_TR: torch.Tensor) -> None:
+               T_cap: int, R: int, valid_TK: torch.Tensor, pos_TR: torch.Tensor,
+               io_table: torch.Tensor | None = None) -> None:
     """One launch for the combine-side maps of a dispatch:
     valid_TK [T, K] bool: 0 <= id < E and t < T_eff (slots whose prob gradient comes back);
-    pos_TR [T, R] int64: r * T_cap + t where token t has a valid slot on rank r, else -1."""
+    pos_TR [T, R] int64: r * T_cap + t where token t has a valid slot on rank r, else -1.
+    io_table: optional [3] int64 device tensor with the addresses of idx_TK, valid_TK and
+    pos_TR, read at run time (CUDA-graph replays); the tensors then only give dtypes."""
     T, K = idx_TK.shape
     if T == 0:
         return
     k_p2 = triton.next_power_of_2(max(K, 1))
     r_p2 = triton.next_power_of_2(max(R, 1))
     block = 64
+    indirect = io_table is not None
     with _launch_lock:
         _token_maps_kernel[(triton.cdiv(T, block),)](
-            idx_TK, valid_TK.view(torch.int8), pos_TR, T, T_eff, K, num_experts, num_local,
-            T_cap, R=R, R_P2=r_p2, K_P2=k_p2, BLOCK_T=block, num_warps=4)
+            idx_TK, valid_TK.view(torch.int8), pos_TR, io_table if indirect else pos_TR,
+            T, T_eff, K, num_experts, num_local, T_cap, R=R, R_P2=r_p2, K_P2=k_p2,
+            BLOCK_T=block, INDIRECT=indirect, num_warps=4)
 
 
 # ----------------------------------------------------------------------------- local plan
