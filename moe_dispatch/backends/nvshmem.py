@@ -21,7 +21,11 @@ backward of combine is a dispatch of the output gradients.
 
 Two modes:
   * default: one host sync per dispatch (the row counts, to size the output), which also
-    carries input validation, so every rank raises together on bad input.
+    carries input validation, so every rank raises together on bad input. From the second
+    call of a shape the host stays off the GPU's critical path: the kernels before and
+    after the sync replay as CUDA graphs (``host_graph``), and the pull starts before the
+    sync, into a buffer sized by the most rows seen for that shape (``speculative_rows``;
+    the output is the head of that buffer; a call that needs more rows re-plans exactly).
   * static budget, ``backend_options={"max_rows_per_rank": B}``: no host sync at all;
     ``tokens`` has B rows (real rows first within each expert block, unused rows zero,
     prob 0), ``tokens_per_expert`` is a device tensor, and ``handle.status`` a device flag
@@ -42,9 +46,15 @@ backend_options (all optional):
   symm_backend:        None (torch's default), "CUDA" or "NVSHMEM": passed to
                        ``symm_mem.set_backend`` before the first allocation.
   host_graph:          True (default): in the default mode on GPUs, the work before the
-                       host sync (staging, barrier, layout: four kernels) is captured as a
-                       CUDA graph the second time a shape is seen and replayed after, so the
-                       host launches one graph instead of four kernels. False: always eager.
+                       host sync (staging, barrier, layout, token maps) and the pull after
+                       it are captured as CUDA graphs the second time a shape is seen and
+                       replayed after, so the host launches two graphs instead of six
+                       kernels. False: always eager.
+  speculative_rows:    True (default): in the default mode, once a shape has been seen, the
+                       pull is queued before the host sync, into a buffer of the most rows
+                       seen for that shape (+3 %, 256-row steps); ``tokens``/``probs`` are
+                       its head. More rows than that: an exact plan and a second pull.
+                       False: exact allocations, the pull waits for the host sync.
 
 NVLink multicast is never used (TORCH_SYMM_MEM_DISABLE_MULTICAST=1 and
 NVSHMEM_DISABLE_NVLS=1 are set unless the caller set them). All dispatch/combine calls of

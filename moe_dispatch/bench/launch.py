@@ -10,7 +10,8 @@ never holds the host back), next to a torch op and a CUDA-graph replay for scale
   * each Triton wrapper the dispatch path calls, through ``kernel[grid](...)``,
   * ``graph replay``: one ``torch.cuda.CUDAGraph.replay`` of a captured group of kernels,
   * ``dispatch+combine``: the whole ``nvshmem`` engine on a group of one (no peers),
-    eager and with its pre-sync CUDA graph (``--profile``: where its host time goes).
+    eager and with its CUDA graphs (``--profile``: where its host time goes), and through
+    ``MoETokenDispatcher`` (input checks and canonical form included).
 Medians of ``--repeats`` rounds of ``--iters`` calls each, in microseconds.
 """
 from __future__ import annotations
@@ -118,6 +119,17 @@ def main(argv=None) -> int:
         return dc
     cases["nvshmem dispatch+combine (R=1, eager)"] = engine_case(False)
     cases["nvshmem dispatch+combine (R=1, host graph)"] = dc = engine_case(True)
+
+    # The same through the user-facing module: input checks, canonical form, handle.
+    from token_dispatcher import MoETokenDispatcher
+    disp = MoETokenDispatcher(E, backend="nvshmem")
+
+    def mc():
+        out = disp.dispatch(x, topk_idx=idx, topk_probs=probs)
+        disp.combine(out.tokens, out.handle)
+    for _ in range(3):
+        mc()
+    cases["MoETokenDispatcher nvshmem dispatch+combine (R=1)"] = mc
 
     res = {}
     for name, fn in cases.items():

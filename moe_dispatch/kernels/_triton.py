@@ -148,19 +148,23 @@ def _gather_reduce_kernel(y_ptr, pos_ptr, out_ptr, out_table, rows_per_dst, dst_
         tl.store(out_ptr + v * H + cols, acc.to(out_ptr.dtype.element_ty), mask=cmask)
 
 
-@triton.jit
-def _zero_unfilled_kernel(out_ptr, filled_ptr, probs_ptr, H, WITH_PROBS: tl.constexpr,
-                          BLOCK_H: tl.constexpr):
-    m = tl.program_id(0).to(tl.int64)
-    hb = tl.program_id(1)
-    cols = hb * BLOCK_H + tl.arange(0, BLOCK_H)
-    f = tl.load(filled_ptr + m) + tl.zeros([BLOCK_H], dtype=tl.int32)
-    zero = tl.zeros([BLOCK_H], dtype=out_ptr.dtype.element_ty)
-    tl.store(out_ptr + m * H + cols, zero, mask=(cols < H) & (f == 0))
-    if WITH_PROBS:
-        if hb == 0:
-            if tl.load(filled_ptr + m) == 0:
-                tl.store(probs_ptr + m, 0.0)
+@triton.jit(do_not_specialize=["M"])
+def _zero_unfilled_kernel(out_ptr, filled_ptr, probs_ptr, M, H, WITH_PROBS: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+    # One program per BLOCK_M rows: it reads their flags and stops unless one is 0, so the
+    # launch costs a flag read per row and the stores touch padding rows only (one
+    # program per (row, column block) cost more than the permute itself at pad 128).
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    empty = (tl.load(filled_ptr + rows, mask=rmask, other=1) == 0) & rmask
+    if tl.sum(empty.to(tl.int32), axis=0) > 0:
+        if WITH_PROBS:
+            tl.store(probs_ptr + rows, tl.zeros([BLOCK_M], dtype=tl.float32), mask=empty)
+        zero = tl.zeros([BLOCK_M, BLOCK_H], dtype=out_ptr.dtype.element_ty)
+        for h0 in range(0, H, BLOCK_H):
+            cols = h0 + tl.arange(0, BLOCK_H)
+            tl.store(out_ptr + rows[:, None] * H + cols[None, :], zero,
+                     mask=empty[:, None] & (cols[None, :] < H))
 
 
 @triton.jit
@@ -240,11 +244,13 @@ def zero_unfilled(out_MH: torch.Tensor, filled_M: torch.Tensor,
     """Zero every row m of out_MH with filled_M[m] == 0 (padding / unused budget rows),
     and probs_M[m] ([M] float32) with it when given."""
     M, H = out_MH.shape
-    block, warps = _block_h(H, out_MH.element_size(), exact=True)
     with_p = probs_M is not None
-    _launch(_zero_unfilled_kernel, (M, max(1, triton.cdiv(H, block))), out_MH, filled_M,
-            probs_M if with_p else out_MH, H, WITH_PROBS=with_p, BLOCK_H=block,
-            num_warps=warps)
+    # 32 rows x 16 bytes per thread-column: 16 KiB of zeros per store step, 4 warps.
+    block_m = 32
+    block_h = max(16, min(triton.next_power_of_2(max(H, 1)), 512 // out_MH.element_size()))
+    _launch(_zero_unfilled_kernel, (triton.cdiv(M, block_m),), out_MH, filled_M,
+            probs_M if with_p else out_MH, M, H, WITH_PROBS=with_p, BLOCK_M=block_m,
+            BLOCK_H=block_h, num_warps=4)
 
 
 # ----------------------------------------------------------------------------- peers
