@@ -381,11 +381,14 @@ def check_host_graph():
     Each shape runs exactly first (which sizes its speculative buffer), then speculatively
     (new graph key: seen), then from a captured graph. Calls 7 and 8 find the speculative
     buffer too small (forced to one row): the fallback to an exact plan, eagerly and then
-    from a graph captured with that one-row budget."""
+    from a graph captured with that one-row budget. A third nvshmem instance runs the graphs
+    without speculation (the pull graph after the sync)."""
     rank, R = dist.get_rank(), dist.get_world_size()
     E, H = 16 * R, 1024
     graphed = _backend("nvshmem", E)
     eager = _backend("nvshmem", E, None, {"host_graph": False})
+    # Graphs without speculation: the pull graph replays after the host sync.
+    exact = _backend("nvshmem", E, None, {"speculative_rows": False})
     a2a = _backend("alltoall", E)
     errs = []
     counts = [320, 200, 320, 200, 320, 200, 320, 320]
@@ -398,7 +401,7 @@ def check_host_graph():
                 be.engine._spec_rows = {k: 1 for k in be.engine._spec_rows}
         W = case.W.to(DEV)
         outs = []
-        for be in (graphed, eager, a2a):
+        for be in (graphed, eager, a2a, exact):
             x = case.xs[rank].to(DEV, torch.bfloat16).clone().requires_grad_(True)
             p = case.probs[rank].to(DEV).clone().requires_grad_(True)
             bad = torch.zeros((), dtype=torch.int64, device=DEV)  # a new code tensor per call
@@ -413,12 +416,18 @@ def check_host_graph():
                              gx=x.grad.float().cpu(), gp=p.grad.cpu()))
         errs += [f"call {it}: {e}" for e in _compare_pair(outs[0], outs[1], 0.0, "eager")]
         errs += [f"call {it}: {e}" for e in _compare_pair(outs[0], outs[2], 1e-2, "alltoall")]
+        errs += [f"call {it}: {e}" for e in _compare_pair(outs[3], outs[1], 0.0,
+                                                          "eager (speculative_rows=False)")]
     n_graphs = sum(1 for g in graphed.engine._graphs.values() if g)
     if n_graphs != 3:
         errs.append(f"{n_graphs} graphs captured, expected 3 (one per token count, one with "
                     f"the one-row budget)")
     if any(g for g in eager.engine._graphs.values()):
         errs.append("host_graph=False captured a graph")
+    n_exact = sum(1 for g in exact.engine._graphs.values() if g)
+    if n_exact != 2 or exact.engine._spec_rows:
+        errs.append(f"speculative_rows=False: {n_exact} graphs (expected 2), speculative "
+                    f"sizes {exact.engine._spec_rows}")
     return errs
 
 

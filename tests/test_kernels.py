@@ -522,6 +522,35 @@ def test_sim_speculative_pull_and_its_overflow(impl, pad):
 
 
 @sim_only
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_sim_bad_input_during_a_speculative_pull(impl):
+    """A shape's second call pulls before the host sync; bad input on one rank must still
+    raise on every rank, and the next call must be right."""
+    R = 2
+    cases = [make_case(R, [6, 5], hidden=8, num_experts=2 * R, topk=2, seed=70 + it)
+             for it in range(3)]
+
+    def fn(r, tr):
+        eng = nvshmem._Engine(tr, 2 * R, None, {"impl": impl})
+        out = []
+        for it, case in enumerate(cases):
+            bad = torch.tensor(1 if (it == 1 and r == 0) else 0)
+            try:
+                res = eng.dispatch(case.xs[r], case.idxs[r], case.probs[r],
+                                   PendingCheck(None, bad, "bad ids"))
+                out.append(res.tokens_NH.clone())
+            except DispatchInputError as exc:
+                out.append(str(exc))
+        return out
+
+    results = _run_ranks(R, fn)
+    assert results[0][1] == "bad ids" and "rank(s) [0]" in results[1][1]
+    for r in range(R):
+        for it in (0, 2):
+            assert torch.equal(results[r][it], reference_dispatch(cases[it], r, None)[0]), (r, it)
+
+
+@sim_only
 def test_sim_bad_input_raises_on_every_rank():
     R = 2
     case = make_case(R, [4, 4], hidden=8, num_experts=2 * R, topk=2)
