@@ -395,6 +395,14 @@ def check_host_graph():
     cases = [make_case(R, [n - 24 * r for r in range(R)], hidden=H, num_experts=E, topk=8,
                        seed=_shared_seed(), dtype=torch.bfloat16, mask_frac=0.05)
              for n in counts]
+    # Each shape keeps one multiset of routing rows (its calls shuffle the rows): the row
+    # counts, hence the speculative buffer sizes and the graph keys, repeat exactly, so
+    # the number of graphs is known; hidden states, probs and row order are new each call.
+    first = {}
+    for it, (n, case) in enumerate(zip(counts, cases)):
+        base = first.setdefault(n, case)
+        g = torch.Generator().manual_seed(1000 + it)
+        case.idxs = [b[torch.randperm(b.shape[0], generator=g)] for b in base.idxs]
     for it, case in enumerate(cases):
         if it >= 6:
             for be in (graphed, eager):
