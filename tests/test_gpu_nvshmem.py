@@ -418,14 +418,25 @@ def check_host_graph():
             y = be.combine(_experts(W, rank * L, res.tokens_NH, res.tokens_per_expert_L,
                                     res.probs_N), res.handle)
             (y.float() * case.gouts[rank].to(DEV).float()).sum().backward()
+            hd = res.handle
             outs.append(dict(tokens=res.tokens_NH.detach().cpu(),
                              tpe=res.tokens_per_expert_L.cpu(),
                              probs=res.probs_N.detach().cpu(), y=y.detach().float().cpu(),
-                             gx=x.grad.float().cpu(), gp=p.grad.cpu()))
+                             gx=x.grad.float().cpu(), gp=p.grad.cpu(),
+                             maps=None if be is a2a else
+                             [t.cpu() for t in (hd.pos_VK, hd.pos_TR, hd.valid_TK)]))
         errs += [f"call {it}: {e}" for e in _compare_pair(outs[0], outs[1], 0.0, "eager")]
         errs += [f"call {it}: {e}" for e in _compare_pair(outs[0], outs[2], 1e-2, "alltoall")]
         errs += [f"call {it}: {e}" for e in _compare_pair(outs[3], outs[1], 0.0,
                                                           "eager (speculative_rows=False)")]
+        for j, name in ((0, "graphed"), (3, "speculative_rows=False")):
+            for m, (a, b) in zip(("pos_VK", "pos_TR", "valid_TK"),
+                                 zip(outs[j]["maps"], outs[1]["maps"])):
+                if not torch.equal(a, b):
+                    bad = (a != b).nonzero()
+                    errs.append(f"call {it}: {name} handle {m} differs from eager at "
+                                f"{bad.shape[0]} places, first {bad[:3].tolist()}: "
+                                f"{a[tuple(bad[0])].item()} vs {b[tuple(bad[0])].item()}")
     n_graphs = sum(1 for g in graphed.engine._graphs.values() if g)
     if n_graphs != 3:
         errs.append(f"{n_graphs} graphs captured, expected 3 (one per token count, one with "
@@ -436,6 +447,48 @@ def check_host_graph():
     if n_exact != 2 or exact.engine._spec_rows:
         errs.append(f"speculative_rows=False: {n_exact} graphs (expected 2), speculative "
                     f"sizes {exact.engine._spec_rows}")
+    return errs
+
+
+def check_graph_buffers_live():
+    """Every buffer the default mode's CUDA graphs write must outlive them. After the graphs
+    are captured, fill the allocator's free small blocks with sentinel tensors, then dispatch
+    and combine again: no sentinel may change (a buffer freed after capture would be handed
+    to a sentinel and overwritten by the replay), and the results must match the eager path."""
+    import gc
+    rank, R = dist.get_rank(), dist.get_world_size()
+    E, H = 16 * R, 1024
+    graphed = _backend("nvshmem", E)
+    eager = _backend("nvshmem", E, None, {"host_graph": False})
+    base = make_case(R, [256 - 16 * r for r in range(R)], hidden=H, num_experts=E, topk=8,
+                     seed=_shared_seed(), dtype=torch.bfloat16, mask_frac=0.05)
+    L = E // R
+    errs, sentinels = [], []
+
+    def call(be, it):
+        g = torch.Generator().manual_seed(500 + it)
+        idx = base.idxs[rank][torch.randperm(base.idxs[rank].shape[0], generator=g)].to(DEV)
+        x = base.xs[rank].to(DEV, torch.bfloat16) * (1 + it)
+        res = be.dispatch(x, idx, base.probs[rank].to(DEV), PendingCheck(None, None))
+        y = be.combine(_experts(base.W.to(DEV), rank * L, res.tokens_NH,
+                                res.tokens_per_expert_L, res.probs_N), res.handle)
+        return res.tokens_NH.cpu(), y.float().cpu()
+
+    for it in range(6):
+        if it == 3:  # the graphs were captured on call 2; now take every free small block
+            gc.collect()
+            for nbytes in (512, 4096, 32768, 262144):
+                sentinels += [torch.full((nbytes // 4,), 0x5A5A5A5A, dtype=torch.int32,
+                                         device=DEV) for _ in range(64)]
+        a, b = call(graphed, it), call(eager, it)
+        if not (torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])):
+            errs.append(f"call {it}: graphed result differs from eager")
+    torch.cuda.synchronize()
+    hit = sum(1 for t in sentinels if not bool((t == 0x5A5A5A5A).all()))
+    if hit:
+        errs.append(f"{hit} sentinel tensors were overwritten by a graph replay")
+    if not any(g for g in graphed.engine._graphs.values()):
+        errs.append("no graph was captured")
     return errs
 
 
@@ -581,6 +634,7 @@ def _checks():
             ("static_overflow", check_static_overflow)]
     if not CPU_MODE:
         out += [("host_graph", check_host_graph),
+                ("graph_buffers_live", check_graph_buffers_live),
                 ("cuda_graph", check_cuda_graph),
                 ("errors", check_errors_are_clear),
                 ("barrier_torch", check_barrier_torch)]

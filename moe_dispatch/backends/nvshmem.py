@@ -1003,7 +1003,12 @@ class _PreSyncGraph:
         self.after: Optional[torch.cuda.CUDAGraph] = None
         self.pos = torch.empty(R * T_cap * Kc, dtype=torch.int64, device=dev)
         self.host_buf = torch.empty(R * 16 + L + 2, dtype=torch.int64, device=dev)
-        hist: List[torch.Tensor] = []
+        # Every buffer a captured graph touches must live as long as the graph: a graph
+        # holds raw addresses, not tensors. (The histogram scratch once lived only in a
+        # closure: freed after capture, its block went to small tensors such as pos_TR,
+        # which the layout kernel then overwrote.)
+        self.hist: List[torch.Tensor] = []
+        hist = self.hist
 
         def scratch(n):
             if not hist:
