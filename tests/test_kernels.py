@@ -474,23 +474,36 @@ def test_sim_back_to_back_dispatch_with_a_late_reader(impl):
             assert torch.equal(results[r][it][1], p_ref), (it, r)
 
 
+_GRAPH_MODES = [("torch", False), pytest.param("triton", False, marks=needs_triton),
+                pytest.param("triton", True, marks=needs_triton)]
+
+
 @sim_only
-@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("impl,graph", _GRAPH_MODES)
 @pytest.mark.parametrize("pad", [None, 2])
-def test_sim_speculative_pull_and_its_overflow(impl, pad):
-    """Default mode, same shapes every call, new data: call 0 sizes the speculative buffer,
-    calls 1 and 3 pull into it before the host knows the row count, call 2 finds it too
-    small (forced) and must fall back to an exact plan and pull. Forward and backward of
-    every call against the dense reference."""
+def test_sim_speculative_pull_and_its_overflow(impl, graph, pad):
+    """Default mode, same shapes and row counts every call (one routing multiset, rows
+    shuffled), new data: call 0 sizes the speculative buffer, calls 1-3 pull into it before
+    the host knows the row count, calls 4-5 find it too small (forced to one row) and must
+    fall back to an exact plan and pull. With ``graph`` the GPU's graph path runs (its
+    "replays" rerun the captured body here): calls 2-3 replay the speculative graph, call 5
+    the one-row graph, overflow included. Forward and backward of every call against the
+    dense reference."""
     R = 2
-    cases = [make_case(R, [9, 6], hidden=16, num_experts=4 * R, topk=3, seed=40 + it,
-                       mask_frac=0.15) for it in range(4)]
+    base = make_case(R, [9, 6], hidden=16, num_experts=4 * R, topk=3, seed=40, mask_frac=0.15)
+    cases = []
+    for it in range(6):
+        case = make_case(R, [9, 6], hidden=16, num_experts=4 * R, topk=3, seed=41 + it)
+        g = torch.Generator().manual_seed(it)
+        case.idxs = [b[torch.randperm(b.shape[0], generator=g)] for b in base.idxs]
+        cases.append(case)
 
     def fn(r, tr):
         eng = nvshmem._Engine(tr, 4 * R, pad, {"impl": impl})
+        eng.host_graph = graph
         outs = []
         for it, case in enumerate(cases):
-            if it == 2:  # every rank's buffer one row: more rows than it holds
+            if it >= 4:  # every rank's buffer one row: more rows than it holds
                 eng._spec_rows = {k: 1 for k in eng._spec_rows}
             x = case.xs[r].to(DEV).clone().requires_grad_(True)
             p = case.probs[r].to(DEV).clone().requires_grad_(True)
@@ -503,13 +516,13 @@ def test_sim_speculative_pull_and_its_overflow(impl, pad):
             outs.append(dict(tokens=res.tokens_NH.detach().cpu(),
                              tpe=res.tokens_per_expert_L.cpu(), probs=res.probs_N.detach().cpu(),
                              y=y.detach().cpu(), gx=x.grad.cpu(), gp=p.grad.cpu(), spare=spare))
-        return outs
+        return outs, sum(1 for v in eng._graphs.values() if v)
 
     results = _run_ranks(R, fn)
     for it, case in enumerate(cases):
         ys, gxs, gps = reference_moe(case)
         for r in range(R):
-            res = results[r][it]
+            res = results[r][0][it]
             tok_ref, tpe_ref, p_ref = reference_dispatch(case, r, pad)
             assert torch.equal(res["tpe"], tpe_ref), (it, r)
             assert torch.equal(res["tokens"], tok_ref), (it, r)
@@ -518,12 +531,14 @@ def test_sim_speculative_pull_and_its_overflow(impl, pad):
             assert rel_err(res["gx"], gxs[r]) < 1e-5, (it, r)
             assert rel_err(res["gp"], gps[r]) < 1e-5, (it, r)
             # speculative calls hand out the head of a larger buffer; the others are exact
-            assert (res["spare"] > 0) == (it in (1, 3)), (it, r, res["spare"])
+            assert (res["spare"] > 0) == (it in (1, 2, 3)), (it, r, res["spare"])
+    for r in range(R):
+        assert results[r][1] == (2 if graph else 0), results[r][1]
 
 
 @sim_only
-@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
-def test_sim_bad_input_during_a_speculative_pull(impl):
+@pytest.mark.parametrize("impl,graph", _GRAPH_MODES)
+def test_sim_bad_input_during_a_speculative_pull(impl, graph):
     """A shape's second call pulls before the host sync; bad input on one rank must still
     raise on every rank, and the next call must be right."""
     R = 2
@@ -532,6 +547,7 @@ def test_sim_bad_input_during_a_speculative_pull(impl):
 
     def fn(r, tr):
         eng = nvshmem._Engine(tr, 2 * R, None, {"impl": impl})
+        eng.host_graph = graph
         out = []
         for it, case in enumerate(cases):
             bad = torch.tensor(1 if (it == 1 and r == 0) else 0)

@@ -996,7 +996,7 @@ class _PreSyncGraph:
         # between [8:11] and [12:15]: a speculative pull's table copy is queued after the
         # point the host waits for, so the next call may still find it pending; the one
         # after has waited past it.
-        self.io_host = torch.zeros(16, dtype=torch.int64, pin_memory=True)
+        self.io_host = torch.zeros(16, dtype=torch.int64, pin_memory=dev.type == "cuda")
         self.io_np = self.io_host.numpy()
         self.io = torch.zeros(12, dtype=torch.int64, device=dev)
         self._slot = 8
@@ -1089,8 +1089,18 @@ class _PreSyncGraph:
         return pos_out
 
 
+class _RerunBody:
+    """Off GPUs (simulated ranks in tests) a "graph" whose replay runs its body again, so
+    the graph path's tables, slots and fallbacks run on CPU too."""
+
+    def __init__(self, body):
+        self.replay = body
+
+
 def _capture(body, dev) -> "torch.cuda.CUDAGraph":
     """A CUDA graph of ``body``'s launches (captured on a side stream, not run)."""
+    if dev.type != "cuda":
+        return _RerunBody(body)
     graph = torch.cuda.CUDAGraph()
     cur = torch.cuda.current_stream(dev)
     side = torch.cuda.Stream(dev)
