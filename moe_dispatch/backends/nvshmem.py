@@ -758,6 +758,9 @@ class _Engine:
         g = self._graphs.get(key)
         if g is None:
             if len(self._graphs) >= 16:  # shapes keep changing: start over, bounded memory
+                if x_TH.device.type == "cuda":
+                    # No graph being dropped may still be running (a rare, one-off wait).
+                    torch.cuda.current_stream(x_TH.device).synchronize()
                 self._graphs.clear()
             self._graphs[key] = False
             return None
