@@ -477,11 +477,76 @@ def test_sim_back_to_back_dispatch_with_a_late_reader(impl):
 _GRAPH_MODES = [("torch", False), pytest.param("triton", False, marks=needs_triton),
                 pytest.param("triton", True, marks=needs_triton)]
 
+# ``graph`` runs of the tests below trace the launches of every CPU "graph" replay (the
+# stand-in reruns its body) and then require every tensor those launches name to be owned
+# by the graph object, its arena or its transport. A real CUDA graph keeps raw addresses
+# only: a buffer that lives just in a closure is freed after capture and overwritten by
+# every replay (a bug that reached GPUs once).
+_trace = threading.local()
+
+
+class _TracedRerun(nvshmem._RerunBody):
+    def __init__(self, body):
+        super().__init__(body)
+        self.named = set()
+
+        def traced():
+            _trace.named = self.named
+            try:
+                body()
+            finally:
+                _trace.named = None
+        self.replay = traced
+
+
+@pytest.fixture
+def traced_graphs(monkeypatch):
+    import triton.runtime.interpreter as interp_mod
+    cls = interp_mod.InterpretedFunction
+    run = cls.run
+
+    def traced_run(self, *args, **kwargs):
+        named = getattr(_trace, "named", None)
+        if named is not None:
+            for a in list(args) + list(kwargs.values()):
+                if isinstance(a, torch.Tensor):
+                    named.add(a.untyped_storage().data_ptr())
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "run", traced_run)
+    monkeypatch.setattr(nvshmem, "_RerunBody", _TracedRerun)
+
+
+def _unowned_graph_buffers(eng) -> list:
+    """Storages named by the engine's graph replays that neither the graph object, its
+    arena nor its transport holds."""
+    def storages(obj, out):
+        if isinstance(obj, torch.Tensor):
+            out.add(obj.untyped_storage().data_ptr())
+        elif isinstance(obj, (list, tuple)):
+            for o in obj:
+                storages(o, out)
+        elif isinstance(obj, dict):
+            for o in obj.values():
+                storages(o, out)
+        return out
+
+    bad = []
+    for g in eng._graphs.values():
+        if not g:
+            continue
+        a, tr = g.arena, eng.tr
+        owned = storages([list(vars(g).values()), a.win.local, a.tables, a._views,
+                          a._scratch, tr.status], set())
+        named = set().union(*(getattr(x, "named", set()) for x in (g.graph, g.after)))
+        bad += sorted(named - owned)
+    return bad
+
 
 @sim_only
 @pytest.mark.parametrize("impl,graph", _GRAPH_MODES)
 @pytest.mark.parametrize("pad", [None, 2])
-def test_sim_speculative_pull_and_its_overflow(impl, graph, pad):
+def test_sim_speculative_pull_and_its_overflow(impl, graph, pad, traced_graphs):
     """Default mode, same shapes and row counts every call (one routing multiset, rows
     shuffled), new data: call 0 sizes the speculative buffer, calls 1-3 pull into it before
     the host knows the row count, calls 4-5 find it too small (forced to one row) and must
@@ -516,6 +581,11 @@ def test_sim_speculative_pull_and_its_overflow(impl, graph, pad):
             outs.append(dict(tokens=res.tokens_NH.detach().cpu(),
                              tpe=res.tokens_per_expert_L.cpu(), probs=res.probs_N.detach().cpu(),
                              y=y.detach().cpu(), gx=x.grad.cpu(), gp=p.grad.cpu(), spare=spare))
+        assert not _unowned_graph_buffers(eng), "a graph names memory it does not own"
+        if graph:  # every "before" graph replayed at least once; some "after" graph too
+            gs = [g for g in eng._graphs.values() if g]
+            assert all(g.graph.named for g in gs) and any(g.after.named for g in gs), \
+                "nothing traced"
         return outs, sum(1 for v in eng._graphs.values() if v)
 
     results = _run_ranks(R, fn)

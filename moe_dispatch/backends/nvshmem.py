@@ -1012,6 +1012,13 @@ class _PreSyncGraph:
         # which the layout kernel then overwrote.)
         self.hist: List[torch.Tensor] = []
         hist = self.hist
+        # Placeholders for the tensors reached through the tables: the kernels take only
+        # their dtypes and shapes. Views of one graph-owned element each, so no launch in
+        # the graphs names memory the graph does not own.
+        self.likes: Dict[torch.dtype, torch.Tensor] = {}
+        like = self._like
+        inputs = (x_TH, idx_TK, probs_TK, code)
+        x_TH, idx_TK, probs_TK, code = (like(t) for t in inputs)
 
         def scratch(n):
             if not hist:
@@ -1024,7 +1031,8 @@ class _PreSyncGraph:
                  arena.local("meta", torch.int64, (16,)))
         idx_table, meta_table = arena.table("idx"), arena.table("meta")
         T_eff = min(T, T_cap)
-        valid_TK, pos_TR = self._maps(idx_TK)
+        valid_TK, pos_TR = self._maps(idx_TK)  # this call's outputs of the warm-up
+        valid_like, pos_TR_like = like(valid_TK), like(pos_TR)
 
         def stage():
             _triton.stage(x_TH, idx_TK, probs_TK, T_st, *views, code, T, row_bytes,
@@ -1034,13 +1042,13 @@ class _PreSyncGraph:
             _triton.layout_plan(idx_table, meta_table, tr.status, T_cap * Kc, eng.rank * L, L,
                                 eng.pad or 1, plan_budget, self.pos, self.host_buf,
                                 scratch=scratch)
-            _triton.token_maps(idx_TK, T_eff, eng.E, L, T_cap, R, valid_TK, pos_TR,
+            _triton.token_maps(idx_TK, T_eff, eng.E, L, T_cap, R, valid_like, pos_TR_like,
                                io_table=self.io[4:7])
 
         # Compile the address-table kernels (and size the scratch) outside the capture.
         # Staging twice is harmless (peers read this set only after the barrier); the
         # barrier must run exactly once per op, so it only runs inside the graph.
-        self._fill(x_TH, idx_TK, probs_TK, code, valid_TK, pos_TR)
+        self._fill(*inputs, valid_TK, pos_TR)
         stage()
         layout()  # reads peers' stale ids into our own buffers: overwritten by the replay
 
@@ -1049,6 +1057,13 @@ class _PreSyncGraph:
             tr.barrier(_CH_STAGED)
             layout()
         self.graph = _capture(before, dev)
+
+    def _like(self, t: torch.Tensor) -> torch.Tensor:
+        """A tensor of ``t``'s dtype and shape over one graph-owned element."""
+        one = self.likes.get(t.dtype)
+        if one is None:
+            one = self.likes[t.dtype] = torch.zeros(1, dtype=t.dtype, device=self.dev)
+        return one.view([1] * t.dim()).expand(t.shape)
 
     def _maps(self, idx_TK):
         return (torch.empty(idx_TK.shape, dtype=torch.bool, device=self.dev),
@@ -1082,10 +1097,11 @@ class _PreSyncGraph:
             self.after.replay()
             return pos_out
         pos, table = self.pos.view(self.shape), self.io[8:11]
+        out_like, probs_like = self._like(tokens_MH), self._like(probs_M)
 
         def body():
-            _triton.peer_scatter_rows(arena.table("x"), arena.T_cap, eng.rank, pos, tokens_MH,
-                                      arena.table("probs"), probs_M, dst_table=table)
+            _triton.peer_scatter_rows(arena.table("x"), arena.T_cap, eng.rank, pos, out_like,
+                                      arena.table("probs"), probs_like, dst_table=table)
 
         body()  # this call's work (and the kernel's compilation), then capture for the next
         self.after = _capture(body, self.dev)
