@@ -501,12 +501,6 @@ class _Engine:
         # Tests: called right before this rank's pull (to make its reads late).
         self.before_pull = None
 
-    def _zero_code(self, dev: torch.device) -> torch.Tensor:
-        z = getattr(self, "_zero", None)
-        if z is None or z.device != dev:
-            z = self._zero = torch.zeros((), dtype=torch.int64, device=dev)
-        return z
-
     def _mark(self, name: str) -> None:
         if self.profile is not None and self.tr.device.type == "cuda":
             ev = torch.cuda.Event(enable_timing=True)
@@ -566,9 +560,7 @@ class _Engine:
         bad_host = check.host_error is not None
         self._mark("dispatch")
         tr._last_pull = None  # unknown until this op completes (it may raise midway)
-        # A fine check needs no new tensor: reuse one zero (one launch less per call).
-        code = check.code(dev) if check.host_error is not None or check.device_bad is not None \
-            else self._zero_code(dev)
+        code = check.code(dev)  # a cached zero when nothing was checked: no launch
         arena = self._arena_for(T, row_bytes, K)
         while True:
             fits_hk = row_bytes <= arena.row_bytes and K <= arena.K_cap
@@ -612,18 +604,8 @@ class _Engine:
                     break
             if spec is not None:
                 fetch = self._host_fetch(host_buf)
-                tokens = torch.empty(spec, H, dtype=dtype, device=dev)
-                probs_M = torch.zeros(spec, dtype=torch.float32, device=dev) \
-                    if self.pad and self.pad > 1 else \
-                    torch.empty(spec, dtype=torch.float32, device=dev)
-                if self.before_pull is not None:
-                    self.before_pull()
-                if graph is not None:
-                    pos_VK = graph.pull(tokens, probs_M)  # and a copy of the plan
-                else:
-                    self._pull(arena, pos_VK, tokens, probs_M, with_probs=True)
-                pulled = (tokens, probs_M)
-                self._mark("pull")
+                tok_S, probs_S, pos_VK = self._pull_new(arena, graph, pos_VK, spec, H, dtype)
+                pulled = (tok_S, probs_S)
                 host = fetch()  # the one sync, while the pull runs
             else:
                 host = host_buf.tolist()  # the one sync: metas, counts, status in one copy
@@ -668,20 +650,9 @@ class _Engine:
         if pulled is not None:
             tokens, probs_M = pulled[0][:budget], pulled[1][:budget]
         else:
-            tokens = torch.empty(budget, H, dtype=dtype, device=dev)
-            # Without padding rows every output row gets its prob from the pull: no zero
-            # fill (one launch less between the host sync and the pull).
-            probs_M = torch.zeros(budget, dtype=torch.float32, device=dev) \
-                if filled_M is not None else torch.empty(budget, dtype=torch.float32, device=dev)
-            if self.before_pull is not None:
-                self.before_pull()
-            if graph is not None:
-                pos_VK = graph.pull(tokens, probs_M)  # and a copy of the plan for the handle
-            else:
-                self._pull(arena, pos_VK, tokens, probs_M, with_probs=True)
-            self._mark("pull")
-        if filled_M is not None:
-            self._zero_unfilled(tokens, filled_M)
+            tokens, probs_M, pos_VK = self._pull_new(arena, graph, pos_VK, budget, H, dtype)
+        if filled_M is not None:  # rows no slot wrote (padding, unused budget): zeros, prob 0
+            self._zero_unfilled(tokens, filled_M, probs_M)
         self._end_pull()
         self._mark("barrier_end")
 
@@ -700,6 +671,22 @@ class _Engine:
         h = NVSHMEMHandle(arena, pos_VK, pos_TR, valid_TK, filled_M, T, T_cap, budget, dtype, H,
                           tpe, status)
         return h, tokens, probs_M
+
+    def _pull_new(self, arena, graph, pos_VK, rows: int, H: int, dtype):
+        """Pull into new [rows, H] tokens and [rows] float32 probs (rows no slot writes are
+        left as allocated). Returns (tokens, probs_M, pos_VK): with a graph, pos_VK is its
+        copy of the plan (the graph's own is rewritten by its next replay)."""
+        dev = self.tr.device
+        tokens = torch.empty(rows, H, dtype=dtype, device=dev)
+        probs_M = torch.empty(rows, dtype=torch.float32, device=dev)
+        if self.before_pull is not None:
+            self.before_pull()
+        if graph is not None:
+            pos_VK = graph.pull(tokens, probs_M)
+        else:
+            self._pull(arena, pos_VK, tokens, probs_M, with_probs=True)
+        self._mark("pull")
+        return tokens, probs_M, pos_VK
 
     def _token_maps(self, idx_TK, T_eff, T_cap):
         """(pos_TR, valid_TK) of ``NVSHMEMHandle`` (one launch on the Triton path)."""
@@ -865,12 +852,15 @@ class _Engine:
                 if with_probs:
                     probs_M.index_copy_(0, dst, p_s[:, k].index_select(0, t_sel))
 
-    def _zero_unfilled(self, out_MH, filled_M):
+    def _zero_unfilled(self, out_MH, filled_M, probs_M=None):
         if self.impl == "triton":
             from ..kernels import _triton
-            _triton.zero_unfilled(out_MH, filled_M)
+            _triton.zero_unfilled(out_MH, filled_M, probs_M)
         else:
-            out_MH.masked_fill_((filled_M == 0).unsqueeze(1), 0)
+            empty = filled_M == 0
+            out_MH.masked_fill_(empty.unsqueeze(1), 0)
+            if probs_M is not None:
+                probs_M.masked_fill_(empty, 0)
 
     def _push(self, y_MH, h: NVSHMEMHandle, grad_probs_M: Optional[torch.Tensor] = None):
         """Per-rank partial sums into their owners' receive areas, then the owner's sum.
