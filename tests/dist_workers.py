@@ -94,3 +94,23 @@ def run_bad_input(rank: int, world: int, case: Case, backend: str, which: str, b
 def construct(rank: int, world: int, experts_by_rank, backend_by_rank):
     MoETokenDispatcher(experts_by_rank[rank], backend=backend_by_rank[rank])
     return "constructed"
+
+
+def timed_warmup(rank: int, world: int, sleep_s_by_rank, min_warmup_s: float):
+    """Clock.run with a time-based warm-up whose per-call time differs by rank (no
+    collective inside, so each rank sees its own speed). Returns (calls, timed samples)."""
+    import time
+
+    import torch.distributed as dist
+
+    from moe_dispatch.bench.timing import Clock
+
+    clock = Clock(torch.device("cpu"), dist.group.WORLD, min_warmup_s=min_warmup_s)
+    calls = []
+
+    def fn(i, _):
+        time.sleep(sleep_s_by_rank[rank])
+        calls.append(i)
+
+    t = clock.run(fn, iters=3, warmup=2)
+    return len(calls), len(t.seconds)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import os
 import random
 import subprocess
@@ -237,6 +238,14 @@ def test_cpu_smoke_run_two_ranks(tmp_path):
         want = sum(n * 64 * 4 / (us * 1e-6) / 1e9 for n, us in
                    zip(r["per_rank"]["rows_recv"], r["per_rank"]["dispatch_us"])) / 2
         assert r["dispatch_gbps"] == pytest.approx(want, rel=1e-9)
+        # Every timed iteration is kept per rank; each rank's median is the one reported.
+        for key, unit in (("dispatch", "us"), ("combine", "us"), ("layer", "ms")):
+            got = r["samples"][f"{key}_{unit}"]
+            n = cfg["layer_iters"] if key == "layer" else cfg["iters"]
+            assert len(got) == 2 and all(len(g) == n for g in got)
+            assert [statistics.median(g) for g in got] == pytest.approx(
+                r["per_rank"][f"{key}_{unit}"], rel=1e-3)
+            assert all(t > 1e9 for t in r["samples"][f"{key}_started"])  # wall-clock stamps
     # Rows received, independently recounted from the same routing of both ranks.
     shape = wl.Shape(48, 64, 3, 8, "zipf", "fp32")
     nsets = cfg["num_sets"]
@@ -316,3 +325,45 @@ def test_check_fails_a_wrong_backend_end_to_end(tmp_path):
     assert rows["swapped"]["dispatch_us"] is None and "rows differ" in rows["swapped"]["reason"]
     assert rows["alltoall"]["status"] == "ok" and rows["alltoall"]["dispatch_us"] > 0
     assert "FAILED" in proc.stdout
+
+
+# ------------------------------------------------------------------------------ warm-up
+
+
+def test_warmup_lasts_at_least_min_warmup_s():
+    """Warm-up runs until min_warmup_s has passed, then exactly ``iters`` timed calls."""
+    import time
+
+    from moe_dispatch.bench.timing import Clock
+
+    stamps = []
+
+    def fn(i, s):
+        assert s == ("setup", i)
+        stamps.append((time.perf_counter(), i))
+        time.sleep(0.004)
+
+    clock = Clock(torch.device("cpu"), None, min_warmup_s=0.08)
+    t = clock.run(fn, iters=3, warmup=2, setup=lambda i: ("setup", i))
+    assert len(t.seconds) == 3 and t.started > 1e9
+    warm = stamps[:-3]
+    assert len(warm) >= 2 + 1  # more than the counted warm-up
+    # The first timed call starts no earlier than min_warmup_s after the first warm-up call.
+    assert stamps[-3][0] - warm[0][0] >= 0.08 * 0.95
+    # Without it (the CPU default), exactly warmup + iters calls.
+    stamps.clear()
+    t = Clock(torch.device("cpu"), None).run(fn, iters=3, warmup=2,
+                                               setup=lambda i: ("setup", i))
+    assert len(stamps) == 5 and len(t.seconds) == 3
+
+
+def test_warmup_call_count_is_agreed_across_ranks(gloo_pool):
+    """Ranks of different speed make the same number of calls (in the bench every call
+    may be a collective, so unequal counts would hang)."""
+    got = gloo_pool(2).run("dist_workers", "timed_warmup", [0.001, 0.01], 0.06)
+    assert got[0] == got[1], got
+    calls, timed = got[0]
+    assert timed == 3
+    # The fast rank wants ~60 warm-up calls (fewer if sleeps overshoot), the slow one ~6:
+    # the max wins.
+    assert calls >= 3 + 20, got

@@ -52,6 +52,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                     help="also time FP8 dispatch where a backend (or DeepEP direct) supports it")
     ap.add_argument("--iters", type=int, default=50, help="timed iterations per measurement")
     ap.add_argument("--warmup", type=int, default=10, help="untimed iterations first")
+    ap.add_argument("--warmup-ms", type=float, default=None,
+                    help="...and at least this much warm-up time per timed phase (default 300 "
+                         "on CUDA, 0 on CPU): a GPU path timed right after host-only work "
+                         "(its --check) was measured slower for its first tens of ms")
     ap.add_argument("--layer-iters", type=int, default=None,
                     help="timed iterations of the MoE-layer fwd+bwd (default: --iters // 2, >= 1)")
     ap.add_argument("--no-layer", action="store_true", help="skip the MoE-layer fwd+bwd timing")
@@ -114,6 +118,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             ap.error(f"--{k.replace('_', '-')} must be positive")
     if args.warmup < 0:
         ap.error("--warmup must be >= 0")
+    if args.warmup_ms is not None and not (args.warmup_ms >= 0 and args.warmup_ms < 1e6):
+        ap.error("--warmup-ms must be a number of milliseconds >= 0")
     names = ALL_BACKENDS if args.backends == "all" else tuple(
         b.strip() for b in args.backends.split(",") if b.strip())
     from ..registry import backend_names
@@ -336,7 +342,8 @@ def run(args, rank: int, world: int, local_rank: int, local_world: int,
     num_nodes = len(set(hosts))
     nsets = num_sets_for(shape, device, args.sets)
     sets = build_sets(shape, rank, world, args.seed, nsets, device, group)
-    clock = Clock(device, group, flush_l2=not args.no_l2_flush)
+    clock = Clock(device, group, flush_l2=not args.no_l2_flush,
+                  min_warmup_s=None if args.warmup_ms is None else args.warmup_ms / 1e3)
     ctx = Ctx(args, shape, rank, world, local_rank, local_world, num_nodes, device, group,
               sets, clock)
     ctx.log(f"moe_dispatch.bench: {world} rank(s) on {num_nodes} node(s), {_device_name(device)}, "
@@ -364,6 +371,7 @@ def run(args, rank: int, world: int, local_rank: int, local_world: int,
         nccl=".".join(map(str, torch.cuda.nccl.version())) if device.type == "cuda" else None,
         python=platform.python_version(),
         preset=args.shape_name, shape=shape.as_dict(), iters=args.iters, warmup=args.warmup,
+        warmup_s=clock.min_warmup_s,
         layer_iters=args.layer_iters, num_sets=nsets, l2_flush=not args.no_l2_flush,
         ffn=args.ffn, experts_impl=experts_label, check=args.check, fp8=args.fp8,
         deepep_sms=args.deepep_sms, seed=args.seed, backend_options=args.backend_opts,

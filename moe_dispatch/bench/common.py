@@ -42,6 +42,11 @@ class Row:
     layer_tokens_per_s: Optional[float] = None
     note: str = ""
     per_rank: Dict[str, List[float]] = field(default_factory=dict)
+    # Every timed iteration: {"dispatch_us": [[rank 0's samples in order], ...], ...},
+    # {"dispatch_started": [time.time() per rank], ...} and on CUDA
+    # {"dispatch_device_allocs": [cudaMalloc calls while timing, per rank]}: order, drift
+    # and allocator effects stay visible.
+    samples: Dict[str, List[Any]] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -104,7 +109,9 @@ class Ctx:
         mine = dict(rows=self.rows_recv,
                     d=dispatch.median if dispatch else None,
                     c=combine.median if combine else None,
-                    l=layer.median if layer else None)
+                    l=layer.median if layer else None,
+                    s={label: (t.seconds, t.started, t.device_allocs) for label, t in
+                       (("dispatch", dispatch), ("combine", combine), ("layer", layer)) if t})
         table = self.gather(mine)
         row = Row(name, kind, check=check, fp8=fp8, note=note)
         elem = torch.finfo(self.shape.torch_dtype).bits // 8
@@ -121,6 +128,14 @@ class Ctx:
             setattr(row, f"{label}_gbps",
                     statistics.fmean(r * bpr / m / 1e9 if m > 0 else float("nan")
                                      for r, m in zip(rows_r, meds)))
+        for label, scale, unit in (("dispatch", 1e6, "us"), ("combine", 1e6, "us"),
+                                   ("layer", 1e3, "ms")):
+            if all(label in t["s"] for t in table):
+                row.samples[f"{label}_{unit}"] = [[round(x * scale, 3) for x in t["s"][label][0]]
+                                                  for t in table]
+                row.samples[f"{label}_started"] = [t["s"][label][1] for t in table]
+                if all(t["s"][label][2] is not None for t in table):
+                    row.samples[f"{label}_device_allocs"] = [t["s"][label][2] for t in table]
         meds = [t["l"] for t in table]
         if all(m is not None for m in meds):
             row.per_rank["layer_ms"] = [m * 1e3 for m in meds]
