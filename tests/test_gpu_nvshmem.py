@@ -95,9 +95,9 @@ class _ShmTransport:
     _n = 0
 
     def __new__(cls, group):
-        from moe_dispatch.backends import nvshmem
+        from moe_dispatch import symm_memory
 
-        class T(nvshmem._Transport):
+        class T(symm_memory.Transport):
             def __init__(self):
                 super().__init__()
                 self.group = group
@@ -117,7 +117,7 @@ class _ShmTransport:
                         for r in range(self.world)]
                 dist.barrier(group=self.group)
                 os.unlink(name(self.rank))
-                return nvshmem._Window(mine, [m.data_ptr() for m in maps], lambda s: maps[s])
+                return symm_memory.Window(mine, [m.data_ptr() for m in maps], lambda s: maps[s])
 
             def barrier(self, channel):
                 dist.barrier(group=self.group)
@@ -132,7 +132,7 @@ class _ShmTransport:
 
 class _FakeSymmMem:
     """MOE_NVSHMEM_TEST_CPU=2: a stand-in for torch.distributed._symmetric_memory (shared
-    files again), so that the real ``_SymmTransport`` and the Triton barrier kernel run
+    files again), so that the real ``symm_memory.SymmTransport`` and the Triton barrier kernel run
     across processes (interpreted)."""
 
     def __init__(self):
@@ -177,12 +177,13 @@ _cpu_transports = {}
 
 class _CpuNVSHMEM:
     def __init__(self, group, E, pad, options):
+        from moe_dispatch import symm_memory
         from moe_dispatch.backends import nvshmem
         tr = _cpu_transports.get(group.group_name)
         if tr is None:
             if os.environ.get("MOE_NVSHMEM_TEST_CPU") == "2":
                 sys.modules["torch.distributed._symmetric_memory"] = _FakeSymmMem()
-                tr = nvshmem._SymmTransport(group, DEV, (options or {}).get("barrier", "auto"))
+                tr = symm_memory.SymmTransport(group, DEV, (options or {}).get("barrier", "auto"))
             else:
                 tr = _ShmTransport(group)
             _cpu_transports[group.group_name] = tr

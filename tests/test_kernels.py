@@ -18,6 +18,7 @@ import torch
 from triton_mode import DEV, HAS_TRITON, needs_triton  # noqa: E402,F401
 
 from moe_dispatch import kernels  # noqa: E402
+from moe_dispatch import symm_graph, symm_memory  # noqa: E402
 from moe_dispatch.backends import nvshmem  # noqa: E402
 from moe_dispatch.permute import group_plan, permute, unpermute  # noqa: E402
 from moe_dispatch.protocol import DispatchInputError, PendingCheck  # noqa: E402
@@ -276,7 +277,7 @@ class _SimWorld:
         self.vals = [None] * R
 
 
-class _SimTransport(nvshmem._Transport):
+class _SimTransport(symm_memory.Transport):
     """R threads of one process as an EP group: shared CPU buffers, a thread barrier."""
 
     def __init__(self, world: _SimWorld, rank: int):
@@ -295,7 +296,7 @@ class _SimTransport(nvshmem._Transport):
                 key, [torch.full((nbytes,), 255, dtype=torch.uint8, device=DEV)
                       for _ in range(self.world)])
         self.w.bar.wait()
-        return nvshmem._Window(bufs[self.rank], [b.data_ptr() for b in bufs],
+        return symm_memory.Window(bufs[self.rank], [b.data_ptr() for b in bufs],
                                lambda s: bufs[s])
 
     def barrier(self, channel):
@@ -485,7 +486,7 @@ _GRAPH_MODES = [("torch", False), pytest.param("triton", False, marks=needs_trit
 _trace = threading.local()
 
 
-class _TracedRerun(nvshmem._RerunBody):
+class _TracedRerun(symm_graph.RerunBody):
     def __init__(self, body):
         super().__init__(body)
         self.named = set()
@@ -514,7 +515,7 @@ def traced_graphs(monkeypatch):
         return run(self, *args, **kwargs)
 
     monkeypatch.setattr(cls, "run", traced_run)
-    monkeypatch.setattr(nvshmem, "_RerunBody", _TracedRerun)
+    monkeypatch.setattr(symm_graph, "RerunBody", _TracedRerun)
 
 
 def _unowned_graph_buffers(eng) -> list:

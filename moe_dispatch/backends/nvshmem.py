@@ -56,6 +56,9 @@ backend_options (all optional):
                        its head. More rows than that: an exact plan and a second pull.
                        False: exact allocations, the pull waits for the host sync.
 
+The symmetric-memory plumbing (transports, buffer arena) is in ``moe_dispatch.symm_memory``,
+the CUDA graphs of the default mode in ``moe_dispatch.symm_graph``.
+
 NVLink multicast is never used (TORCH_SYMM_MEM_DISABLE_MULTICAST=1 and
 NVSHMEM_DISABLE_NVLS=1 are set unless the caller set them). All dispatch/combine calls of
 one EP group must run on one CUDA stream, in the same order on every rank.
@@ -63,22 +66,18 @@ one EP group must run on one CUDA stream, in the same order on every rank.
 from __future__ import annotations
 
 import importlib
-import os
 import time
-import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
 from ..protocol import BackendConfig, DispatchInputError, DispatchResult, PendingCheck
+from ..symm_graph import PreSyncGraph
+from ..symm_memory import (CH_PRE_PUSH, CH_PULLED, CH_PUSHED, CH_STAGED, Arena,
+                           LocalTransport, SymmTransport, Transport, round_up)
 
-# Barrier channels: 0 before a push (only when needed), 1 after staging, 2 after a pull,
-# 3 after a push.
-_CH_PRE_PUSH, _CH_STAGED, _CH_PULLED, _CH_PUSHED = 0, 1, 2, 3
-_NUM_CH = 4
-_ALIGN = 256
 _T_ROUND = 64  # token capacity granularity of the symmetric buffer
 
 # Status bits of a static-budget dispatch (``NVSHMEMHandle.status``).
@@ -86,255 +85,6 @@ STATUS_ROWS_DROPPED = 1      # this rank received more rows than max_rows_per_ra
 STATUS_TOKENS_DROPPED = 2    # some rank sent more tokens than max_tokens_per_rank
 STATUS_BAD_INPUT = 4         # some rank's routing failed validation (ids out of range ...)
 STATUS_BARRIER_TIMEOUT = 8   # a device barrier gave up waiting for a peer (a peer died)
-
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
-# =============================================================================== transports
-
-
-class _Window:
-    """One symmetric allocation: this rank's bytes and every rank's base address."""
-
-    def __init__(self, local: torch.Tensor, ptrs: List[int], peer_fn=None):
-        self.local = local
-        self.ptrs = ptrs
-        self._peer_fn = peer_fn
-
-    def peer_bytes(self, s: int) -> torch.Tensor:
-        """uint8 tensor aliasing rank s's allocation (torch impl only)."""
-        return self._peer_fn(s)
-
-
-class _Transport:
-    """What the engine needs from the group: symmetric allocations, a device barrier,
-    and a host max (used only to size buffers). Shared by every backend instance of one
-    group, so all layers share one set of symmetric buffers."""
-
-    rank: int
-    world: int
-    device: torch.device
-
-    def __init__(self):
-        self.arena: Optional[_Arena] = None
-        self.arenas: List[_Arena] = []  # never freed: freeing NVSHMEM memory is collective
-        self._last_pull: Optional[bool] = None
-        self.status = None
-
-    def alloc(self, nbytes: int) -> _Window:
-        raise NotImplementedError
-
-    def barrier(self, channel: int) -> None:
-        raise NotImplementedError
-
-    def host_max(self, vals: List[int]) -> List[int]:
-        raise NotImplementedError
-
-    def capturing(self) -> bool:
-        return self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-    def note_op(self, was_pull: bool) -> None:
-        self._last_pull = (was_pull, self.capturing())
-
-    def need_pre_push_barrier(self) -> bool:
-        # A push overwrites peers' receive areas, which they may still be summing from
-        # an earlier push. Any pull in between already ordered that (it has barriers
-        # after every rank's earlier reads), as long as both ran under the same capture
-        # state (a captured graph may replay after anything).
-        return self._last_pull != (True, self.capturing())
-
-
-class _LocalTransport(_Transport):
-    """A group of one: plain device memory, nothing to synchronize."""
-
-    def __init__(self, device: torch.device):
-        super().__init__()
-        self.rank, self.world, self.device = 0, 1, device
-        self.status = torch.zeros(1, dtype=torch.int32, device=device)
-
-    def alloc(self, nbytes: int) -> _Window:
-        buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-        return _Window(buf, [buf.data_ptr()], lambda s: buf)
-
-    def barrier(self, channel: int) -> None:
-        pass
-
-    def host_max(self, vals):
-        return list(vals)
-
-
-class _SymmTransport(_Transport):
-    """torch symmetric memory over one process group (all ranks on one NVLink domain)."""
-
-    def __init__(self, group, device: torch.device, barrier_impl: str = "auto",
-                 symm_backend: Optional[str] = None):
-        super().__init__()
-        # Multicast objects can take a shared host's GPUs down; this path never needs them.
-        os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
-        os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
-        import torch.distributed._symmetric_memory as symm_mem
-        self._sm = symm_mem
-        self.group = group
-        self.rank = dist.get_rank(group)
-        self.world = dist.get_world_size(group)
-        self.device = device
-        if symm_backend:
-            symm_mem.set_backend(symm_backend)
-        self.group_name = group.group_name
-        enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
-        if enable is not None:  # needed before torch 2.10, a deprecated no-op-ish after
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                try:
-                    enable(self.group_name)
-                except Exception:  # already enabled through another path
-                    pass
-        if barrier_impl == "auto":
-            barrier_impl = "triton"
-        if barrier_impl not in ("triton", "torch"):
-            raise ValueError(f"nvshmem: backend_options['barrier'] must be 'auto', 'triton' or "
-                             f"'torch', got {barrier_impl!r}")
-        self.barrier_impl = barrier_impl
-        self.status = torch.zeros(1, dtype=torch.int32, device=device)
-        flags = self.alloc(_NUM_CH * self.world * 4)
-        flags.local.zero_()
-        self.flags = flags
-        self.flag_table = torch.tensor(flags.ptrs, dtype=torch.int64, device=device)
-        # Every rank's flags must be zero before anyone signals into them.
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        dist.barrier(group=group, device_ids=[device.index]) \
-            if dist.get_backend(group) == "nccl" else dist.barrier(group=group)
-
-    def alloc(self, nbytes: int) -> _Window:
-        sm = self._sm
-        nbytes = _round_up(max(nbytes, 16), _ALIGN)
-        buf = sm.empty(nbytes, dtype=torch.uint8, device=self.device)
-        hdl = sm.rendezvous(buf, self.group_name)
-        ptrs = list(hdl.buffer_ptrs)
-        if any(p == 0 for p in ptrs):
-            raise RuntimeError(
-                "nvshmem backend: some EP ranks' symmetric buffers are not directly addressable "
-                "from this GPU (peers on another node, or no P2P/NVLink); this backend needs "
-                "every EP rank on one NVLink domain: use backend='alltoall' or 'deepep' across "
-                "nodes")
-        # buffer_ptrs may be the base of a larger (pooled) block: shift by our offset in it.
-        off = buf.data_ptr() - ptrs[self.rank]
-        ptrs = [p + off for p in ptrs]
-
-        def peer(s, hdl=hdl, buf=buf, nbytes=nbytes):
-            if s == self.rank:
-                return buf
-            own = hdl.get_buffer(self.rank, (nbytes,), torch.uint8, 0)
-            delta = buf.data_ptr() - own.data_ptr()
-            return hdl.get_buffer(s, (nbytes,), torch.uint8, delta)
-
-        win = _Window(buf, ptrs, peer)
-        win.handle = hdl
-        return win
-
-    def barrier(self, channel: int) -> None:
-        if self.barrier_impl == "torch":
-            self.flags.handle.barrier(channel)
-        else:
-            from ..kernels import _triton
-            _triton.barrier(self.flag_table, self.rank, channel, self.status)
-
-    def host_max(self, vals):
-        t = torch.tensor(vals, dtype=torch.int64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        return t.tolist()
-
-
-_transports: Dict[Tuple[str, str], _Transport] = {}
-
-
-# =============================================================================== arena
-
-
-_STAGED = ("x", "idx", "probs", "meta")
-
-
-class _Arena:
-    """One generation of symmetric buffers, laid out as regions of one allocation.
-
-    Staged by the sender, read by peers (two sets, alternating between pull-type ops):
-      x:     [T_cap, H]   staged rows (tokens on dispatch, output grads on combine backward)
-      idx:   [T_cap, K]   int32 staged expert ids (-1 beyond the staged tokens)
-      probs: [T_cap, K]   float32 staged probs
-      meta:  [16]         int64: tokens, check code, row bytes, K, fits
-    Written by peers:
-      gprob: [T_cap, K]   float32 prob gradients pushed back by the experts' ranks
-      comb:  [R*T_cap, H] partial sums pushed by each rank (rows r*T_cap + t)
-
-    Why two staging sets: op n's peers may still be reading set n % 2 when this rank
-    returns; op n+1 stages into the other set and its after-staging barrier is passed by
-    each rank only after its reads of op n (stream order), so op n+2 may overwrite set
-    n % 2 with no barrier at the end of a pull.
-    """
-
-    STAGED = _STAGED
-    REGIONS = tuple(f"{n}{p}" for p in (0, 1) for n in _STAGED) + ("gprob", "comb")
-
-    def __init__(self, tr: _Transport, T_cap: int, row_bytes: int, K_cap: int):
-        self.T_cap, self.row_bytes, self.K_cap = T_cap, row_bytes, K_cap
-        R = tr.world
-        base = dict(x=T_cap * row_bytes, idx=T_cap * K_cap * 4, probs=T_cap * K_cap * 4,
-                    meta=16 * 8)
-        sizes = {f"{n}{p}": base[n] for p in (0, 1) for n in self.STAGED}
-        sizes.update(gprob=T_cap * K_cap * 4, comb=R * T_cap * row_bytes)
-        self.off, total = {}, 0
-        for name in self.REGIONS:
-            self.off[name] = total
-            total += _round_up(max(sizes[name], 1), _ALIGN)
-        self.win = tr.alloc(total)
-        self.tables = {
-            name: torch.tensor([p + self.off[name] for p in self.win.ptrs], dtype=torch.int64,
-                               device=tr.device)
-            for name in self.REGIONS}
-        self.cur = 0  # staging set of the current pull-type op (same on every rank)
-        self.device = tr.device
-        self._scratch: Dict[str, torch.Tensor] = {}
-        self._views: Dict[tuple, torch.Tensor] = {}
-
-    def scratch(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        """A local work buffer kept for this arena's lifetime (not symmetric)."""
-        buf = self._scratch.get(name)
-        if buf is None or buf.numel() < numel or buf.dtype != dtype:
-            buf = self._scratch[name] = torch.empty(numel, dtype=dtype, device=self.device)
-        return buf[:numel]
-
-    def next_stage(self) -> None:
-        """Start a pull-type op: switch to the other staging set."""
-        self.cur ^= 1
-
-    def _name(self, name: str) -> str:
-        return f"{name}{self.cur}" if name in self.STAGED else name
-
-    def table(self, name: str) -> torch.Tensor:
-        """[R] int64 device addresses of region ``name`` on every rank."""
-        return self.tables[self._name(name)]
-
-    def local(self, name: str, dtype: torch.dtype, shape) -> torch.Tensor:
-        # Cached: building a view is three tensor ops of host time, on every call.
-        key = (self._name(name), dtype, tuple(shape))
-        view = self._views.get(key)
-        if view is None:
-            view = self._views[key] = self._view(self.win.local, name, dtype, shape)
-        return view
-
-    def peer(self, s: int, name: str, dtype: torch.dtype, shape) -> torch.Tensor:
-        return self._view(self.win.peer_bytes(s), name, dtype, shape)
-
-    def _view(self, raw, name, dtype, shape):
-        n = 1
-        for d in shape:
-            n *= d
-        esize = dtype.itemsize
-        start = self.off[self._name(name)]
-        return raw[start:start + n * esize].view(dtype).view(*shape)
 
 
 # =============================================================================== handle
@@ -456,7 +206,7 @@ class _CombineFn(torch.autograd.Function):
 class _Engine:
     """The algorithm, on any transport (symmetric memory, a single GPU, or test ranks)."""
 
-    def __init__(self, tr: _Transport, num_experts: int, pad_multiple: Optional[int],
+    def __init__(self, tr: Transport, num_experts: int, pad_multiple: Optional[int],
                  options: Optional[dict]):
         opts = dict(options or {})
         known = {"max_rows_per_rank", "max_tokens_per_rank", "impl", "barrier", "symm_backend",
@@ -528,7 +278,7 @@ class _Engine:
 
     # ------------------------------------------------------------------ buffers
 
-    def _arena_for(self, T: int, row_bytes: int, K: int) -> _Arena:
+    def _arena_for(self, T: int, row_bytes: int, K: int) -> Arena:
         tr = self.tr
         if tr.arena is None:
             want = [max(T, int(self.max_tokens or 0), 1), row_bytes, K]
@@ -536,14 +286,14 @@ class _Engine:
             self._grow(*want)
         return tr.arena
 
-    def _grow(self, T: int, row_bytes: int, K: int) -> _Arena:
+    def _grow(self, T: int, row_bytes: int, K: int) -> Arena:
         tr = self.tr
         old = tr.arena
         if old is not None:  # grow geometrically: few generations, each kept alive
             T = max(T, old.T_cap, (old.T_cap * 3) // 2 if T > old.T_cap else 0)
             row_bytes = max(row_bytes, old.row_bytes)
             K = max(K, old.K_cap)
-        tr.arena = _Arena(tr, _round_up(T, _T_ROUND), _round_up(row_bytes, 16), K)
+        tr.arena = Arena(tr, round_up(T, _T_ROUND), round_up(row_bytes, 16), K)
         tr.arenas.append(tr.arena)
         return tr.arena
 
@@ -593,7 +343,7 @@ class _Engine:
                 self._stage(arena, x_TH, idx_TK, probs_TK, T_st, K, H, dtype,
                             bad_host or not fits, code, T, row_bytes, fits)
                 self._mark("stage")
-                tr.barrier(_CH_STAGED)
+                tr.barrier(CH_STAGED)
                 self._mark("barrier")
                 # The plan is queued before the host sync, so the GPU computes it while the
                 # host waits.
@@ -642,7 +392,7 @@ class _Engine:
             # High-water mark, 3 % slack, in 256-row steps: few distinct sizes (and graphs).
             key = (T, K, H, dtype)
             self._spec_rows[key] = max(self._spec_rows.get(key, 0),
-                                       _round_up(budget + budget // 32 + 1, 256))
+                                       round_up(budget + budget // 32 + 1, 256))
         # In the default mode the budget is exact, so only padding rows need zeroing.
         filled_M = filled_rows(pos_VK, budget) if static or (self.pad and self.pad > 1) \
             else None
@@ -752,7 +502,7 @@ class _Engine:
             self._graphs[key] = False
             return None
         if g is False:
-            g = self._graphs[key] = _PreSyncGraph(self, arena, x_TH, idx_TK, probs_TK, code,
+            g = self._graphs[key] = PreSyncGraph(self, arena, x_TH, idx_TK, probs_TK, code,
                                                   T_st, T, row_bytes, plan_budget)
         return g
 
@@ -872,7 +622,7 @@ class _Engine:
         K = h.pos_VK.shape[1]
         self._mark("combine")
         if tr.need_pre_push_barrier():
-            tr.barrier(_CH_PRE_PUSH)
+            tr.barrier(CH_PRE_PUSH)
         comb = arena.local("comb", dtype, (R * T_cap, H))
         if self.impl == "triton":
             from ..kernels import _triton
@@ -882,7 +632,7 @@ class _Engine:
         else:
             self._push_torch(y_MH, h, grad_probs_M, arena, T_cap, H, K)
         self._mark("push")
-        tr.barrier(_CH_PUSHED)
+        tr.barrier(CH_PUSHED)
         tr.note_op(False)
         self._mark("barrier")
         out = torch.empty(h.num_tokens, H, dtype=dtype, device=y_MH.device)
@@ -936,7 +686,7 @@ class _Engine:
         tr._last_pull = None
         arena.next_stage()
         arena.local("x", dtype, (T_cap, H))[:T_st].copy_(g_out_TH[:T_st])
-        tr.barrier(_CH_STAGED)
+        tr.barrier(CH_STAGED)
         g_y = torch.empty(h.num_rows, H, dtype=dtype, device=g_out_TH.device)
         self._pull(arena, h.pos_VK, g_y, None, with_probs=False)
         if h.filled_M is not None:
@@ -946,182 +696,15 @@ class _Engine:
 
     def _end_pull(self) -> None:
         """After a pull. Eagerly nothing: the next pull-type op stages into the other set
-        (see ``_Arena``). A captured graph may be replayed back to back, reusing the
+        (see ``Arena``). A captured graph may be replayed back to back, reusing the
         staging set it captured, so there every rank waits for every peer's reads."""
         if self.tr.capturing():
-            self.tr.barrier(_CH_PULLED)
+            self.tr.barrier(CH_PULLED)
         self.tr.note_op(True)
 
 
-# =============================================================================== pre-sync graph
-
-
-class _PreSyncGraph:
-    """A default-mode dispatch as two CUDA graphs, captured once per (arena, staging set,
-    shapes, dtypes), around its host sync:
-      before: the staging kernel (inputs reached through an address table), the
-              after-staging barrier, the two layout kernels and the combine-side token maps
-              (which need only this rank's ids);
-      after:  the pull (outputs reached through an address table); it also copies the plan
-              out for the handle, since the graph's own is rewritten by the next replay.
-    A replay costs the host one call (measured on H200: 2.6 us, against 20-50 us per
-    Triton launch; ``python -m moe_dispatch.bench.launch``), so the GPU no longer waits for
-    the host on either side of the sync; everything sized before the sync is allocated
-    before it. The device work is exactly the eager path's, so ranks may mix paths.
-
-    Buffers it owns: ``io`` (the address tables, filled from pinned host memory before each
-    replay: the previous replays' copies have run by then, since every dispatch waits for
-    its "before" part), ``pos``
-    (the plan), ``host_buf`` (metas, counts, status: read back by the sync) and the layout's
-    histogram scratch."""
-
-    def __init__(self, eng: "_Engine", arena: _Arena, x_TH, idx_TK, probs_TK, code, T_st: int,
-                 T: int, row_bytes: int, plan_budget: int):
-        from ..kernels import _triton
-        tr, R, L = eng.tr, eng.R, eng.L
-        dev = tr.device
-        T_cap, Kc, H = arena.T_cap, arena.K_cap, x_TH.shape[1]
-        self.shape = (R * T_cap, Kc)
-        self.eng, self.arena, self.T, self.R, self.dev = eng, arena, T, R, dev
-        # Address tables (16-byte aligned slices): [0:4] staging inputs (x, ids, probs,
-        # check code), [4:7] token maps (ids, valid_TK, pos_TR), [8:11] pull outputs
-        # (tokens, probs, the plan's copy). On the host the pull's entries alternate
-        # between [8:11] and [12:15]: a speculative pull's table copy is queued after the
-        # point the host waits for, so the next call may still find it pending; the one
-        # after has waited past it.
-        self.io_host = torch.zeros(16, dtype=torch.int64, pin_memory=dev.type == "cuda")
-        self.io_np = self.io_host.numpy()
-        self.io = torch.zeros(12, dtype=torch.int64, device=dev)
-        self._slot = 8
-        self.after: Optional[torch.cuda.CUDAGraph] = None
-        self.pos = torch.empty(R * T_cap * Kc, dtype=torch.int64, device=dev)
-        self.host_buf = torch.empty(R * 16 + L + 2, dtype=torch.int64, device=dev)
-        # Every buffer a captured graph touches must live as long as the graph: a graph
-        # holds raw addresses, not tensors. (The histogram scratch once lived only in a
-        # closure: freed after capture, its block went to small tensors such as pos_TR,
-        # which the layout kernel then overwrote.)
-        self.hist: List[torch.Tensor] = []
-        hist = self.hist
-        # Placeholders for the tensors reached through the tables: the kernels take only
-        # their dtypes and shapes. Views of one graph-owned element each, so no launch in
-        # the graphs names memory the graph does not own.
-        self.likes: Dict[torch.dtype, torch.Tensor] = {}
-        like = self._like
-        inputs = (x_TH, idx_TK, probs_TK, code)
-        x_TH, idx_TK, probs_TK, code = (like(t) for t in inputs)
-
-        def scratch(n):
-            if not hist:
-                hist.append(torch.empty(n, dtype=torch.int32, device=dev))
-            return hist[0][:n]
-
-        views = (arena.local("x", x_TH.dtype, (T_cap, H)),
-                 arena.local("idx", torch.int32, (T_cap, Kc)),
-                 arena.local("probs", torch.float32, (T_cap, Kc)),
-                 arena.local("meta", torch.int64, (16,)))
-        idx_table, meta_table = arena.table("idx"), arena.table("meta")
-        T_eff = min(T, T_cap)
-        valid_TK, pos_TR = self._maps(idx_TK)  # this call's outputs of the warm-up
-        valid_like, pos_TR_like = like(valid_TK), like(pos_TR)
-
-        def stage():
-            _triton.stage(x_TH, idx_TK, probs_TK, T_st, *views, code, T, row_bytes,
-                          src_table=self.io[0:4])
-
-        def layout():
-            _triton.layout_plan(idx_table, meta_table, tr.status, T_cap * Kc, eng.rank * L, L,
-                                eng.pad or 1, plan_budget, self.pos, self.host_buf,
-                                scratch=scratch)
-            _triton.token_maps(idx_TK, T_eff, eng.E, L, T_cap, R, valid_like, pos_TR_like,
-                               io_table=self.io[4:7])
-
-        # Compile the address-table kernels (and size the scratch) outside the capture.
-        # Staging twice is harmless (peers read this set only after the barrier); the
-        # barrier must run exactly once per op, so it only runs inside the graph.
-        self._fill(*inputs, valid_TK, pos_TR)
-        stage()
-        layout()  # reads peers' stale ids into our own buffers: overwritten by the replay
-
-        def before():
-            stage()
-            tr.barrier(_CH_STAGED)
-            layout()
-        self.graph = _capture(before, dev)
-
-    def _like(self, t: torch.Tensor) -> torch.Tensor:
-        """A tensor of ``t``'s dtype and shape over one graph-owned element."""
-        one = self.likes.get(t.dtype)
-        if one is None:
-            one = self.likes[t.dtype] = torch.zeros(1, dtype=t.dtype, device=self.dev)
-        return one.view([1] * t.dim()).expand(t.shape)
-
-    def _maps(self, idx_TK):
-        return (torch.empty(idx_TK.shape, dtype=torch.bool, device=self.dev),
-                torch.empty(self.T, self.R, dtype=torch.int64, device=self.dev))
-
-    def _fill(self, x_TH, idx_TK, probs_TK, code, valid_TK, pos_TR) -> None:
-        # The previous replays' copies have run: every dispatch syncs after "before".
-        self.io_np[0:7] = (x_TH.data_ptr(), idx_TK.data_ptr(), probs_TK.data_ptr(),
-                           code.data_ptr(), idx_TK.data_ptr(), valid_TK.data_ptr(),
-                           pos_TR.data_ptr())
-        self.io[0:7].copy_(self.io_host[0:7], non_blocking=True)
-
-    def before(self, x_TH, idx_TK, probs_TK, code):
-        """Stage, barrier, plan and token maps of this call's inputs (queued, no sync);
-        returns (pos_VK, host_buf, pos_TR, valid_TK); host_buf is the graph's own."""
-        valid_TK, pos_TR = self._maps(idx_TK)
-        self._fill(x_TH, idx_TK, probs_TK, code, valid_TK, pos_TR)
-        self.graph.replay()
-        return self.pos.view(self.shape), self.host_buf, pos_TR, valid_TK
-
-    def pull(self, tokens_MH, probs_M):
-        """After the sync: rows and probs into ``tokens_MH`` / ``probs_M``; returns the
-        plan's copy for the handle (a new [R * T_cap, K_cap] int64 tensor)."""
-        from ..kernels import _triton
-        eng, arena = self.eng, self.arena
-        pos_out = torch.empty(self.shape, dtype=torch.int64, device=self.dev)
-        a = self._slot = 20 - self._slot  # 8, 12, 8, ...
-        self.io_np[a:a + 3] = (tokens_MH.data_ptr(), probs_M.data_ptr(), pos_out.data_ptr())
-        self.io[8:11].copy_(self.io_host[a:a + 3], non_blocking=True)
-        if self.after is not None:
-            self.after.replay()
-            return pos_out
-        pos, table = self.pos.view(self.shape), self.io[8:11]
-        out_like, probs_like = self._like(tokens_MH), self._like(probs_M)
-
-        def body():
-            _triton.peer_scatter_rows(arena.table("x"), arena.T_cap, eng.rank, pos, out_like,
-                                      arena.table("probs"), probs_like, dst_table=table)
-
-        body()  # this call's work (and the kernel's compilation), then capture for the next
-        self.after = _capture(body, self.dev)
-        return pos_out
-
-
-class _RerunBody:
-    """Off GPUs (simulated ranks in tests) a "graph" whose replay runs its body again, so
-    the graph path's tables, slots and fallbacks run on CPU too."""
-
-    def __init__(self, body):
-        self.replay = body
-
-
-def _capture(body, dev) -> "torch.cuda.CUDAGraph":
-    """A CUDA graph of ``body``'s launches (captured on a side stream, not run)."""
-    if dev.type != "cuda":
-        return _RerunBody(body)
-    graph = torch.cuda.CUDAGraph()
-    cur = torch.cuda.current_stream(dev)
-    side = torch.cuda.Stream(dev)
-    side.wait_stream(cur)
-    with torch.cuda.stream(side):
-        graph.capture_begin(capture_error_mode="thread_local")
-        try:
-            body()
-        finally:
-            graph.capture_end()
-    cur.wait_stream(side)
-    return graph
+# One transport per (group, device): every layer of a model shares its symmetric buffers.
+_transports: Dict[Tuple[str, str], Transport] = {}
 
 
 # =============================================================================== backend
@@ -1143,12 +726,12 @@ class NVSHMEMBackend:
             key = ("local", str(dev))
             tr = _transports.get(key)
             if tr is None:
-                tr = _transports[key] = _LocalTransport(dev)
+                tr = _transports[key] = LocalTransport(dev)
         else:
             key = (config.group.group_name, str(dev))
             tr = _transports.get(key)
             if tr is None:
-                tr = _transports[key] = _SymmTransport(
+                tr = _transports[key] = SymmTransport(
                     config.group, dev, opts.get("barrier", "auto"), opts.get("symm_backend"))
         self.engine = _Engine(tr, config.num_experts, config.pad_multiple, opts)
 
