@@ -367,3 +367,24 @@ def test_warmup_call_count_is_agreed_across_ranks(gloo_pool):
     # The fast rank wants ~60 warm-up calls (fewer if sleeps overshoot), the slow one ~6:
     # the max wins.
     assert calls >= 3 + 20, got
+
+
+def test_spread_and_noisy_phases():
+    from moe_dispatch.bench import report
+    assert report.spread([1.0] * 4) is None               # too few samples
+    assert report.spread([1.0] * 10) == pytest.approx(1.0)
+    s = [1.0] * 8 + [2.0, 2.0]                             # p10 1.0, p90 2.0
+    assert report.spread(s) == pytest.approx(2.0)
+    rows = [dict(name="a", samples=dict(dispatch_us=[[1.0] * 10, s],
+                                        combine_us=[[1.0] * 10, [1.0] * 10])),
+            dict(name="b", samples={}), dict(name="c")]
+    got = report.noisy(rows)
+    assert got == ["  a dispatch: p90/p10 = 2.00 (rank 1)"]
+    assert report.noisy(rows, limit=2.5) == []
+
+
+def test_table_keeps_columns_aligned_for_missing_values():
+    from moe_dispatch.bench import report
+    assert report._num(None, "10.2f") == " " * 9 + "-"
+    assert report._num(float("nan"), "8.1f") == " " * 7 + "-"
+    assert report._num(1.5, "8.1f") == "     1.5"

@@ -23,8 +23,39 @@ NATIVE = "nvshmem"
 
 def _num(v, fmt: str) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
+        width = int(fmt.split(".")[0] or 0)
+        return "-".rjust(width)  # keeps the columns aligned
     return format(v, fmt)
+
+
+SPREAD_NOTE = 1.15  # p90/p10 above which a timed phase is listed as noisy
+
+
+def spread(samples: List[float]) -> Optional[float]:
+    """p90 / p10 of one rank's samples (nearest rank), or None with fewer than 5."""
+    if len(samples) < 5:
+        return None
+    v = sorted(samples)
+    lo, hi = v[int(0.1 * (len(v) - 1))], v[int(round(0.9 * (len(v) - 1)))]
+    return hi / lo if lo > 0 else None
+
+
+def noisy(rows: List[dict], limit: float = SPREAD_NOTE) -> List[str]:
+    """One line per (row, phase) whose worst rank has p90/p10 over ``limit``."""
+    out = []
+    for r in rows:
+        for key in ("dispatch_us", "combine_us", "layer_ms"):
+            per_rank = (r.get("samples") or {}).get(key)
+            if not per_rank:
+                continue
+            worst = [(spread(s), k) for k, s in enumerate(per_rank)]
+            worst = [w for w in worst if w[0] is not None]
+            if worst:
+                sp, k = max(worst)
+                if sp > limit:
+                    out.append(f"  {r['name']} {key.split('_')[0]}: p90/p10 = {sp:.2f} "
+                               f"(rank {k})")
+    return out
 
 
 def ratios(rows: List[dict]) -> List[dict]:
@@ -81,6 +112,12 @@ def table(result: dict) -> str:
             f"{_num(r['dispatch_gbps'], '8.1f')}{_num(r['combine_us'], '12.1f')}"
             f"{_num(r['combine_gbps'], '8.1f')}{_num(r['layer_ms'], '10.2f')}"
             f"{_num(r['layer_tokens_per_s'], '12.0f')}  {r.get('note', '')}")
+    spread_lines = noisy(result["rows"])
+    if spread_lines:
+        lines.append("")
+        lines.append(f"noisy phases (per-iteration p90/p10 > {SPREAD_NOTE}; a single run's ratio "
+                     "is then less certain: compare several runs; samples are in the JSON):")
+        lines += spread_lines
     rat = result.get("ratios") or []
     if rat:
         lines.append("")
