@@ -7,19 +7,13 @@ outputs, after gc + empty_cache, after a 5 s sleep, after two combines.
 
 Timed with the bench's Clock (its warm-up rules included).
 """
-import os, time, statistics, gc
+import time, statistics, gc
 import torch, torch.distributed as dist
-from moe_dispatch.bench.timing import Clock
-from moe_dispatch.bench.workload import Shape, build_sets
 from moe_dispatch.bench import check as chk
+from _ep4 import setup
 
-rank = int(os.environ["RANK"]); lr = int(os.environ["LOCAL_RANK"])
-torch.cuda.set_device(lr); dist.init_process_group("nccl", device_id=torch.device("cuda", lr))
-R = dist.get_world_size(); dev = torch.device("cuda", lr)
+rank, R, sets, clock = setup()
 from token_dispatcher import MoETokenDispatcher
-shape = Shape(4096, 7168, 8, 256)
-sets = build_sets(shape, rank, R, 0, 4, dev)
-clock = Clock(dev, dist.group.WORLD)
 lines = []
 def med(t): return statistics.median(t.seconds) * 1e6
 for name, opts in (("deepep", {"num_sms": 24}), ("nvshmem", {})):

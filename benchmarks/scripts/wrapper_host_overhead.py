@@ -9,27 +9,16 @@ side in interleaved rounds with the bench's Clock (aligned ranks, L2 flush).
 adds the project's one-launch input check. The last column is the host time from the
 module call to the library's layout call (``v1_dispatch`` entry).
 """
-import os, time, statistics
+import time, statistics
 import torch, torch.distributed as dist
-from moe_dispatch.bench.timing import Clock
-from moe_dispatch.bench.workload import Shape, build_sets
-from moe_dispatch.permute import group_plan, permute
 from moe_dispatch import kernels
 import moe_dispatch.v1_buffer as vb
+from _ep4 import E, deepep_buffer, direct_permute, setup
 
-rank = int(os.environ["RANK"]); lr = int(os.environ["LOCAL_RANK"])
-torch.cuda.set_device(lr); dist.init_process_group("nccl", device_id=torch.device("cuda", lr))
-R = dist.get_world_size(); dev = torch.device("cuda", lr)
-import deep_ep
+rank, R, sets, clock = setup()
+L = E // R
 from token_dispatcher import MoETokenDispatcher
-shape = Shape(4096, 7168, 8, 256)
-sets = build_sets(shape, rank, R, 0, 4, dev)
-E, L = 256, 256 // R
-clock = Clock(dev, dist.group.WORLD)
-deep_ep.Buffer.set_num_sms(24)
-dcfg = deep_ep.Buffer.get_dispatch_config(R); ccfg = deep_ep.Buffer.get_combine_config(R)
-nvl = max(c.get_nvl_buffer_size_hint(7168 * 2, R) for c in (dcfg, ccfg))
-buf = deep_ep.Buffer(dist.group.WORLD, nvl, 0, explicitly_destroy=True)
+buf, dcfg = deepep_buffer(R)
 
 def spin(us):
     t = time.perf_counter() + us * 1e-6
@@ -38,16 +27,11 @@ def spin(us):
 def direct(pre=None, delay=0):
     def f(i):
         st = sets[i % len(sets)]
-        idx = st.idx_TK
         if delay: spin(delay)
-        if pre == "check": idx, bad = kernels.check_values(idx, st.probs_TK, E)
-        ntr, ntrr, nte, itir, _ = buf.get_dispatch_layout(idx, E)
-        if pre == "check": nte.add_(bad, alpha=1 << 20)
-        rx, ri, rw, counts, h, _ = buf.dispatch(st.x_TH, num_tokens_per_rank=ntr, num_tokens_per_rdma_rank=ntrr,
-                                                is_token_in_rank=itir, num_tokens_per_expert=nte,
-                                                topk_idx=idx, topk_weights=st.probs_TK, config=dcfg)
-        plan = group_plan(ri, L, tokens_per_expert=counts)
-        return permute(rx, rw, plan)
+        if pre != "check":
+            return direct_permute(buf, dcfg, st, L)
+        idx, bad = kernels.check_values(st.idx_TK, st.probs_TK, E)
+        return direct_permute(buf, dcfg, st, L, idx, lambda nte: nte.add_(bad, alpha=1 << 20))
     return f
 marks = []
 orig = vb.v1_dispatch

@@ -11,34 +11,16 @@ the timings; use wrapper_host_overhead.py for numbers. Chrome traces go to $OUT.
 """
 import os, time, statistics
 import torch, torch.distributed as dist
-from moe_dispatch.bench.timing import Clock
-from moe_dispatch.bench.workload import Shape, build_sets
-from moe_dispatch.permute import group_plan, permute
 from moe_dispatch.protocol import PendingCheck
+from _ep4 import E, deepep_buffer, direct_permute, setup
 
-rank = int(os.environ["RANK"]); lr = int(os.environ["LOCAL_RANK"])
-torch.cuda.set_device(lr); dist.init_process_group("nccl", device_id=torch.device("cuda", lr))
-R = dist.get_world_size(); dev = torch.device("cuda", lr)
-import deep_ep
+rank, R, sets, clock = setup()
+L = E // R
 from token_dispatcher import MoETokenDispatcher
-shape = Shape(4096, 7168, 8, 256)
-sets = build_sets(shape, rank, R, 0, 4, dev)
-E, L = 256, 256 // R
-clock = Clock(dev, dist.group.WORLD)
-deep_ep.Buffer.set_num_sms(24)
-dcfg = deep_ep.Buffer.get_dispatch_config(R)
-ccfg = deep_ep.Buffer.get_combine_config(R)
-nvl = max(c.get_nvl_buffer_size_hint(7168 * 2, R) for c in (dcfg, ccfg))
-buf = deep_ep.Buffer(dist.group.WORLD, nvl, 0, explicitly_destroy=True)
+buf, dcfg = deepep_buffer(R)
 
 def direct_perm(i):
-    st = sets[i % len(sets)]
-    ntr, ntrr, nte, itir, _ = buf.get_dispatch_layout(st.idx_TK, E)
-    rx, ri, rw, counts, h, _ = buf.dispatch(st.x_TH, num_tokens_per_rank=ntr, num_tokens_per_rdma_rank=ntrr,
-                                            is_token_in_rank=itir, num_tokens_per_expert=nte,
-                                            topk_idx=st.idx_TK, topk_weights=st.probs_TK, config=dcfg)
-    plan = group_plan(ri, L, tokens_per_expert=counts)
-    return permute(rx, rw, plan)
+    return direct_permute(buf, dcfg, sets[i % len(sets)], L)
 
 D = {}
 D["wrap"] = MoETokenDispatcher(E, None, backend="deepep", backend_options={"num_sms": 24})

@@ -36,7 +36,7 @@ def spread(samples: List[float]) -> Optional[float]:
     if len(samples) < 5:
         return None
     v = sorted(samples)
-    lo, hi = v[int(0.1 * (len(v) - 1))], v[int(round(0.9 * (len(v) - 1)))]
+    lo, hi = (v[round(q * (len(v) - 1))] for q in (0.1, 0.9))
     return hi / lo if lo > 0 else None
 
 

@@ -103,26 +103,24 @@ class Clock:
             setup: Optional[Callable[[int], object]] = None) -> Timing:
         """Call ``setup(i)`` (untimed, its result passed to ``fn``) and time ``fn(i, s)``
         for ``warmup`` + ``iters`` iterations; return the ``iters`` timed ones."""
+        def call(i):
+            fn(i, setup(i) if setup else None)
+
         t0 = time.perf_counter()
         for i in range(warmup):
-            s = setup(i) if setup else None
-            fn(i, s)
+            call(i)
         self.sync()
         if self.min_warmup_s > 0:
-            # Time-based top-up, counted from the calls just made (at least one).
-            if warmup == 0:
-                s = setup(0) if setup else None
-                fn(0, s)
+            # Time-based top-up, paced by the calls just made (at least one).
+            done = warmup
+            if done == 0:
+                call(0)
                 self.sync()
                 done = 1
-            else:
-                done = warmup
             extra = self.agree_max(self.extra_warmup((time.perf_counter() - t0) / done, done))
-            for i in range(extra):
-                s = setup(done + i) if setup else None
-                fn(done + i, s)
+            for i in range(done, done + extra):
+                call(i)
                 self.sync()  # the GPU works through the warm-up as it goes
-            del s
         if self.cuda:
             starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
             ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
