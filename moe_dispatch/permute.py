@@ -81,6 +81,88 @@ class GroupPlan:
         object.__setattr__(self, "_dest_M", dest_M)
 
 
+@dataclass(frozen=True)
+class BudgetPlan:
+    """A grouping by local expert into a fixed number of rows, built on the device.
+
+    The budget mode's plan (``BackendConfig.max_rows_per_rank``): the same order as a
+    ``GroupPlan`` (expert ascending, then input row, then slot), each expert's block padded
+    to ``pad_multiple``, but sized ``num_out_rows = B`` whatever the routing, and with every
+    count on the device, so building and applying it never syncs the host.
+
+    pos_NK:              [N, K] int64 output row of slot (n, k); -1 = not for this rank,
+                         -2 = dropped (its row would land at or past B).
+    filled_M:            [B] uint8, 1 on rows some slot writes; the rest (padding, unused
+                         budget) are written as zeros with prob 0.
+    num_out_rows:        B (host int).
+    num_in_rows, topk:   N, K.
+    tokens_per_expert_L: [L] int64 device, rows kept per local expert (padding included);
+                         their sum is <= B and their cumsum the grouped GEMM's offsets.
+    dropped:             0-dim bool device tensor, True when some rows did not fit.
+    """
+
+    pos_NK: torch.Tensor
+    filled_M: torch.Tensor
+    num_out_rows: int
+    num_in_rows: int
+    topk: int
+    tokens_per_expert_L: torch.Tensor
+    dropped: torch.Tensor
+
+
+def budget_plan(lid_NK: torch.Tensor, num_local_experts: int, budget: int,
+                pad_multiple: Optional[int] = None) -> BudgetPlan:
+    """Plan the grouping of rows by local expert into exactly ``budget`` rows, sync-free.
+
+    lid_NK:            [N, K] int64 local expert id of each slot, -1 = slot not for this rank.
+    num_local_experts: L.
+    budget:            B, rows of the output; rows that would land at or past B are dropped
+                       (their pos is -2, ``dropped`` is set), never written out of bounds.
+    pad_multiple:      round each expert's rows up to a multiple of this with zero rows.
+    Plain torch ops on the device of ``lid_NK`` (a stable sort and a few scans).
+    """
+    pos, tpe, dropped = budget_positions(lid_NK, num_local_experts, budget, pad_multiple)
+    N, K = lid_NK.shape
+    return BudgetPlan(pos, filled_rows(pos, budget), budget, N, K, tpe, dropped)
+
+
+def budget_positions(lid_NK: torch.Tensor, num_local_experts: int, budget: int,
+                     pad_multiple: Optional[int] = None):
+    """The maps of ``budget_plan`` without the row mask (so ``budget`` may be a bound as
+    large as 2**62): (pos_NK, tokens_per_expert_L, dropped), all on the device."""
+    L = num_local_experts
+    dev = lid_NK.device
+    N, K = lid_NK.shape
+    flat = lid_NK.reshape(-1)
+    key = torch.where(flat >= 0, flat, L)
+    order = torch.argsort(key, stable=True)
+    counts = torch.zeros(L + 1, dtype=torch.long, device=dev)
+    counts.scatter_add_(0, key, torch.ones_like(key))
+    c = counts[:L]
+    padded = c if not pad_multiple or pad_multiple <= 1 else \
+        torch.div(c + pad_multiple - 1, pad_multiple, rounding_mode="floor") * pad_multiple
+    pstart = torch.cumsum(padded, 0) - padded
+    ustart = torch.cumsum(c, 0) - c
+    zero = torch.zeros(1, dtype=torch.long, device=dev)
+    skey = key.index_select(0, order)
+    # Rank of each sorted slot inside its expert, then its padded output row.
+    rank_in = torch.arange(flat.numel(), device=dev) - \
+        torch.cat([ustart, zero]).index_select(0, skey)
+    pos_s = torch.cat([pstart, zero]).index_select(0, skey) + rank_in
+    pos_s = torch.where(skey < L, torch.where(pos_s < budget, pos_s, -2), -1)
+    pos = torch.empty_like(pos_s).scatter_(0, order, pos_s).view(N, K)
+    tpe = torch.minimum(padded, (budget - pstart).clamp(min=0))
+    return pos, tpe, padded.sum() > budget
+
+
+def filled_rows(pos_NK: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """[num_rows] uint8: 1 on output rows some slot of ``pos_NK`` writes, 0 elsewhere."""
+    flat = pos_NK.reshape(-1)
+    filled = torch.zeros(num_rows + 1, dtype=torch.uint8, device=flat.device)
+    filled.scatter_(0, torch.where(flat >= 0, flat, num_rows), 1)
+    return filled[:num_rows]
+
+
 def local_expert_counts(lid_NK: torch.Tensor, num_local_experts: int) -> torch.Tensor:
     """[L] int64 rows per local expert, on the device of ``lid_NK`` (no host sync)."""
     flat = lid_NK.reshape(-1)
@@ -109,11 +191,11 @@ def group_plan(lid_NK: torch.Tensor, num_local_experts: int,
     pad_multiple:      round each expert's rows up to a multiple of this with zero rows.
 
     On CUDA with triton, a counting-sort kernel builds ``pos_NK`` directly
-    (``moe_dispatch.kernels.group_plan``); the result is the same plan.
+    (``triton_group_plan``); the result is the same plan.
     """
     from . import kernels
     if kernels.use_triton(lid_NK):
-        return kernels.group_plan(lid_NK, num_local_experts, tokens_per_expert, pad_multiple)
+        return triton_group_plan(lid_NK, num_local_experts, tokens_per_expert, pad_multiple)
     N, K = lid_NK.shape
     if tokens_per_expert is None:
         tokens_per_expert = local_expert_counts(lid_NK, num_local_experts).tolist()
@@ -126,6 +208,38 @@ def group_plan(lid_NK: torch.Tensor, num_local_experts: int,
     padded = pad_counts(counts, pad_multiple)
     dest_M = _dest_map(counts, padded, lid_NK.device)
     return GroupPlan(slot_M, dest_M, N, K, sum(padded), tuple(padded))
+
+
+def triton_group_plan(lid_NK: torch.Tensor, num_local_experts: int,
+                      tokens_per_expert: Optional[Sequence[int]] = None,
+                      pad_multiple: Optional[int] = None, block: Optional[int] = None,
+                      chunks: Optional[int] = None) -> GroupPlan:
+    """``group_plan`` through the Triton counting sort (``kernels.plan_arrays``): the same
+    plan, carrying ``pos_NK`` (and ``filled_M`` when padded), so permute and unpermute need
+    no further index work. Arguments as ``group_plan``; ``block`` / ``chunks`` override the
+    kernel's tiling (tests). One output allocation (plus ``filled_M`` when padded) and one
+    or two kernels; with ``tokens_per_expert`` None the counts are read back (a host sync).
+    """
+    from . import kernels
+    N, K = lid_NK.shape
+    dev = lid_NK.device
+    counts = None if tokens_per_expert is None else [int(c) for c in tokens_per_expert]
+    if N * K == 0:
+        counts = counts if counts is not None else [0] * num_local_experts
+        padded = pad_counts(counts, pad_multiple)
+        filled = None
+        if padded != counts:  # no slots but counts given: every row is padding
+            filled = torch.zeros(sum(padded), dtype=torch.uint8, device=dev)
+        return GroupPlan(None, None, N, K, sum(padded), tuple(padded),
+                         torch.empty(N, K, dtype=torch.long, device=dev), filled, tuple(counts))
+    padded = None if counts is None else pad_counts(counts, pad_multiple)
+    pos_NK, filled, counts = kernels.plan_arrays(
+        lid_NK, num_local_experts, counts, padded, max(int(pad_multiple or 1), 1),
+        block=block, chunks=chunks)
+    padded = pad_counts(counts, pad_multiple)
+    filled = filled[:sum(padded)] if padded != counts else None
+    return GroupPlan(None, None, N, K, sum(padded), tuple(padded), pos_NK, filled,
+                     tuple(counts))
 
 
 def _dest_map(counts: Sequence[int], padded: Sequence[int],
@@ -161,6 +275,8 @@ def permute(x_NH: torch.Tensor, probs_NK: Optional[torch.Tensor], plan: GroupPla
     from . import kernels
     if kernels.use_triton(x_NH):
         return kernels.permute(x_NH, probs_NK, plan)
+    if isinstance(plan, BudgetPlan):
+        return _permute_pos(x_NH, probs_NK, plan.pos_NK, plan.num_out_rows)
     row_M = plan.row_M
     tokens = x_NH.index_select(0, row_M)
     probs = None
@@ -185,8 +301,39 @@ def unpermute(y_MH: torch.Tensor, plan: GroupPlan) -> torch.Tensor:
     from . import kernels
     if kernels.use_triton(y_MH):
         return kernels.unpermute(y_MH, plan)
+    if isinstance(plan, BudgetPlan):
+        return _unpermute_pos(y_MH, plan.pos_NK)
     y = y_MH if plan.dest_M is None else y_MH.index_select(0, plan.dest_M)
     acc_dtype = torch.float32 if y.dtype in (torch.float16, torch.bfloat16) else y.dtype
     out = torch.zeros(plan.num_in_rows, y.shape[1], dtype=acc_dtype, device=y.device)
     out = out.index_add(0, plan.row_M, y.to(acc_dtype))
+    return out.to(y_MH.dtype)
+
+
+def _permute_pos(x_NH: torch.Tensor, probs_NK: Optional[torch.Tensor], pos_NK: torch.Tensor,
+                 num_out_rows: int):
+    """``permute`` through an inverse map (budget plans off the Triton path), sync-free:
+    every slot is added into its output row, slots with no row (pos < 0) into a trailing
+    dump row that is cut. Each real row is written by exactly one slot, so the sums are
+    plain copies; rows nobody writes stay zero (prob 0)."""
+    N, K = pos_NK.shape
+    M = num_out_rows
+    tgt = torch.where(pos_NK >= 0, pos_NK, M).reshape(-1)
+    rows = x_NH.unsqueeze(1).expand(N, K, x_NH.shape[1]).reshape(N * K, x_NH.shape[1])
+    tokens = x_NH.new_zeros(M + 1, x_NH.shape[1]).index_add(0, tgt, rows)[:M]
+    probs = None
+    if probs_NK is not None:
+        p = probs_NK.reshape(-1).float()
+        probs = p.new_zeros(M + 1).index_add(0, tgt, p)[:M]
+    return tokens, probs
+
+
+def _unpermute_pos(y_MH: torch.Tensor, pos_NK: torch.Tensor) -> torch.Tensor:
+    """``unpermute`` through an inverse map: out[n] = sum_k y[pos[n, k]] over pos >= 0, in
+    float32 for low-precision inputs, rounded once."""
+    N, K = pos_NK.shape
+    acc = torch.float32 if y_MH.dtype in (torch.float16, torch.bfloat16) else y_MH.dtype
+    y_ext = torch.cat([y_MH.to(acc), y_MH.new_zeros(1, y_MH.shape[1], dtype=acc)])
+    tgt = torch.where(pos_NK >= 0, pos_NK, y_MH.shape[0]).reshape(-1)
+    out = y_ext.index_select(0, tgt).view(N, K, y_MH.shape[1]).sum(1)
     return out.to(y_MH.dtype)

@@ -30,12 +30,17 @@ class BackendConfig:
                   with zero rows carrying prob 0 (for FP8 / grouped-GEMM alignment).
     options:      backend-specific knobs (e.g. ``num_sms`` for DeepEP), passed through
                   from ``MoETokenDispatcher(..., backend_options={...})``.
+    max_rows_per_rank: B, or None. Set: the sync-free budget mode (see ``DispatchResult``):
+                  dispatch returns exactly B rows on every rank, never syncs the host, and
+                  reports rows dropped over the budget (and bad input) in a device status.
+                  A multiple of ``pad_multiple`` when both are set.
     """
 
     group: Any
     num_experts: int
     pad_multiple: Optional[int] = None
     options: Any = None
+    max_rows_per_rank: Optional[int] = None
 
     @property
     def ep_size(self) -> int:
@@ -63,12 +68,43 @@ class DispatchResult:
     probs_N:             [N] float32, the routing prob of each row (0 on padding rows);
                          differentiable w.r.t. the router probs.
     handle:              frozen metadata that ``combine`` needs; opaque to callers.
+    status:              budget mode: [1] int32 device tensor of ``STATUS_*`` bits (0 = every
+                         row delivered, input valid); None in the exact modes (which raise).
+
+    Budget mode (``BackendConfig.max_rows_per_rank = B``): N == B on every call. The real
+    rows come first, grouped by local expert exactly as in the exact mode (so
+    ``cumsum(tokens_per_expert_L)`` are the grouped GEMM's offsets), then unused rows (zero,
+    prob 0). Rows past B are dropped and flagged (``STATUS_ROWS_DROPPED``), never written
+    out of bounds; combine and both backwards are exact for the rows kept. Bad input makes
+    ``STATUS_BAD_INPUT`` set on every rank (its rows are masked, so the step computes
+    harmlessly) and is raised by ``raise_on_status`` where the caller reads the status.
     """
 
     tokens_NH: torch.Tensor
     tokens_per_expert_L: torch.Tensor
     probs_N: torch.Tensor
     handle: Any
+    status: Optional[torch.Tensor] = None
+
+
+# Status bits of a budget-mode dispatch (``DispatchResult.status``), one meaning everywhere.
+STATUS_ROWS_DROPPED = 1      # this rank received more rows than max_rows_per_rank
+STATUS_TOKENS_DROPPED = 2    # some rank sent more tokens than the backend's token budget
+STATUS_BAD_INPUT = 4         # some rank's dispatch input was invalid (see raise_on_status)
+STATUS_BARRIER_TIMEOUT = 8   # a device barrier gave up waiting for a peer (a peer died)
+STATUS_BITS = (STATUS_ROWS_DROPPED, STATUS_TOKENS_DROPPED, STATUS_BAD_INPUT,
+               STATUS_BARRIER_TIMEOUT)
+STATUS_OVERFLOW = STATUS_ROWS_DROPPED | STATUS_TOKENS_DROPPED
+
+
+def describe_status(bits: int) -> str:
+    """A one-line reading of ``STATUS_*`` bits, e.g. for logs."""
+    names = {STATUS_ROWS_DROPPED: "rows dropped over max_rows_per_rank",
+             STATUS_TOKENS_DROPPED: "tokens dropped over the token budget",
+             STATUS_BAD_INPUT: "invalid dispatch input on some rank",
+             STATUS_BARRIER_TIMEOUT: "a device barrier timed out (a peer stopped)"}
+    said = [text for bit, text in names.items() if bits & bit]
+    return "; ".join(said) if said else "ok"
 
 
 @runtime_checkable
@@ -110,6 +146,53 @@ class Backend(Protocol):
 
 class DispatchInputError(ValueError):
     """Raised on every rank of the group when any rank's dispatch input is invalid."""
+
+
+@dataclass(frozen=True)
+class BudgetCheck:
+    """Input validation of one budget-mode dispatch, to be raised later.
+
+    A budget-mode dispatch never syncs the host, so a bad rank cannot make the others raise
+    during the call: it takes part with its slots masked (its rows go nowhere), every rank
+    sets ``STATUS_BAD_INPUT`` from the codes that rode in the data the ranks exchanged, and
+    ``raise_on_status`` raises ``DispatchInputError`` on every rank where the caller reads
+    the status (``MoETokenDispatcher.check_status``, or ``moe-train``'s once-per-step read).
+
+    message: this rank's own error text: a host error (known bad), or the value check's
+             text, which applies only when ``code`` reads nonzero; None when there is none.
+    code:    None, or the 0-dim device code of this rank's value check (read only when the
+             status says some input was bad, so the good path never syncs on it).
+    """
+
+    message: Optional[str]
+    code: Optional[torch.Tensor] = None
+
+    def mine(self) -> Optional[str]:
+        """This rank's own error message, or None when its input was fine (a host read)."""
+        if self.message is None:
+            return None
+        if self.code is not None and int(self.code.reshape(-1)[0].item()) == 0:
+            return None
+        return self.message
+
+
+def raise_on_status(bits: int, checks=()) -> None:
+    """Raise ``DispatchInputError`` if ``bits`` has ``STATUS_BAD_INPUT``.
+
+    bits:   the OR of the statuses read (host int).
+    checks: the ``BudgetCheck`` s of the dispatches those statuses came from; the first with
+            a message names this rank's own error, else the error says another rank's input
+            was bad.
+    """
+    if not bits & STATUS_BAD_INPUT:
+        return
+    for c in checks:
+        mine = c.mine() if c is not None else None
+        if mine:
+            raise DispatchInputError(mine)
+    raise DispatchInputError(
+        "dispatch input invalid on another EP rank (budget mode: flagged in the status and "
+        "raised here on every rank)")
 
 
 @dataclass(frozen=True)

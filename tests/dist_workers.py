@@ -15,7 +15,8 @@ def run_parity(rank: int, world: int, case: Case, backend: str, opts: dict):
     disp = MoETokenDispatcher(E, backend=backend, capacity_factor=opts.get("capacity_factor"),
                               pad_multiple=opts.get("pad_multiple"),
                               capacity_policy=opts.get("capacity_policy", "probs"),
-                              topk=opts.get("topk"), backend_options=opts.get("backend_options"))
+                              topk=opts.get("topk"), backend_options=opts.get("backend_options"),
+                              max_rows_per_rank=opts.get("max_rows_per_rank"))
     H = case.xs[rank].shape[1]
     x = case.xs[rank].to(dev).clone().requires_grad_(True)
     idx = case.idxs[rank].to(dev)
@@ -38,7 +39,8 @@ def run_parity(rank: int, world: int, case: Case, backend: str, opts: dict):
     return dict(tokens=out.tokens.detach().cpu(), tpe=out.tokens_per_expert.cpu(),
                 probs=out.probs.detach().cpu(), y=y.detach().cpu(), y_shape=tuple(y.shape),
                 gx=(x.grad if x.grad is not None else torch.zeros_like(x)).cpu(),
-                gp=g_leaf.cpu(), local_offset=disp.local_expert_offset)
+                gp=g_leaf.cpu(), local_offset=disp.local_expert_offset,
+                status=None if out.status is None else int(out.status.item()))
 
 
 def run_bad_input(rank: int, world: int, case: Case, backend: str, which: str, bad_rank: int):
@@ -114,3 +116,84 @@ def timed_warmup(rank: int, world: int, sleep_s_by_rank, min_warmup_s: float):
 
     t = clock.run(fn, iters=3, warmup=2)
     return len(calls), len(t.seconds)
+
+
+def _one_step(disp, case: Case, rank: int, row_mask=None):
+    """dispatch -> experts -> combine -> backward; ``row_mask(out)`` ([N] bool) zeroes the
+    expert outputs of rows not kept. Returns outputs, grads and the dispatch output."""
+    H = case.xs[rank].shape[1]
+    x = case.xs[rank].clone().requires_grad_(True)
+    p = case.probs[rank].clone().requires_grad_(True)
+    out = disp.dispatch(x, topk_idx=case.idxs[rank], topk_probs=p)
+    y_rows = local_experts(case.W, disp.local_expert_offset)(out.tokens, out.tokens_per_expert,
+                                                             out.probs)
+    if row_mask is not None:
+        y_rows = y_rows * row_mask(out).unsqueeze(1).to(y_rows.dtype)
+    y = disp.combine(y_rows, out.handle)
+    (y.reshape(-1, H) * case.gouts[rank]).sum().backward()
+    gx = x.grad if x.grad is not None else torch.zeros_like(x)
+    gp = p.grad if p.grad is not None else torch.zeros_like(p)
+    return y.detach(), gx, gp, out
+
+
+def run_budget_vs_exact(rank: int, world: int, case: Case, backend: str, budget: int,
+                        pad_multiple=None, backend_options=None):
+    """The budget mode against the exact mode on the same input, on this rank.
+
+    The exact step runs with the expert outputs of rows at or past ``budget`` zeroed (the
+    rows the budget mode must drop: the same order, the same padding), so the two must agree
+    whether or not the budget overflowed. Returns what the test compares.
+    """
+    E = case.num_experts
+    exact = MoETokenDispatcher(E, backend=backend, pad_multiple=pad_multiple)
+    bud = MoETokenDispatcher(E, backend=backend, pad_multiple=pad_multiple,
+                             max_rows_per_rank=budget, backend_options=backend_options)
+    keep = lambda out: torch.arange(out.tokens.shape[0]) < budget  # noqa: E731
+    y0, gx0, gp0, o0 = _one_step(exact, case, rank, keep)
+    y1, gx1, gp1, o1 = _one_step(bud, case, rank)
+    n = int(o1.tokens_per_expert.sum())
+    kept_tpe = torch.minimum(
+        o0.tokens_per_expert,
+        (budget - (torch.cumsum(o0.tokens_per_expert, 0) - o0.tokens_per_expert)).clamp(min=0))
+    return dict(
+        rows=o1.tokens.shape[0], status=int(o1.status.item()),
+        exact_rows=int(o0.tokens_per_expert.sum()),
+        tpe_equal=torch.equal(o1.tokens_per_expert, kept_tpe),
+        rows_equal=torch.equal(o1.tokens[:n], o0.tokens[:n]),
+        probs_equal=torch.equal(o1.probs[:n], o0.probs[:n]),
+        tail_zero=bool((o1.tokens[n:] == 0).all() and (o1.probs[n:] == 0).all()),
+        y_err=float((y1 - y0).norm() / y0.norm().clamp(min=1e-12)),
+        gx_err=float((gx1 - gx0).norm() / gx0.norm().clamp(min=1e-12)),
+        gp_err=float((gp1 - gp0).norm() / gp0.norm().clamp(min=1e-12)),
+        check=bud.check_status(o1))
+
+
+def run_budget_bad_input(rank: int, world: int, case: Case, backend: str, which: str,
+                         bad_rank: int, budget: int):
+    """A good first call (the budget mode agrees its shapes), then a call where
+    ``bad_rank``'s input is bad. Returns what ``check_status`` raised, per rank."""
+    from moe_dispatch.protocol import DispatchInputError
+    E = case.num_experts
+    disp = MoETokenDispatcher(E, backend=backend, max_rows_per_rank=budget)
+    x, idx, p = case.xs[rank], case.idxs[rank].clone(), case.probs[rank].clone()
+    first = disp.dispatch(x, topk_idx=idx, topk_probs=p)
+    assert disp.check_status(first) == 0
+    routing = dict(topk_idx=idx, topk_probs=p)
+    if rank == bad_rank:
+        if which == "expert_too_big":
+            idx[0, 0] = E
+        elif which == "nan_prob":
+            p[0, 0] = float("nan")
+        elif which == "idx_shape":
+            routing = dict(topk_idx=idx[1:], topk_probs=p)
+        elif which == "hidden_size":
+            x = torch.randn(x.shape[0], x.shape[1] + 1)
+        else:
+            raise AssertionError(which)
+    out = disp.dispatch(x, **routing)
+    y = disp.combine(out.tokens * out.probs.unsqueeze(1), out.handle)
+    try:
+        disp.check_status(out)
+    except DispatchInputError as exc:
+        return dict(raised=str(exc), y_rows=y.shape[0])
+    return dict(raised=None, y_rows=y.shape[0])

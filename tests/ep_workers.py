@@ -16,8 +16,10 @@ from dist_workers import run_parity
 
 @contextlib.contextmanager
 def fakes(hybrid_api: str = "current"):
-    from moe_dispatch import fused_a2a, hybrid_buffer, v1_backend, v1_buffer
-    from moe_dispatch.backends import hybridep
+    from moe_dispatch import fused_a2a
+    from moe_dispatch.backends.deepep import buffer as v1_buffer, v1 as v1_backend
+    from moe_dispatch.backends.hybridep import buffer as hybrid_buffer
+    from moe_dispatch.backends.hybridep import backend as hybridep
     fake_ep.install(hybrid_api=hybrid_api)
     # The stand-ins run on CPU; the backends' CUDA requirement is lifted for their duration.
     cuda_checks = (v1_backend.cuda_reason, hybridep.cuda_reason)
@@ -175,7 +177,7 @@ def run_steps(rank, world, backend, steps, device="cpu", flag_offset=None):
     exchanges. ``flag_offset`` replaces ``v1_buffer.flag_offset`` (to make real counts
     look flagged).
     """
-    from moe_dispatch import v1_backend, v1_buffer
+    from moe_dispatch.backends.deepep import buffer as v1_buffer, v1 as v1_backend
     from moe_dispatch.routing import topk_to_dense
     from moe_dispatch.testing import local_experts
     from token_dispatcher import MoETokenDispatcher
@@ -230,9 +232,62 @@ def run_steps(rank, world, backend, steps, device="cpu", flag_offset=None):
     return out
 
 
+def fake_budget_vs_exact(rank, world, case, backend, budget, pad_multiple=None,
+                         backend_options=None):
+    """``dist_workers.run_budget_vs_exact`` (budget mode against the exact mode with the
+    dropped rows' outputs zeroed) with the CPU stand-ins of the libraries."""
+    from dist_workers import run_budget_vs_exact
+    with fakes():
+        return run_budget_vs_exact(rank, world, case, backend, budget, pad_multiple,
+                                   backend_options)
+
+
+def fake_budget_bad_input(rank, world, case, backend, which, bad_rank, budget):
+    """``dist_workers.run_budget_bad_input`` with the CPU stand-ins of the libraries."""
+    from dist_workers import run_budget_bad_input
+    with fakes():
+        return run_budget_bad_input(rank, world, case, backend, which, bad_rank, budget)
+
+
+def fake_budget_steps(rank, world, backend, cases, budget, backend_options=None):
+    """One budget-mode dispatcher over several calls (the first agrees shapes, the others
+    must not exchange anything but the library's own data). Per call: the run_parity-like
+    outputs, the status, and how many host agreements ran."""
+    from moe_dispatch.backends import budget as budget_mod
+    from moe_dispatch.testing import local_experts
+    from token_dispatcher import MoETokenDispatcher
+    calls = [0]
+    real_agree = budget_mod.BudgetShape.__dict__["agree"]  # the staticmethod itself
+
+    def counting_agree(*a, **k):
+        calls[0] += 1
+        return real_agree.__func__(*a, **k)
+
+    out = []
+    with fakes():
+        budget_mod.BudgetShape.agree = staticmethod(counting_agree)
+        try:
+            disp = MoETokenDispatcher(cases[0].num_experts, backend=backend,
+                                      max_rows_per_rank=budget, backend_options=backend_options)
+            for case in cases:
+                calls[0] = 0
+                x = case.xs[rank].clone().requires_grad_(True)
+                p = case.probs[rank].clone().requires_grad_(True)
+                d = disp.dispatch(x, topk_idx=case.idxs[rank], topk_probs=p)
+                y = disp.combine(local_experts(case.W, disp.local_expert_offset)(
+                    d.tokens, d.tokens_per_expert, d.probs), d.handle)
+                (y.float() * case.gouts[rank]).sum().backward()
+                out.append(dict(tokens=d.tokens.detach(), tpe=d.tokens_per_expert,
+                                probs=d.probs.detach(), y=y.detach(), gx=x.grad, gp=p.grad,
+                                status=disp.check_status(d), agreements=calls[0]))
+        finally:
+            budget_mod.BudgetShape.agree = real_agree
+    return out
+
+
 def fake_small_rows(rank, world, case):
     """With the real library's small-row limit, a small hidden size raises on every rank."""
-    from moe_dispatch.v1_backend import MIN_ROW_BYTES
+    from moe_dispatch.backends.deepep.v1 import MIN_ROW_BYTES
     with fakes():
         fake_ep.Buffer.min_row_bytes = MIN_ROW_BYTES
         try:

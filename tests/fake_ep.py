@@ -10,10 +10,14 @@ counts, equal token counts for HybridEP). The real libraries are proven on GPUs 
 tests/test_gpu_backends.py.
 
 ``install()`` puts them in ``sys.modules`` as ``deep_ep`` (with ``HybridEPBuffer``) and
-``uccl`` / ``uccl.ep``.
+``uccl`` / ``uccl.ep``; ``uninstall()`` puts back what was there. Both re-import
+``moe_dispatch.fused_a2a`` if it is loaded, since it binds the libraries' names at import
+(as NeMo AutoModel's module does). ``installed()`` does both around a block.
 """
 from __future__ import annotations
 
+import contextlib
+import importlib
 import sys
 import types
 
@@ -21,9 +25,13 @@ import torch
 import torch.distributed as dist
 
 from moe_dispatch import comm
-from moe_dispatch.v1_buffer import nvl_size_hint
+from moe_dispatch.backends.deepep.buffer import nvl_size_hint
 
 LOG = {"built": 0, "destroyed": 0, "uccl_intranode": None, "hybrid_built": 0}
+
+
+class EventHandle:
+    """DeepEP's ``deep_ep_cpp.EventHandle`` (records the current stream; nothing here)."""
 
 
 class EventOverlap:
@@ -147,13 +155,17 @@ class Buffer:
         ev = EventOverlap(object() if async_finish else None)
         if handle is not None:
             assert topk_idx is None and topk_weights is None
-            send, recv, order, _in_rank, _T, _ = handle
+            send, recv, order, _in_rank, _T, rows = handle
             recv_x = comm.all_to_all_raw(x.index_select(0, order), list(recv), list(send), g)
-            return recv_x, None, None, None, None, ev
+            return _junk_rows(recv_x, rows), None, None, None, None, ev
         assert num_tokens_per_rank is not None and is_token_in_rank is not None
         assert num_tokens_per_expert is not None
         assert topk_weights.dtype == torch.float32 and topk_weights.is_contiguous()
         T, K = topk_idx.shape
+        # The kernel copies a token's top-k slots with the lanes of one warp.
+        assert K <= 32, f"num_topk {K} > 32: slots past 32 would not be copied"
+        if num_worst_tokens:  # "Internode dispatch does not support `num_worst_tokens > 0`"
+            assert R <= 8 and topk_idx is not None
         E = num_tokens_per_expert.numel()
         L = E // R
         # rows for each destination, token order
@@ -174,7 +186,15 @@ class Buffer:
         recv_x = comm.all_to_all_raw(x.index_select(0, order), recv, send, g)
         recv_idx = comm.all_to_all_raw(lid.contiguous(), recv, send, g)
         recv_w = comm.all_to_all_raw(w.contiguous(), recv, send, g)
-        handle = (tuple(send), tuple(recv), order, is_token_in_rank, T, None)
+        rows = None
+        if num_worst_tokens:
+            # No host wait: N rows allocated, only the received ones written (the rest is
+            # uninitialised: NaN here), top-k ids cleaned to -1 there, the count list empty.
+            assert sum(recv) <= num_worst_tokens, "received rows past num_worst_tokens: OOB"
+            rows, tpe = num_worst_tokens, []
+            recv_x, recv_w = _junk_rows(recv_x, rows), _junk_rows(recv_w, rows)
+            recv_idx = torch.cat([recv_idx, recv_idx.new_full((rows - sum(recv), K), -1)])
+        handle = (tuple(send), tuple(recv), order, is_token_in_rank, T, rows)
         return recv_x, recv_idx, recv_w, tpe, handle, ev
 
     def combine(self, x, handle, topk_weights=None, bias=None, config=None, previous_event=None,
@@ -184,8 +204,12 @@ class Buffer:
         assert x.dtype == torch.bfloat16, "Unsupported type"  # V1 combine reduces BF16 only
         assert x.dim() == 2 and x.is_contiguous()
         self._need(x.size(1) * 2, config)
-        send, recv, order, _in_rank, T, _ = handle
-        assert x.shape[0] == sum(recv)
+        send, recv, order, _in_rank, T, rows = handle
+        # Like DeepEP: as many rows as the dispatch received (num_worst_tokens if set), of
+        # which only the received ones are read.
+        assert x.shape[0] == (rows or sum(recv))
+        x = x[:sum(recv)]
+        topk_weights = None if topk_weights is None else topk_weights[:sum(recv)]
         back = comm.all_to_all_raw(x, list(send), list(recv), self.group)
         out = torch.zeros(T, x.shape[1], dtype=torch.float32).index_add(0, order, back.float())
         out_w = None
@@ -194,6 +218,14 @@ class Buffer:
             wb = comm.all_to_all_raw(topk_weights.contiguous(), list(send), list(recv), self.group)
             out_w = torch.zeros(T, topk_weights.shape[1]).index_add(0, order, wb)
         return out.to(torch.bfloat16), out_w, EventOverlap(object() if async_finish else None)
+
+
+def _junk_rows(t, rows):
+    """``t`` [n, ...] followed by NaN rows up to ``rows`` (None: ``t`` as is): what DeepEP's
+    uninitialised rows past the received ones may hold."""
+    if rows is None:
+        return t
+    return torch.cat([t, t.new_full((rows - t.shape[0],) + tuple(t.shape[1:]), float("nan"))])
 
 
 class UCCLBuffer(Buffer):
@@ -352,21 +384,53 @@ class HybridEPBuffer2eec484(HybridEPBuffer):
                                               handle=handle + (None, None, None))
 
 
+_NAMES = ("deep_ep", "deep_ep.utils", "uccl", "uccl.ep")
+_saved = {}
+
+
 def install(hybrid: bool = True, uccl: bool = True, hybrid_api: str = "current") -> None:
     """hybrid_api: "current" (hybrid-ep head) or "2eec484" (the older use_host_meta API)."""
+    for name in _NAMES:
+        _saved.setdefault(name, sys.modules.get(name))
     mod = types.ModuleType("deep_ep")
     mod.Buffer, mod.Config, mod.EventOverlap = Buffer, Config, EventOverlap
+    utils = types.ModuleType("deep_ep.utils")
+    utils.EventHandle, utils.EventOverlap = EventHandle, EventOverlap
+    mod.utils = utils
     if hybrid:
         mod.HybridEPBuffer = HybridEPBuffer2eec484 if hybrid_api == "2eec484" else HybridEPBuffer
-    sys.modules["deep_ep"] = mod
+    sys.modules["deep_ep"], sys.modules["deep_ep.utils"] = mod, utils
     if uccl:
         pkg = types.ModuleType("uccl")
         ep = types.ModuleType("uccl.ep")
-        ep.Buffer, ep.Config, ep.EventOverlap = UCCLBuffer, Config, EventOverlap
+        ep.Buffer, ep.Config = UCCLBuffer, Config
+        ep.EventHandle, ep.EventOverlap = EventHandle, EventOverlap
         pkg.ep = ep
         sys.modules["uccl"], sys.modules["uccl.ep"] = pkg, ep
+    _rebind_seed_module()
 
 
 def uninstall() -> None:
-    for name in ("deep_ep", "uccl", "uccl.ep"):
-        sys.modules.pop(name, None)
+    for name in _NAMES:
+        prev = _saved.pop(name, None)
+        if prev is None:
+            sys.modules.pop(name, None)
+        else:
+            sys.modules[name] = prev
+    _rebind_seed_module()
+
+
+@contextlib.contextmanager
+def installed(**kw):
+    """The stand-ins for the block (``install``'s arguments), then what was there before."""
+    install(**kw)
+    try:
+        yield
+    finally:
+        uninstall()
+
+
+def _rebind_seed_module() -> None:
+    mod = sys.modules.get("moe_dispatch.fused_a2a")
+    if mod is not None:
+        importlib.reload(mod)

@@ -8,7 +8,7 @@ from moe_dispatch import available_backends
 from moe_dispatch.protocol import BackendConfig
 from moe_dispatch.registry import BackendUnavailableError, get_backend_class
 from moe_dispatch.testing import make_case, reference_dispatch, reference_moe, rel_err
-from moe_dispatch.v1_buffer import (check_group_size, library_for_module, nvl_size_hint,
+from moe_dispatch.backends.deepep.buffer import (check_group_size, library_for_module, nvl_size_hint,
                                     DEEP_EP, UCCL)
 
 from test_dispatch_parity import _check
@@ -371,7 +371,7 @@ def test_real_counts_in_flag_range_are_kept(gloo_pool):
 
 
 def test_flag_offset_leaves_room():
-    from moe_dispatch.v1_buffer import flag_offset, is_flagged
+    from moe_dispatch.backends.deepep.buffer import flag_offset, is_flagged
     for R in (2, 4, 8, 16, 64, 256):
         off = flag_offset(R)
         assert R * off + 2 ** 30 < 2 ** 31  # every rank flagging + real counts fit int32
@@ -386,7 +386,7 @@ def test_uccl_module_from_env(tmp_path, monkeypatch):
     """$MOE_DISPATCH_UCCL_MODULE names UCCL's Python Buffer package (a directory or a
     module); nothing else is tried then, and never deep_ep."""
     import sys
-    from moe_dispatch.v1_buffer import UCCL, UCCL_MODULE_ENV
+    from moe_dispatch.backends.deepep.buffer import UCCL, UCCL_MODULE_ENV
     pkg = tmp_path / "my_uccl_wrapper"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("from .buffer import Buffer\n")
@@ -400,7 +400,7 @@ def test_uccl_module_from_env(tmp_path, monkeypatch):
     try:
         cls = UCCL.load()
         assert cls.__module__ == "my_uccl_wrapper.buffer" and UCCL.reason() is None
-        from moe_dispatch.v1_buffer import V1BufferManager
+        from moe_dispatch.backends.deepep.buffer import V1BufferManager
         assert V1BufferManager(UCCL, cls, None).takes_intranode
         monkeypatch.setenv(UCCL_MODULE_ENV, str(tmp_path / "missing_pkg"))
         r = UCCL.reason()

@@ -134,7 +134,10 @@ def test_bad_counts_raise():
     with pytest.raises(ValueError, match="entries"):
         ex(torch.zeros(3, 8), torch.tensor([3]), None)
     with pytest.raises(ValueError, match="sums to"):
-        ex(torch.zeros(3, 8), torch.tensor([1, 1, 0, 0]), None)
+        ex(torch.zeros(3, 8), torch.tensor([2, 1, 1, 0]), None)
+    # Budget mode: rows past the experts' blocks are unused and come back as zeros.
+    y = ex(torch.randn(3, 8), torch.tensor([1, 1, 0, 0]), None)
+    assert y.shape == (3, 8) and not y[2].any() and y[:2].abs().sum() > 0
     with pytest.raises(ValueError, match="impl"):
         GroupedExperts(4, 8, 8, impl="fast")
 

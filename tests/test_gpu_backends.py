@@ -58,8 +58,8 @@ class UCCLOverDeepEP(UCCLBackend):
 
     @classmethod
     def availability(cls):
-        from moe_dispatch import v1_backend
-        from moe_dispatch.v1_buffer import DEEP_EP
+        from moe_dispatch.backends.deepep import v1 as v1_backend
+        from moe_dispatch.backends.deepep.buffer import DEEP_EP
         return DEEP_EP.reason() or v1_backend.cuda_reason()
 
 
@@ -254,7 +254,7 @@ def seed_api(world, lib="deep_ep"):
     lib "deep_ep": fused_dispatch / fused_combine (+ the buffer-size mirror check);
     lib "uccl": uccl_fused_dispatch / uccl_fused_combine over UCCL-EP's Buffer."""
     from moe_dispatch import fused_a2a
-    from moe_dispatch.v1_buffer import nvl_size_hint
+    from moe_dispatch.backends.deepep.buffer import nvl_size_hint
     rank = dist.get_rank()
     g = torch.Generator(device="cuda").manual_seed(_bcast_seed() + rank)
     T, H, E, K = 512, 1024, 8 * world, 4
@@ -407,13 +407,14 @@ def bench(world, backends, iters, breakdown=False):
     (Triton / torch), unpermute (Triton / torch).
     """
     import deep_ep
-    from moe_dispatch import fused_a2a, hybrid_buffer
-    from moe_dispatch.ep_common import agree
+    from moe_dispatch import fused_a2a
+    from moe_dispatch.backends.hybridep import buffer as hybrid_buffer
+    from moe_dispatch.backends.common import agree
     from moe_dispatch.permute import group_plan, permute, unpermute
     from moe_dispatch.protocol import BackendConfig, PendingCheck
     from moe_dispatch.registry import get_backend_class
     from moe_dispatch.routing import canonicalize
-    from moe_dispatch.v1_buffer import required_bytes
+    from moe_dispatch.backends.deepep.buffer import required_bytes
     from token_dispatcher import MoETokenDispatcher
     rank = dist.get_rank()
     T, H, K, E = (4096, 7168, 8, 256) if DEVICE == "cuda" else (32, 64, 4, 16)  # cpu-smoke
@@ -634,12 +635,13 @@ def main():
     if args.bench:
         summary["bench"] = bench(world, [b for b in args.bench_backends.split(",") if b],
                                  args.iters, args.breakdown)
-    from moe_dispatch import fused_a2a, hybrid_buffer
+    from moe_dispatch import fused_a2a
+    from moe_dispatch.backends.hybridep import buffer as hybrid_buffer
     if args.cpu_smoke:
         smoke.__exit__(None, None, None)
     else:
         fused_a2a.free_buffer()  # every rank, before the process group goes
-        from moe_dispatch import v1_buffer
+        from moe_dispatch.backends.deepep import buffer as v1_buffer
         v1_buffer.free_all()     # UCCL's (and any other V1 library's) buffers too
         hybrid_buffer.reset_all()
     if dist.get_rank() == 0:

@@ -81,11 +81,16 @@ def _agree(ok: bool) -> bool:
     return flag.item() == 0
 
 
-def _backend(name, E, pad=None, options=None, group=None):
+def _backend(name, E, pad=None, options=None, group=None, budget=None):
+    """``budget``: max_rows_per_rank (the static-budget mode), as the dispatcher passes it."""
     group = group or dist.group.WORLD
     if CPU_MODE and name == "nvshmem":
-        return _CpuNVSHMEM(group, E, pad, options)
-    return get_backend_class(name)(BackendConfig(group, E, pad, options))
+        opts = dict(options or {})
+        if budget is not None:
+            opts["max_rows_per_rank"] = budget  # the engine's own key (see NVSHMEMBackend)
+        return _CpuNVSHMEM(group, E, pad, opts)
+    return get_backend_class(name)(BackendConfig(group, E, pad, options,
+                                                 max_rows_per_rank=budget))
 
 
 class _ShmTransport:
@@ -95,7 +100,7 @@ class _ShmTransport:
     _n = 0
 
     def __new__(cls, group):
-        from moe_dispatch import symm_memory
+        from moe_dispatch.backends.nvshmem import symm_memory
 
         class T(symm_memory.Transport):
             def __init__(self):
@@ -177,8 +182,8 @@ _cpu_transports = {}
 
 class _CpuNVSHMEM:
     def __init__(self, group, E, pad, options):
-        from moe_dispatch import symm_memory
-        from moe_dispatch.backends import nvshmem
+        from moe_dispatch.backends.nvshmem import symm_memory
+        from moe_dispatch.backends.nvshmem import engine as nvshmem
         tr = _cpu_transports.get(group.group_name)
         if tr is None:
             if os.environ.get("MOE_NVSHMEM_TEST_CPU") == "2":
@@ -499,7 +504,7 @@ def check_static_budget():
     need = max(int(reference_dispatch(case, r, 4)[1].sum()) for r in range(R))
     budget = need + 37
     W = case.W.to(DEV)
-    be = _backend("nvshmem", case.num_experts, 4, {"max_rows_per_rank": budget})
+    be = _backend("nvshmem", case.num_experts, 4, budget=budget)
     res = _run(be, case, rank, dtype, W)
     errs = []
     if res["tpe_device"] != DEV.type:
@@ -513,7 +518,7 @@ def check_static_overflow():
     rank, R = dist.get_rank(), dist.get_world_size()
     case, pad, dtype = _case("uniform", R)
     W = case.W.to(DEV)
-    be = _backend("nvshmem", case.num_experts, None, {"max_rows_per_rank": 17})
+    be = _backend("nvshmem", case.num_experts, None, budget=17)
     res = _run(be, case, rank, dtype, W)
     errs = []
     if not res["status"] & 1:
@@ -538,7 +543,7 @@ def check_cuda_graph():
     L = E // R
     B = T * R * K  # the most rows a rank can receive: never overflows
     dev = torch.device("cuda")
-    be = _backend("nvshmem", E, None, {"max_rows_per_rank": B})
+    be = _backend("nvshmem", E, None, budget=B)
     eager = _backend("nvshmem", E, None)
     g = torch.Generator(device="cuda").manual_seed(_shared_seed() + rank)
     scale_L = torch.rand(L, device=dev, generator=g) + 0.5
@@ -624,6 +629,37 @@ def check_errors_are_clear():
     return errs
 
 
+def check_static_bad_input():
+    """Static budget: bad ids on the last rank raise nothing in dispatch, combine or the
+    backward; every rank's status has STATUS_BAD_INPUT, the bad rank's ``budget_check``
+    names its error, and the next call is right again."""
+    from moe_dispatch.protocol import STATUS_BAD_INPUT
+    rank, R = dist.get_rank(), dist.get_world_size()
+    case, pad, dtype = _case("uniform", R)
+    W = case.W.to(DEV)
+    be = _backend("nvshmem", case.num_experts, None, budget=4 * 96 * R)  # every row fits
+    _run(be, case, rank, dtype, W)  # the first call agrees shapes
+    x = case.xs[rank].to(DEV).to(dtype).requires_grad_(True)
+    bad = torch.tensor(1 if rank == R - 1 else 0, device=DEV)
+    errs = []
+    try:
+        res = be.dispatch(x, case.idxs[rank].to(DEV), case.probs[rank].to(DEV),
+                          PendingCheck(None, bad, "bad expert id"))
+        be.combine(res.tokens_NH * 2, res.handle).float().sum().backward()
+        _sync()
+        if not int(res.status.item()) & STATUS_BAD_INPUT:
+            errs.append(f"status {int(res.status.item())} lacks STATUS_BAD_INPUT")
+        mine = res.handle.budget_check.mine()
+        if (mine == "bad expert id") != (rank == R - 1):
+            errs.append(f"budget_check says {mine!r}")
+    except Exception as exc:  # noqa: BLE001 - nothing may raise in the budget mode
+        errs.append(f"raised {type(exc).__name__}: {exc}")
+    ok = _run(be, case, rank, dtype, W)
+    errs += [f"after bad input: {e}" for e in _compare_ref(ok, case, rank, None, 1e-5,
+                                                           budget=ok["tokens"].shape[0])]
+    return errs
+
+
 def _checks():
     out = [(f"parity_{n}", (lambda n=n: check_parity(n))) for n in CASES]
     out += [("parity_masked_slots_torch_impl", lambda: check_parity("masked_slots", "torch")),
@@ -632,7 +668,8 @@ def _checks():
             ("back_to_back_dispatch", check_back_to_back_dispatch),
             ("repeat_large_bf16", check_repeat_large),
             ("static_budget", check_static_budget),
-            ("static_overflow", check_static_overflow)]
+            ("static_overflow", check_static_overflow),
+            ("static_bad_input", check_static_bad_input)]
     if not CPU_MODE:
         out += [("host_graph", check_host_graph),
                 ("graph_buffers_live", check_graph_buffers_live),
@@ -749,7 +786,7 @@ def run_bench(T=4096, H=7168, K=8, E=256, iters=20, json_path=None):
             _log(f"BENCH {name}: ERROR {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
 
     row("nvshmem", _backend("nvshmem", E))
-    row("nvshmem-budget", _backend("nvshmem", E, None, {"max_rows_per_rank": budget}))
+    row("nvshmem-budget", _backend("nvshmem", E, None, budget=budget))
     row("alltoall", _backend("alltoall", E))
 
     # Where the nvshmem dispatch/combine time goes (rank 0's events, one call each).

@@ -18,9 +18,9 @@ import torch
 from triton_mode import DEV, HAS_TRITON, needs_triton  # noqa: E402,F401
 
 from moe_dispatch import kernels  # noqa: E402
-from moe_dispatch import symm_graph, symm_memory  # noqa: E402
-from moe_dispatch.backends import nvshmem  # noqa: E402
-from moe_dispatch.permute import group_plan, permute, unpermute  # noqa: E402
+from moe_dispatch.backends.nvshmem import graph as symm_graph, symm_memory  # noqa: E402
+from moe_dispatch.backends.nvshmem import engine as nvshmem  # noqa: E402
+from moe_dispatch.permute import group_plan, permute, triton_group_plan, unpermute  # noqa: E402
 from moe_dispatch.protocol import DispatchInputError, PendingCheck  # noqa: E402
 from moe_dispatch.testing import (local_experts, make_case, reference_dispatch,  # noqa: E402
                                   reference_moe, rel_err)
@@ -163,7 +163,7 @@ def _check_plan(monkeypatch, lid, L, pad, host_counts, tiles, g, dtype=torch.flo
     if host_counts:
         counts = torch.bincount(lid[lid >= 0].reshape(-1), minlength=L).tolist()
     block, chunks = tiles or (None, None)
-    plan = kernels.group_plan(lid.to(DEV), L, counts, pad, block=block, chunks=chunks)
+    plan = triton_group_plan(lid.to(DEV), L, counts, pad, block=block, chunks=chunks)
     pos_ref, filled_ref = kernels.plan_maps(ref)
     assert plan.tokens_per_expert == ref.tokens_per_expert
     assert plan.num_out_rows == ref.num_out_rows
@@ -445,6 +445,79 @@ def test_sim_static_budget_overflow_is_flagged_and_bounded():
         assert int(res.tokens_per_expert_L.sum()) <= budget
         assert int(res.handle.status.item()) & nvshmem.STATUS_ROWS_DROPPED
         assert torch.isfinite(res.tokens_NH).all() and torch.isfinite(y).all()
+
+
+def _bad_static_input(which, x, idx, p):
+    """(x, idx, p, check) of a bad static-budget call of kind ``which``, as
+    ``routing.canonicalize`` hands them over (a host error comes with empty placeholders)."""
+    if which == "value":  # e.g. an expert id out of range, already masked by the check
+        return x, idx, p, PendingCheck(None, torch.tensor(1, device=DEV), "bad ids")
+    if which == "host":
+        return (x[:0], idx[:0, :1], p[:0, :1], PendingCheck("bad shape", None))
+    wide = torch.randn(x.shape[0], 2 * x.shape[1], device=DEV).requires_grad_(True)
+    return wide, idx, p, PendingCheck(None, None)  # "hidden": another hidden size
+
+
+@sim_only
+@needs_triton
+@pytest.mark.parametrize("which", ["value", "host", "hidden"])
+def test_sim_static_bad_input_is_flagged_not_raised(which):
+    """Static budget: one rank's bad input raises nothing in dispatch or combine (or the
+    backward, which every rank runs); every rank's status says bad input, the bad rank's
+    ``budget_check`` names its error, and the next call is exact again."""
+    from moe_dispatch.protocol import STATUS_BAD_INPUT, raise_on_status
+    R, budget, bad_rank = 2, 24, 1
+    case = make_case(R, [6, 5], hidden=8, num_experts=2 * R, topk=2, seed=11)
+
+    def fn(r, tr):
+        eng = nvshmem._Engine(tr, case.num_experts, None, {"max_rows_per_rank": budget})
+        x = case.xs[r].to(DEV).clone().requires_grad_(True)
+        idx, p = case.idxs[r].to(DEV), case.probs[r].to(DEV)
+        first = eng.dispatch(x, idx, p, PendingCheck(None, None))
+        args = _bad_static_input(which, x, idx, p) if r == bad_rank else \
+            (x, idx, p, PendingCheck(None, None))
+        res = eng.dispatch(*args)
+        eng.combine(res.tokens_NH * 2, res.handle).sum().backward()
+        try:
+            raise_on_status(int(res.status.item()), [res.handle.budget_check])
+            raised = None
+        except DispatchInputError as exc:
+            raised = str(exc)
+        again = eng.dispatch(x.detach(), idx, p, PendingCheck(None, None))
+        return dict(first=int(first.status.item()), status=int(res.status.item()),
+                    raised=raised, rows=tuple(res.tokens_NH.shape),
+                    again=again.tokens_NH.cpu(), again_status=int(again.status.item()))
+
+    want = {"value": "bad ids", "host": "bad shape", "hidden": "does not fit"}[which]
+    for r, res in enumerate(_run_ranks(R, fn)):
+        assert res["first"] == 0 and res["status"] & STATUS_BAD_INPUT, (r, res)
+        assert res["rows"] == (budget, 8), r  # the agreed shape, also on the bad rank
+        assert res["raised"] and ((want in res["raised"]) == (r == bad_rank)), (r, res)
+        tok_ref = reference_dispatch(case, r, None)[0]
+        assert res["again_status"] == 0
+        assert torch.equal(res["again"][:tok_ref.shape[0]], tok_ref), r
+
+
+@sim_only
+@needs_triton
+def test_sim_static_first_call_agrees_and_raises_everywhere():
+    """The static mode's first call agrees the hidden size: bad input then raises on every
+    rank (as the default mode does), naming the error on the rank that had it."""
+    R = 2
+    case = make_case(R, [4, 4], hidden=8, num_experts=2 * R, topk=2)
+
+    def fn(r, tr):
+        eng = nvshmem._Engine(tr, case.num_experts, None, {"max_rows_per_rank": 16})
+        bad = torch.tensor(1 if r == 0 else 0, device=DEV)
+        try:
+            eng.dispatch(case.xs[r].to(DEV), case.idxs[r].to(DEV), case.probs[r].to(DEV),
+                         PendingCheck(None, bad, "bad ids"))
+        except DispatchInputError as exc:
+            return str(exc)
+        return "no error"
+
+    msgs = _run_ranks(R, fn)
+    assert msgs[0] == "bad ids" and "another EP rank" in msgs[1], msgs
 
 
 @sim_only

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+from moe_dispatch import available_backends
 from token_dispatcher import MoETokenDispatcher
 from token_dispatcher.layer import MoELayer
 from token_dispatcher.model import ModelConfig, MoETransformer, lm_loss
@@ -34,7 +35,8 @@ def train_worker(rank, world, recipe, out, resume=False, stop_at=None):
     rows = train(recipe, RunOptions(out=out, resume=resume, stop_at=stop_at, progress=False,
                                     quiet=True))
     return [{k: r[k] for k in ("step", "loss", "aux_loss", "z_loss", "grad_norm",
-                                "max_expert_load", "load_imbalance_per_layer")} for r in rows]
+                                "max_expert_load", "load_imbalance_per_layer",
+                                "max_rows_per_rank", "budget_overflows")} for r in rows]
 
 
 def zero_row_worker(rank, world, H, Fh, E, K, xs):
@@ -96,6 +98,40 @@ def test_alltoall_and_allgather_give_the_same_curve(gloo_pool, baseline, tmp_pat
     torch.testing.assert_close(torch.tensor([r["grad_norm"] for r in rows_ag[0]]),
                                torch.tensor([r["grad_norm"] for r in rows[0]]), rtol=1e-4, atol=0)
     assert rows_ag[0] == rows_ag[1]  # every rank reports the same global metrics
+
+
+@pytest.mark.parametrize("backend", ["alltoall", "allgather"])
+def test_budget_mode_curve_equals_exact_and_overflow_reruns(gloo_pool, baseline, tmp_path,
+                                                            backend):
+    # A budget far too small for the first steps: every overflowed step is rerun exactly and
+    # the budget grows, so the curve is the exact run's; once it fits, the budget mode's
+    # steps (sync-free) compute the same thing.
+    recipe, rows = baseline
+    bud = dataclasses.replace(recipe, dispatcher=backend, max_rows_per_rank=8)
+    got = gloo_pool(2).run("test_train", "train_worker", bud, str(tmp_path))[0]
+    torch.testing.assert_close(_losses(got), _losses(rows[0]), rtol=1e-5, atol=0)
+    assert got[0]["budget_overflows"] >= 1 and got[0]["max_rows_per_rank"] > 8
+    assert got[-1]["budget_overflows"] < STEPS  # grown to fit: later steps ran in budget
+    assert got[-1]["max_rows_per_rank"] >= got[0]["max_rows_per_rank"]
+
+
+def test_budget_overflow_drop_policy_keeps_going(gloo_pool, baseline, tmp_path):
+    recipe, rows = baseline
+    bud = dataclasses.replace(recipe, max_rows_per_rank=8, overflow="drop")
+    got = gloo_pool(2).run("test_train", "train_worker", bud, str(tmp_path))[0]
+    assert got[-1]["budget_overflows"] == STEPS and got[-1]["max_rows_per_rank"] == 8
+    assert not torch.allclose(_losses(got), _losses(rows[0]))  # rows really were dropped
+
+
+def test_budget_recipe_keys_checked():
+    from token_dispatcher.train import validate_recipe
+    r = tiny_recipe()
+    r.max_rows_per_rank, r.pad_multiple = 30, 4
+    with pytest.raises(RecipeError, match="multiple of pad_multiple"):
+        validate_recipe(r)
+    r.max_rows_per_rank, r.overflow = 32, "ignore"
+    with pytest.raises(RecipeError, match="overflow"):
+        validate_recipe(r)
 
 
 def test_ep1_ep2_ep4_give_the_same_curve(gloo_pool, tmp_path):
@@ -257,6 +293,26 @@ def test_overrides_and_shipped_recipes(tmp_path):
     assert (r.train.steps, r.dispatcher, r.model.hidden, r.train.lr) == (7, "allgather", 48, 2e-3)
     with pytest.raises(RecipeError, match="'model.hidn'"):
         load_recipe(os.path.join(root, "tiny_cpu.yaml"), {"model.hidn": 3})
+
+
+def test_cli_refuses_unavailable_backend_before_starting_ranks(tmp_path, capfd, monkeypatch):
+    """One line and exit code 2 from the launching process, instead of a traceback from
+    every rank."""
+    reason = available_backends()["deepep"]
+    if reason == "available":
+        pytest.skip("deep_ep is usable on this machine")
+
+    def no_rank(*args, **kwargs):
+        raise AssertionError("a rank was started")
+    monkeypatch.setattr("token_dispatcher.train.launch._rank_main", no_rank)
+    monkeypatch.setattr("token_dispatcher.train.launch._spawn", no_rank)
+    path = _write(tmp_path, "nproc: 2\ndevice: cpu\ndispatcher: alltoall\n")
+    out = tmp_path / "o"
+    assert main([path, "--dispatcher", "deepep", "--out", str(out), "--no-progress"]) == 2
+    captured = capfd.readouterr()
+    assert captured.err == f"moe-train: error: backend 'deepep' is unavailable: {reason}\n"
+    assert "Traceback" not in captured.out + captured.err
+    assert not out.exists()
 
 
 def test_cli_spawns_ranks_and_writes_outputs(tmp_path, capfd):

@@ -7,7 +7,9 @@ fallback: a backend that cannot run raises with the reason.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Tuple
@@ -17,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moe_dispatch import comm, registry
-from moe_dispatch.protocol import BackendConfig
+from moe_dispatch.protocol import STATUS_BITS, BackendConfig, raise_on_status
 from moe_dispatch.routing import apply_capacity, canonicalize
 
 log = logging.getLogger("moe_dispatch")
@@ -43,8 +45,12 @@ class DispatchOutput:
                        a CPU tensor for syncing backends.
     probs:             [N] float32 routing prob of each row. Not applied by the dispatcher.
     handle:            pass to ``combine``.
-    status:            None, or (sync-free static-budget modes) a device int32 [1] tensor of
-                       flag bits the backend documents, e.g. rows dropped over the budget.
+    status:            None in the exact modes; in the budget mode (``max_rows_per_rank``) a
+                       device int32 [1] tensor of ``moe_dispatch.protocol.STATUS_*`` bits:
+                       nonzero when rows were dropped over the budget (on the rank that
+                       dropped them) or some rank's input was invalid (on every rank).
+                       Read it with ``MoETokenDispatcher.check_status`` (one host sync).
+    check:             budget mode: the ``BudgetCheck`` that ``check_status`` raises from.
     """
 
     tokens: torch.Tensor
@@ -52,6 +58,7 @@ class DispatchOutput:
     probs: torch.Tensor
     handle: DispatchHandle
     status: Optional[torch.Tensor] = None
+    check: Any = None
 
 
 class MoETokenDispatcher(nn.Module):
@@ -74,12 +81,20 @@ class MoETokenDispatcher(nn.Module):
         backend_options: dict of backend-specific knobs, passed through untouched.
         check_inputs:    run the device-side value checks (expert ids, probs finite and
                          non-negative). Shape checks always run.
+        max_rows_per_rank: B, or None. Set: the sync-free budget mode. Every dispatch returns
+                         exactly B rows (real rows first, grouped by local expert as in the
+                         exact mode, then zero rows with prob 0), ``tokens_per_expert`` on the
+                         device, and ``status``; nothing in dispatch or combine waits for the
+                         host, so the step can be captured in a CUDA graph. Rows over B are
+                         dropped and flagged in ``status`` (read it once per step: see
+                         ``check_status``). A multiple of ``pad_multiple`` when both are set.
     """
 
     def __init__(self, num_experts: int, ep_group=None, backend: str = "alltoall",
                  capacity_factor: Optional[float] = None, pad_multiple: Optional[int] = None,
                  *, capacity_policy: str = "probs", topk: Optional[int] = None,
-                 backend_options: Optional[dict] = None, check_inputs: bool = True):
+                 backend_options: Optional[dict] = None, check_inputs: bool = True,
+                 max_rows_per_rank: Optional[int] = None):
         super().__init__()
         if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts <= 0:
             raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
@@ -89,6 +104,7 @@ class MoETokenDispatcher(nn.Module):
             raise ValueError(f"capacity_factor must be > 0 or None, got {capacity_factor!r}")
         if pad_multiple is not None and (not isinstance(pad_multiple, int) or pad_multiple < 1):
             raise ValueError(f"pad_multiple must be a positive int or None, got {pad_multiple!r}")
+        _check_budget(max_rows_per_rank, pad_multiple, backend_options)
         if capacity_policy not in ("probs", "position"):
             raise ValueError(f"capacity_policy must be 'probs' or 'position', "
                              f"got {capacity_policy!r}")
@@ -101,8 +117,10 @@ class MoETokenDispatcher(nn.Module):
         requested = backend
         comm.check_same_across_ranks(
             [num_experts, zlib.crc32(requested.encode()), pad_multiple or 0,
-             comm.optional_int(capacity_factor, 10 ** 6)],
-            "num_experts / backend / pad_multiple / capacity_factor", ep_group)
+             comm.optional_int(capacity_factor, 10 ** 6), -1 if max_rows_per_rank is None
+             else max_rows_per_rank],
+            "num_experts / backend / pad_multiple / capacity_factor / max_rows_per_rank",
+            ep_group)
         if num_experts % self.ep_size != 0:
             raise ValueError(f"num_experts={num_experts} is not divisible by the EP group size "
                              f"{self.ep_size}")
@@ -118,16 +136,21 @@ class MoETokenDispatcher(nn.Module):
         self.pad_multiple = pad_multiple
         self.topk = topk
         self.check_inputs = check_inputs
+        self.max_rows_per_rank = max_rows_per_rank
+        self._backends: dict = {}  # kept backends of other modes (set_max_rows_per_rank)
         self.backend_name = backend
         cls = registry.get_backend_class(backend)
-        self.backend = cls(BackendConfig(group=ep_group, num_experts=num_experts,
-                                         pad_multiple=pad_multiple,
-                                         options=dict(backend_options or {})))
+        self.backend_config = BackendConfig(group=ep_group, num_experts=num_experts,
+                                            pad_multiple=pad_multiple,
+                                            options=dict(backend_options or {}),
+                                            max_rows_per_rank=max_rows_per_rank)
+        self.backend = cls(self.backend_config)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, backend={self.backend_name!r}, "
                 f"ep_size={self.ep_size}, capacity_factor={self.capacity_factor}, "
-                f"pad_multiple={self.pad_multiple}")
+                f"pad_multiple={self.pad_multiple}, "
+                f"max_rows_per_rank={self.max_rows_per_rank}")
 
     def dispatch(self, hidden: torch.Tensor, *, topk_idx: Optional[torch.Tensor] = None,
                  topk_probs: Optional[torch.Tensor] = None,
@@ -151,8 +174,41 @@ class MoETokenDispatcher(nn.Module):
                                               self.capacity_factor, self.capacity_policy)
         res = self.backend.dispatch(x_TH, idx_TK, probs_TK, check)
         handle = DispatchHandle(res.handle, tuple(hidden.shape), self.backend_name)
+        status = res.status if res.status is not None else getattr(res.handle, "status", None)
+        if self.max_rows_per_rank is not None and status is None:
+            raise RuntimeError(f"backend {self.backend_name!r} returned no status in the budget "
+                               "mode (a backend bug)")
+        budget_check = getattr(res.handle, "budget_check", None)
         return DispatchOutput(res.tokens_NH, res.tokens_per_expert_L, res.probs_N, handle,
-                              getattr(res.handle, "status", None))
+                              status, budget_check)
+
+    def set_max_rows_per_rank(self, budget: Optional[int]) -> None:
+        """Switch between the exact mode (None) and the budget mode with B rows, e.g. to rerun
+        an overflowed step exactly and then grow the budget. Every rank of the group must make
+        the same call (the backend for each mode is built once, collectively, and kept)."""
+        _check_budget(budget, self.pad_multiple, None)
+        if budget == self.max_rows_per_rank:
+            return
+        self._backends[self.max_rows_per_rank] = self.backend
+        backend = self._backends.get(budget)
+        if backend is None:
+            cls = registry.get_backend_class(self.backend_name)
+            backend = cls(dataclasses.replace(self.backend_config, max_rows_per_rank=budget))
+        self.backend, self.max_rows_per_rank = backend, budget
+
+    def check_status(self, *outs: DispatchOutput, group=None) -> int:
+        """Read budget-mode statuses once (one host sync) and act on them.
+
+        outs:  the ``DispatchOutput`` s to read (e.g. every layer's of one step).
+        group: also agree with the other ranks of this group (one small all-reduce), so that
+               every rank sees every rank's overflow; None: this rank's view only (bad input
+               is on every rank's status already).
+        Returns the OR of the ``STATUS_*`` bits (0 = every row delivered). Raises
+        ``DispatchInputError`` on every rank when some rank's input was invalid.
+        """
+        bits = read_status([o.status for o in outs if o.status is not None], group)
+        raise_on_status(bits, [o.check for o in outs])
+        return bits
 
     def combine(self, expert_output: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
         """Bring expert outputs home: [N, H] -> the shape ``hidden`` had, each token the plain
@@ -166,9 +222,51 @@ class MoETokenDispatcher(nn.Module):
             raise ValueError(f"combine: expert_output must be [N, H], got shape "
                              f"{tuple(expert_output.shape)}")
         y_TH = self.backend.combine(expert_output, handle.backend_handle)
+        T = math.prod(handle.input_shape[:-1])
+        if self.max_rows_per_rank is not None and y_TH.shape[0] < T:
+            # Budget mode, this rank's input was bad (a host error): it took part with no
+            # tokens and gets zeros back; its status says so and check_status raises.
+            y_TH = torch.nn.functional.pad(y_TH, (0, 0, 0, T - y_TH.shape[0]))
         return y_TH.reshape(handle.input_shape[:-1] + (y_TH.shape[-1],))
 
     def forward(self, hidden: torch.Tensor, experts: Callable, **routing) -> torch.Tensor:
         """dispatch -> ``experts(tokens, tokens_per_expert, probs)`` -> combine."""
         out = self.dispatch(hidden, **routing)
         return self.combine(experts(out.tokens, out.tokens_per_expert, out.probs), out.handle)
+
+
+def read_status(statuses, group=None) -> int:
+    """The OR of budget-mode ``status`` tensors ([1] int32 each) as a host int: one host sync.
+
+    statuses: device tensors to fold (e.g. every MoE layer's of one step).
+    group:    if given, OR across the ranks of this group too (bits are spread to 0/1 and
+              max-reduced, since NCCL has no bitwise reduction).
+    """
+    if not statuses and group is None:
+        return 0
+    dev = statuses[0].device if statuses else comm.group_device(group)
+    bits_B = torch.tensor(STATUS_BITS, dtype=torch.int32, device=dev)
+    if statuses:
+        folded = torch.stack([s.reshape(-1)[0].to(torch.int32) for s in statuses])
+        on_B = ((folded.view(-1, 1) & bits_B.view(1, -1)) != 0).any(0).to(torch.int32)
+    else:
+        on_B = torch.zeros(len(STATUS_BITS), dtype=torch.int32, device=dev)
+    if group is not None and comm.group_size(group) > 1:
+        dist.all_reduce(on_B, op=dist.ReduceOp.MAX, group=group)
+    return int((on_B * bits_B).sum().item())
+
+
+def _check_budget(budget, pad_multiple, backend_options) -> None:
+    if budget is None:
+        if backend_options and "max_rows_per_rank" in backend_options:
+            raise ValueError("max_rows_per_rank is a MoETokenDispatcher argument "
+                             "(MoETokenDispatcher(..., max_rows_per_rank=B)), not a "
+                             "backend option")
+        return
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"max_rows_per_rank must be a positive int or None, got {budget!r}")
+    if pad_multiple and budget % pad_multiple:
+        raise ValueError(f"max_rows_per_rank={budget} must be a multiple of "
+                         f"pad_multiple={pad_multiple}")
+    if backend_options and "max_rows_per_rank" in backend_options:
+        raise ValueError("max_rows_per_rank given twice (argument and backend option)")

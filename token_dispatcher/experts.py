@@ -115,7 +115,8 @@ class GroupedExperts(nn.Module):
 
         tokens_NH:           [N, H] rows grouped by local expert, ascending (dispatch order).
         tokens_per_expert_L: [L] int64 rows per local expert (host or device tensor);
-                             sums to N.
+                             sums to N, or to at most N in the budget mode (the rows past
+                             the experts' blocks are unused: combine never reads them).
         probs_N:             [N] float32 routing prob of each row, multiplied into the
                              output (0 on padding rows); None = unweighted.
         Returns [N, H] in the dtype of ``tokens_NH``.
@@ -139,7 +140,7 @@ class GroupedExperts(nn.Module):
 
     def _loop(self, x_NH: torch.Tensor, tokens_per_expert_L: torch.Tensor) -> torch.Tensor:
         counts = [int(c) for c in tokens_per_expert_L.tolist()]
-        if sum(counts) != x_NH.shape[0]:
+        if sum(counts) > x_NH.shape[0]:
             raise ValueError(f"tokens_per_expert sums to {sum(counts)} but tokens has "
                              f"{x_NH.shape[0]} rows")
         w1, w2, w3 = (w.to(x_NH.dtype) for w in (self.w1, self.w2, self.w3))
@@ -151,6 +152,8 @@ class GroupedExperts(nn.Module):
             h_nF = F.silu(x_nH @ w1[e]) * (x_nH @ w3[e])
             outs.append(h_nF @ w2[e])
             start += n
+        # Budget mode: rows past the experts' blocks are unused (zeros in, zeros out).
+        outs.append(x_NH.new_zeros(x_NH.shape[0] - start, w2.shape[-1]))
         return torch.cat(outs, 0)
 
     def _grouped(self, x_NH: torch.Tensor, tokens_per_expert_L: torch.Tensor) -> torch.Tensor:

@@ -24,12 +24,15 @@ class MoEOutput:
     aux_loss:            0-dim float32 load-balancing loss (coefficient applied).
     z_loss:              0-dim float32 router z-loss (coefficient applied).
     tokens_per_expert_E: [E] int64 slots this rank's tokens sent to each global expert.
+    status:              budget mode: the dispatch's [1] int32 device ``STATUS_*`` bits
+                         (``MoETokenDispatcher.check_status`` reads it); None otherwise.
     """
 
     output: torch.Tensor
     aux_loss: torch.Tensor
     z_loss: torch.Tensor
     tokens_per_expert_E: torch.Tensor
+    status: Optional[torch.Tensor] = None
 
 
 class SwiGLU(nn.Module):
@@ -90,28 +93,89 @@ class MoELayer(nn.Module):
             init_std=init_std, out_init_std=out_init_std)
         self.shared_expert = SwiGLU(hidden, shared_expert_hidden) if shared_expert_hidden else None
         self.activation_checkpointing = activation_checkpointing
+        self.cuda_graph = False
+        # The captured layer; kept out of the module tree (it wraps this module).
+        self.__dict__["_graphed"] = None
+
+    def enable_cuda_graph(self, on: bool = True) -> None:
+        """EXPERIMENTAL: run forward + backward as CUDA graphs (captured at the next CUDA
+        forward with grad enabled, for that input's shape and dtype; replayed after).
+        Verified on one H200: capture and replay of 1-4 layers, statuses and forward
+        outputs; NOT yet gradients: a full ``moe-train`` run with every layer captured got
+        NaN gradients at its first step (BENCHMARKS.md, session 5), so do not train with
+        it until that is found. Needs the budget
+        mode (``max_rows_per_rank``): an exact-mode dispatch syncs the host, which a graph
+        cannot hold, so capture raises saying so. Graph inputs and outputs are static
+        buffers: each layer owns its graphs, and a layer's outputs are overwritten by its
+        next replay. ``on=False`` runs eagerly (the captured graphs are kept)."""
+        self.cuda_graph = bool(on)
+
+    def drop_cuda_graph(self) -> None:
+        """Forget the captured graphs (e.g. after the budget changed); the next forward with
+        ``cuda_graph`` on captures again."""
+        self.__dict__["_graphed"] = None
 
     def forward(self, x: torch.Tensor) -> MoEOutput:
         """x: [..., H] (e.g. [B, S, H] or [T, H]). Returns ``MoEOutput``."""
+        if self.cuda_graph and x.is_cuda and torch.is_grad_enabled() and self.training:
+            if self._graphed is None:
+                self.__dict__["_graphed"] = self._capture(x)
+            out, aux, z, tpe, status = self._graphed(x)
+            return MoEOutput(out, aux, z, tpe, status)
+        return self._eager(x)
+
+    def _capture(self, x: torch.Tensor):
+        if self.activation_checkpointing:
+            raise RuntimeError("MoELayer: CUDA-graph capture cannot be combined with "
+                               "activation checkpointing")
+        if getattr(self.dispatcher, "max_rows_per_rank", None) is None:
+            raise RuntimeError(
+                "MoELayer: CUDA-graph capture needs the dispatcher's budget mode "
+                "(MoETokenDispatcher(..., max_rows_per_rank=B)): the exact mode syncs the "
+                "host in every dispatch to size its output")
+        sample = x.detach().clone().requires_grad_(x.requires_grad)
+        return torch.cuda.make_graphed_callables(_LayerAsTensors(self), (sample,),
+                                                 num_warmup_iters=3)
+
+    def _eager(self, x: torch.Tensor) -> MoEOutput:
         shape = x.shape
         x_TH = x.reshape(-1, self.hidden)
         route: RouterOutput = self.router(x_TH)
+        seen: list = []  # the dispatch's status (the first run's: a recompute has the same)
         if self.activation_checkpointing and torch.is_grad_enabled():
-            y_TH = checkpoint(self._routed, x_TH, route.idx_TK, route.probs_TK,
+            y_TH = checkpoint(self._routed, x_TH, route.idx_TK, route.probs_TK, seen,
                               use_reentrant=False)
         else:
-            y_TH = self._routed(x_TH, route.idx_TK, route.probs_TK)
+            y_TH = self._routed(x_TH, route.idx_TK, route.probs_TK, seen)
         return MoEOutput(y_TH.reshape(shape), route.aux_loss, route.z_loss,
-                         route.tokens_per_expert_E)
+                         route.tokens_per_expert_E, seen[0] if seen else None)
 
-    def _routed(self, x_TH: torch.Tensor, idx_TK: torch.Tensor,
-                probs_TK: torch.Tensor) -> torch.Tensor:
+    def _routed(self, x_TH: torch.Tensor, idx_TK: torch.Tensor, probs_TK: torch.Tensor,
+                seen: list) -> torch.Tensor:
         x_send = x_TH
         dev = x_TH.device.type
         if torch.is_autocast_enabled(dev):
             # Move tokens in the autocast dtype: half the bytes, and the experts compute in it.
             x_send = x_TH.to(torch.get_autocast_dtype(dev))
-        y_TH = self.dispatcher(x_send, self.experts, topk_idx=idx_TK, topk_probs=probs_TK)
+        out = self.dispatcher.dispatch(x_send, topk_idx=idx_TK, topk_probs=probs_TK)
+        if not seen and out.status is not None:
+            seen.append(out.status)
+        y_TH = self.dispatcher.combine(
+            self.experts(out.tokens, out.tokens_per_expert, out.probs), out.handle)
         if self.shared_expert is not None:
             y_TH = y_TH + self.shared_expert(x_TH)
         return y_TH
+
+
+class _LayerAsTensors(nn.Module):
+    """An ``MoELayer`` as tensors in, tensors out: the form CUDA-graph capture takes
+    (``torch.cuda.make_graphed_callables`` captures forward and backward, and needs the
+    module's parameters to give their gradients)."""
+
+    def __init__(self, layer: MoELayer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor):
+        m = self.layer._eager(x)
+        return m.output, m.aux_loss, m.z_loss, m.tokens_per_expert_E, m.status

@@ -78,12 +78,14 @@ class ModelConfig:
 @dataclass(frozen=True)
 class ModelOutput:
     """logits_BSV [B, S, V] float32; aux_loss / z_loss 0-dim float32 summed over layers;
-    tokens_per_expert_NE [layers, E] int64 slots this rank routed to each expert."""
+    tokens_per_expert_NE [layers, E] int64 slots this rank routed to each expert;
+    statuses: the budget-mode dispatch status of each layer ([1] int32 device), or ()."""
 
     logits_BSV: torch.Tensor
     aux_loss: torch.Tensor
     z_loss: torch.Tensor
     tokens_per_expert_NE: torch.Tensor
+    statuses: tuple = ()
 
 
 def _rope_tables(seq_len: int, head_dim: int, theta: float):
@@ -193,13 +195,18 @@ class MoETransformer(nn.Module):
         x_BSH = self.embed(tokens_BS)
         aux = x_BSH.new_zeros((), dtype=torch.float32)
         z = x_BSH.new_zeros((), dtype=torch.float32)
-        counts = []
+        counts, statuses = [], []
         for blk in self.blocks:
             x_BSH, m = blk(x_BSH)
             aux, z = aux + m.aux_loss, z + m.z_loss
             counts.append(m.tokens_per_expert_E)
+            if m.status is not None:
+                statuses.append(m.status)
         logits_BSV = self.head(self.norm(x_BSH)).float()
-        return ModelOutput(logits_BSV, aux, z, torch.stack(counts))
+        return ModelOutput(logits_BSV, aux, z, torch.stack(counts), tuple(statuses))
+
+    def moe_layers(self):
+        return [b.moe for b in self.blocks]
 
 
 def lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ module call to the library's layout call (``v1_dispatch`` entry).
 import time, statistics
 import torch, torch.distributed as dist
 from moe_dispatch import kernels
-import moe_dispatch.v1_buffer as vb
+import moe_dispatch.backends.deepep.buffer as vb
 from _ep4 import E, deepep_buffer, direct_permute, setup
 
 rank, R, sets, clock = setup()

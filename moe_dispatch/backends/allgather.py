@@ -7,6 +7,12 @@ near-dense routing. Uneven token counts are padded to the largest rank's T.
 
 Host syncs: one per dispatch (token counts and per-expert counts arrive in one gather,
 with validation folded in). Combine never syncs.
+
+Budget mode (``max_rows_per_rank=B``): no host sync after the first call. Every rank
+gathers ``T_cap`` token rows from each rank (agreed at the first call, or
+``backend_options["max_tokens_per_rank"]``); each rank's metadata block ends in a header
+row (its validation code, whether it clipped tokens), and the B-row plan is built on the
+device (``permute.budget_plan``).
 """
 from __future__ import annotations
 
@@ -15,9 +21,10 @@ from dataclasses import dataclass
 import torch
 
 from .. import comm
-from ..permute import GroupPlan, group_plan, permute, unpermute
+from ..permute import BudgetPlan, GroupPlan, budget_plan, group_plan, permute, unpermute
 from ..routing import pad_topk
-from ..protocol import DispatchInputError, DispatchResult, PendingCheck
+from ..protocol import BudgetCheck, DispatchInputError, DispatchResult, PendingCheck
+from .budget import BudgetShape, fit_input, pad_rows, status_bits
 
 
 @dataclass(frozen=True)
@@ -30,11 +37,37 @@ class AllGatherHandle:
     max_tokens: int
 
 
+@dataclass(frozen=True)
+class AllGatherBudgetHandle:
+    """plan: the ``BudgetPlan`` of this rank's rows of the gathered [R * T_cap] tokens;
+    num_sent: rows this rank contributed (<= T_cap); num_tokens: the caller's T;
+    status: [1] int32 device ``STATUS_*`` bits; budget_check: raised by ``check_status``."""
+
+    plan: BudgetPlan
+    num_sent: int
+    num_tokens: int
+    status: torch.Tensor
+    budget_check: BudgetCheck
+
+
 class AllGatherBackend(comm.CollectiveBackendBase):
     name = "allgather"
 
+    def __init__(self, config):
+        super().__init__(config)
+        opts = dict(config.options or {})
+        unknown = set(opts) - {"max_tokens_per_rank"}
+        if unknown:
+            raise ValueError(f"allgather: unknown backend_options {sorted(unknown)}; known: "
+                             "['max_tokens_per_rank'] (budget mode)")
+        self.budget = config.max_rows_per_rank
+        self.token_cap = opts.get("max_tokens_per_rank")
+        self.shape: "BudgetShape | None" = None
+
     def dispatch(self, x_TH: torch.Tensor, idx_TK: torch.Tensor, probs_TK: torch.Tensor,
                  check: PendingCheck) -> DispatchResult:
+        if self.budget is not None:
+            return self._dispatch_budget(x_TH, idx_TK, probs_TK, check)
         L, E, me = self.L, self.cfg.num_experts, self.rank
         T, K = idx_TK.shape
         H = x_TH.shape[1]
@@ -74,7 +107,38 @@ class AllGatherBackend(comm.CollectiveBackendBase):
         return DispatchResult(tokens, torch.tensor(plan.tokens_per_expert, dtype=torch.long),
                               probs, AllGatherHandle(plan, T, t_max))
 
-    def combine(self, y_NH: torch.Tensor, handle: AllGatherHandle) -> torch.Tensor:
+    def _dispatch_budget(self, x_TH, idx_TK, probs_TK, check: PendingCheck) -> DispatchResult:
+        R, L, B, me = self.R, self.L, self.budget, self.rank
+        dev = x_TH.device
+        if self.shape is None:  # the first call: agree on H, K, T_cap (one host sync)
+            self.shape = BudgetShape.agree(check, self.group, dev, *idx_TK.shape,
+                                           x_TH.shape[1], self.token_cap)
+        inp = fit_input(self.shape, x_TH, idx_TK, probs_TK, check, x_TH.dtype, dev)
+        K, Tc = self.shape.topk, self.shape.token_cap
+        T = inp.x_TH.shape[0]
+        # Ids travel as id + 1 (zero rows: no expert); the block's last row is the header.
+        meta = torch.cat([(inp.idx_TK + 1).to(torch.float32), inp.probs_TK], dim=1)
+        head = torch.stack([inp.code.to(torch.float32),
+                            torch.full((), float(inp.clipped), device=dev)])
+        meta = torch.cat([pad_rows(meta, Tc), torch.nn.functional.pad(head, (0, 2 * K - 2))
+                          .view(1, 2 * K)])
+        all_x = comm.all_gather(pad_rows(inp.x_TH, Tc), self.group)
+        all_meta = comm.all_gather(meta, self.group).view(R, Tc + 1, 2 * K)
+        heads = all_meta[:, Tc, :2].detach()
+        rows = all_meta[:, :Tc].reshape(R * Tc, 2 * K)
+        gid = rows[:, :K].detach().to(torch.long) - 1
+        lid_NK = torch.where((gid >= me * L) & (gid < (me + 1) * L), gid - me * L, -1)
+        plan = budget_plan(lid_NK, L, B, self.cfg.pad_multiple)
+        tokens, probs = permute(all_x, rows[:, K:], plan)
+        status = status_bits(plan.dropped, heads[:, 1].amax(), heads[:, 0].amax())
+        handle = AllGatherBudgetHandle(plan, T, inp.num_tokens, status, inp.check)
+        return DispatchResult(tokens, plan.tokens_per_expert_L, probs, handle, status)
+
+    def combine(self, y_NH: torch.Tensor, handle) -> torch.Tensor:
+        if isinstance(handle, AllGatherBudgetHandle):
+            partial = unpermute(y_NH, handle.plan)
+            mine = comm.reduce_scatter(partial, self.group)
+            return pad_rows(mine[:handle.num_sent], handle.num_tokens)
         partial = unpermute(y_NH, handle.plan)
         mine = comm.reduce_scatter(partial, self.group)
         return mine[:handle.num_tokens]

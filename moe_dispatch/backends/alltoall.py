@@ -8,6 +8,16 @@ At top-8 over 4 ranks that moves ~2.2x fewer bytes than one row per (token, expe
 Host syncs: exactly one per dispatch, after the count exchange (split sizes must be
 host ints for ``all_to_all_single``). Input validation rides in the same exchange, so
 it costs no extra sync. Combine never syncs.
+
+Budget mode (``max_rows_per_rank=B``): no host sync after the first call. Every pair of
+ranks exchanges a fixed block of ``T_cap`` token rows (a token goes to a rank at most
+once, so a block always holds every token a rank sends there), so the splits are equal
+and known to all; unused rows carry no routing. The receiver's B-row plan then keeps
+exactly the rows the exact mode would put first. Each block's last metadata row is a
+header (the sender's validation code, whether it clipped tokens), so bad input reaches
+every rank with the data. The receiver plans its B rows on the device
+(``permute.budget_plan``). Bytes on the wire: R * C rows per rank, against the exact
+mode's actual rows: the price of knowing every size in advance.
 """
 from __future__ import annotations
 
@@ -17,9 +27,10 @@ from typing import Tuple
 import torch
 
 from .. import comm
-from ..permute import GroupPlan, group_plan, permute, unpermute
+from ..permute import BudgetPlan, GroupPlan, budget_plan, filled_rows, group_plan, permute, unpermute
 from ..routing import pad_topk
-from ..protocol import DispatchInputError, DispatchResult, PendingCheck
+from ..protocol import BudgetCheck, DispatchInputError, DispatchResult, PendingCheck
+from .budget import BudgetShape, fit_input, pad_rows, status_bits
 
 
 @dataclass(frozen=True)
@@ -39,11 +50,43 @@ class AllToAllHandle:
     plan: GroupPlan
 
 
+@dataclass(frozen=True)
+class AllToAllBudgetHandle:
+    """What combine needs from one budget-mode dispatch (every size fixed, no host ints
+    learnt from the call).
+
+    send_plan:    [T_sent, R] grouping of the sent tokens into R blocks of C rows.
+    plan:         the receiver's ``BudgetPlan`` of its R * C received rows into B rows.
+    num_tokens:   the caller's T (rows past the sent ones come back as zeros).
+    status:       [1] int32 device ``STATUS_*`` bits.
+    budget_check: this rank's validation, raised by ``check_status``.
+    """
+
+    send_plan: BudgetPlan
+    plan: BudgetPlan
+    num_tokens: int
+    status: torch.Tensor
+    budget_check: BudgetCheck
+
+
 class AllToAllBackend(comm.CollectiveBackendBase):
     name = "alltoall"
 
+    def __init__(self, config):
+        super().__init__(config)
+        opts = dict(config.options or {})
+        unknown = set(opts) - {"max_tokens_per_rank"}
+        if unknown:
+            raise ValueError(f"alltoall: unknown backend_options {sorted(unknown)}; known: "
+                             "['max_tokens_per_rank'] (budget mode)")
+        self.budget = config.max_rows_per_rank
+        self.token_cap = opts.get("max_tokens_per_rank")
+        self.shape: "BudgetShape | None" = None
+
     def dispatch(self, x_TH: torch.Tensor, idx_TK: torch.Tensor, probs_TK: torch.Tensor,
                  check: PendingCheck) -> DispatchResult:
+        if self.budget is not None:
+            return self._dispatch_budget(x_TH, idx_TK, probs_TK, check)
         R, L, E = self.R, self.L, self.cfg.num_experts
         T, K = idx_TK.shape
         dev = x_TH.device
@@ -102,9 +145,66 @@ class AllToAllBackend(comm.CollectiveBackendBase):
         return DispatchResult(tokens, torch.tensor(plan.tokens_per_expert, dtype=torch.long),
                               probs, handle)
 
-    def combine(self, y_NH: torch.Tensor, handle: AllToAllHandle) -> torch.Tensor:
+    def _dispatch_budget(self, x_TH, idx_TK, probs_TK, check: PendingCheck) -> DispatchResult:
+        R, L, B = self.R, self.L, self.budget
+        dev = x_TH.device
+        if self.shape is None:  # the first call: agree on H, K, T_cap (one host sync)
+            self.shape = BudgetShape.agree(check, self.group, dev, *idx_TK.shape,
+                                           x_TH.shape[1], self.token_cap)
+        inp = fit_input(self.shape, x_TH, idx_TK, probs_TK, check, x_TH.dtype, dev)
+        K, C = self.shape.topk, self.shape.token_cap
+        send_plan = self._send_plan(inp.idx_TK, C)
+        # Ids travel as id + 1 in float32 (exact below 2**24), so a zero row (unused) is
+        # "no expert"; each block ends in a header row [code, clipped, 0...].
+        meta_TK2 = torch.cat([(inp.idx_TK + 1).to(torch.float32), inp.probs_TK], dim=1)
+        meta_SK2, _ = permute(meta_TK2, None, send_plan)
+        head_R2 = torch.stack([inp.code.to(torch.float32).expand(R),
+                               torch.full((R,), float(inp.clipped), device=dev)], 1)
+        head_RK2 = torch.nn.functional.pad(head_R2, (0, 2 * K - 2))
+        send_meta = torch.cat([meta_SK2.view(R, C, 2 * K), head_RK2.view(R, 1, 2 * K)], 1)
+        send_x, _ = permute(inp.x_TH, None, send_plan)
+        recv_x = comm.all_to_all(send_x, [C] * R, [C] * R, self.group)
+        recv_meta = comm.all_to_all(send_meta.view(R * (C + 1), 2 * K), [C + 1] * R,
+                                    [C + 1] * R, self.group).view(R, C + 1, 2 * K)
+        head = recv_meta[:, C, :2].detach()
+        rows_meta = recv_meta[:, :C].reshape(R * C, 2 * K)
+        gid_NK = rows_meta[:, :K].detach().to(torch.long) - 1
+        lid_NK = gid_NK - self.rank * L
+        lid_NK = torch.where((gid_NK >= 0) & (lid_NK >= 0) & (lid_NK < L), lid_NK, -1)
+        plan = budget_plan(lid_NK, L, B, self.cfg.pad_multiple)
+        tokens, probs = permute(recv_x, rows_meta[:, K:], plan)
+        status = status_bits(plan.dropped, head[:, 1].amax(), head[:, 0].amax())
+        handle = AllToAllBudgetHandle(send_plan, plan, inp.num_tokens, status, inp.check)
+        return DispatchResult(tokens, plan.tokens_per_expert_L, probs, handle, status)
+
+    def _send_plan(self, idx_TK: torch.Tensor, C: int):
+        """The grouping of the T <= C tokens into R blocks of C rows (token t's row in block r
+        is its rank among the tokens going to r)."""
+        R, L, E = self.R, self.L, self.cfg.num_experts
+        T = idx_TK.shape[0]
+        dev = idx_TK.device
+        rank_TK = torch.div(torch.remainder(idx_TK.clamp(-1, E), E + 1), L,
+                            rounding_mode="floor")
+        mask_TR = torch.zeros(T, R + 1, dtype=torch.bool, device=dev)
+        mask_TR.scatter_(1, rank_TK, True)
+        mask_TR = mask_TR[:, :R]
+        row_TR = torch.cumsum(mask_TR.to(torch.long), 0) - 1
+        base_R = torch.arange(R, device=dev) * C
+        pos_TR = torch.where(mask_TR, base_R + row_TR, -1)
+        return BudgetPlan(pos_TR, filled_rows(pos_TR, R * C), R * C, T, R, mask_TR.sum(0),
+                          torch.zeros((), dtype=torch.bool, device=dev))
+
+    def combine(self, y_NH: torch.Tensor, handle) -> torch.Tensor:
+        if isinstance(handle, AllToAllBudgetHandle):
+            return self._combine_budget(y_NH, handle)
         per_row = unpermute(y_NH, handle.plan)
         back = comm.all_to_all(per_row, list(handle.send_splits), list(handle.recv_splits),
                                self.group)
         # Each token's rows from its destination ranks, summed in float32.
         return unpermute(back, handle.send_plan)
+
+    def _combine_budget(self, y_BH: torch.Tensor, handle: AllToAllBudgetHandle) -> torch.Tensor:
+        R, C = self.R, handle.send_plan.num_out_rows // self.R
+        per_row = unpermute(y_BH, handle.plan)
+        back = comm.all_to_all(per_row, [C] * R, [C] * R, self.group)
+        return pad_rows(unpermute(back, handle.send_plan), handle.num_tokens)

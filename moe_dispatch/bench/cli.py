@@ -294,7 +294,7 @@ def _teardown():
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
     for module, fn in (("moe_dispatch.bench.megatron_ref", "teardown"),
-                       ("moe_dispatch.v1_buffer", "free_all"),
+                       ("moe_dispatch.backends.deepep.buffer", "free_all"),
                        ("moe_dispatch.fused_a2a", "free_buffer"),
                        ("moe_dispatch.fused_a2a", "reset_hybrid_ep_buffer")):
         mod = sys.modules.get(module)

@@ -37,6 +37,7 @@ def main(argv=None) -> int:
         raise SystemExit("moe_dispatch.bench.launch needs a CUDA GPU")
     from moe_dispatch.kernels import _triton
     from moe_dispatch import kernels
+    from moe_dispatch.permute import triton_group_plan
     from moe_dispatch.protocol import BackendConfig, PendingCheck
 
     dev = torch.device("cuda")
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
     hist = torch.empty(1 << 16, device=dev, dtype=torch.int32)
     valid = torch.empty(T, K, device=dev, dtype=torch.bool)
     pos_TR = torch.empty(T, 1, device=dev, dtype=torch.int64)
-    plan = kernels.group_plan(lid, L, torch.bincount(lid.flatten(), minlength=L).tolist())
+    plan = triton_group_plan(lid, L, torch.bincount(lid.flatten(), minlength=L).tolist())
     pos_NK, filled = kernels.plan_maps(plan)
     out = torch.empty(plan.num_out_rows, H, device=dev, dtype=torch.bfloat16)
     red = torch.empty(T, H, device=dev, dtype=torch.bfloat16)
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
         "token_maps": lambda: _triton.token_maps(idx, T, E, L, T_cap, 1, valid, pos_TR),
         "permute scatter_rows": lambda: _triton.scatter_rows(x, pos_NK, out),
         "unpermute gather_reduce": lambda: _triton.gather_reduce(out, pos_NK, red),
-        "group_plan (counts given)": lambda: kernels.group_plan(lid, L, plan.tokens_per_expert),
+        "group_plan (counts given)": lambda: triton_group_plan(lid, L, plan.tokens_per_expert),
     }
     for fn in cases.values():  # compile
         fn()

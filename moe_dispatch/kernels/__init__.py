@@ -3,9 +3,9 @@
 ``use_triton(t)`` decides per call; the plain torch code in ``moe_dispatch.permute`` stays
 the reference and the CPU path. The kernels here compute exactly what that code computes:
 
-* ``group_plan(lid_NK, L, tokens_per_expert, pad_multiple)``: the plan from a stable
-  counting sort (one or two launches) that writes the inverse map ``pos_NK`` and the
-  padding mask ``filled_M`` directly, instead of a stable argsort and an index_copy.
+* ``plan_arrays(lid_NK, L, ...)``: a stable counting sort (one or two launches) that
+  writes the inverse map ``pos_NK`` and the padding mask ``filled_M`` directly, instead of
+  a stable argsort and an index_copy (``moe_dispatch.permute`` wraps it in a plan).
 * ``permute(x_NH, probs_NK, plan)``: each input row is read once and written to each of
   its output slots (a scatter through the inverse map ``pos_NK``), its probs alongside;
   padding rows are zeros with prob 0.
@@ -63,55 +63,41 @@ def check_values(idx_TK: Optional[torch.Tensor], probs: torch.Tensor, num_expert
 # ------------------------------------------------------------------ plan
 
 
-def group_plan(lid_NK: torch.Tensor, num_local_experts: int,
-               tokens_per_expert: Optional[Sequence[int]] = None,
-               pad_multiple: Optional[int] = None, block: Optional[int] = None,
-               chunks: Optional[int] = None):
-    """Triton version of ``moe_dispatch.permute.group_plan``: the same plan, carrying
-    ``pos_NK`` (and ``filled_M`` when padded) from a stable counting sort, so permute and
-    unpermute need no further index work. Launches: one output allocation (plus
-    ``filled_M`` when padded) and one or two kernels; with ``tokens_per_expert`` None the
-    counts are read back after the kernels (one host sync).
+def plan_arrays(lid_NK: torch.Tensor, num_local_experts: int,
+                counts: Optional[Sequence[int]], padded: Optional[Sequence[int]],
+                pad: int, block: Optional[int] = None, chunks: Optional[int] = None):
+    """The stable counting sort behind ``moe_dispatch.permute.triton_group_plan``: one or two
+    kernels write the plan's inverse map (and the padding mask) directly. The caller builds
+    the ``GroupPlan`` (this package never imports ``permute``: no import circle).
 
-    lid_NK:            [N, K] integer local expert id of each slot, -1 = not for this rank.
+    lid_NK:            [N, K] integer local expert id of each slot, -1 = not for this rank
+                       (N * K > 0).
     num_local_experts: L.
-    tokens_per_expert: unpadded host counts per local expert, or None (read from device).
-    pad_multiple:      round each expert's rows up to a multiple of this with zero rows.
+    counts, padded:    unpadded / padded host counts per local expert when the caller knows
+                       them, else both None (then they are read back here: one host sync).
+    pad:               the padding multiple (1 = none).
     block, chunks:     tiling overrides for tests (see ``_triton.local_plan``).
+    Returns (pos_NK [N, K] int64, filled_M [>= M] uint8 or None, counts list): ``filled_M``
+    is sized for the most rows padding can give when the counts were unknown; the caller
+    slices it (or drops it when nothing was padded).
     """
-    from ..permute import GroupPlan, pad_counts
     N, K = lid_NK.shape
     L = num_local_experts
-    pad = max(int(pad_multiple or 1), 1)
     dev = lid_NK.device
-    if N * K == 0:
-        counts = [0] * L if tokens_per_expert is None else [int(c) for c in tokens_per_expert]
-        padded = pad_counts(counts, pad_multiple)
-        filled = None
-        if padded != counts:  # no slots but counts given: every row is padding
-            filled = torch.zeros(sum(padded), dtype=torch.uint8, device=dev)
-        return GroupPlan(None, None, N, K, sum(padded), tuple(padded),
-                         torch.empty(N, K, dtype=torch.long, device=dev), filled,
-                         tuple(counts))
     if not lid_NK.is_contiguous():
         lid_NK = lid_NK.contiguous()
     filled = None
-    if tokens_per_expert is not None:
-        counts = [int(c) for c in tokens_per_expert]
-        padded = pad_counts(counts, pad_multiple)
-        if padded != counts:
+    if counts is not None:
+        if list(padded) != list(counts):
             filled = torch.empty(sum(padded), dtype=torch.uint8, device=dev)
     elif pad > 1:
-        # Counts unknown yet: room for the most rows padding can give; sliced below.
+        # Counts unknown yet: room for the most rows padding can give; sliced by the caller.
         filled = torch.empty(N * K + L * (pad - 1), dtype=torch.uint8, device=dev)
     buf = _k().local_plan(lid_NK, L, pad, filled, block=block, chunks=chunks)
     pos_NK = buf.as_strided((N, K), (K, 1))
-    if tokens_per_expert is None:
+    if counts is None:
         counts = buf[N * K:N * K + L].tolist()  # the one host sync
-        padded = pad_counts(counts, pad_multiple)
-        filled = filled[:sum(padded)] if padded != counts else None
-    return GroupPlan(None, None, N, K, sum(padded), tuple(padded), pos_NK, filled,
-                     tuple(counts))
+    return pos_NK, filled, [int(c) for c in counts]
 
 
 # ------------------------------------------------------------------ plan inverse maps
@@ -120,12 +106,12 @@ _maps_cache: dict = {}
 
 
 def plan_maps(plan) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(pos_NK, filled_M) for a ``GroupPlan``.
+    """(pos_NK, filled_M) for a ``moe_dispatch.permute.GroupPlan``.
 
     pos_NK:   [N, K] int64, output row of slot (n, k), -1 where the slot has no row here.
     filled_M: [M] uint8, 1 where an output row is a real row, 0 on padding rows; None when
               the plan has no padding (every row is real).
-    The plan's own maps when it carries them (built by ``group_plan`` here: no work);
+    The plan's own maps when it carries them (built by the counting sort: no work);
     otherwise computed once per plan object and cached for the plan's lifetime (one
     scatter of N*K indices).
     """

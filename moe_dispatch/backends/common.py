@@ -1,4 +1,4 @@
-"""Helpers shared by the fused-kernel backends (DeepEP, HybridEP, UCCL-EP).
+"""Helpers shared by the library backends (``deepep``, ``uccl``, ``hybridep``).
 
 Nothing here imports an optional library. ``agree`` is the one small exchange these
 backends run before touching the library: it settles the dispatch's ``PendingCheck``
@@ -13,10 +13,10 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .routing import pad_topk  # noqa: F401  (re-exported for the EP backends)
+from ..routing import pad_topk  # noqa: F401  (re-exported for the EP backends)
 
-from . import comm
-from .protocol import DispatchInputError, PendingCheck
+from .. import comm
+from ..protocol import DispatchInputError, PendingCheck
 
 
 def agree(check: PendingCheck, group, device: torch.device, ints: Sequence[int]

@@ -5,7 +5,7 @@ rank's bytes plus every rank's base address, reachable over NVLink), a device ba
 a few channels, and a host max used only to size buffers. ``SymmTransport`` runs on torch
 symmetric memory (``torch.distributed._symmetric_memory``); ``LocalTransport`` is a group
 of one. An ``Arena`` lays one generation of buffers out as regions of one allocation.
-Used by ``moe_dispatch.backends.nvshmem`` only; kept apart so that file holds the
+Used by ``engine.py`` and ``graph.py`` beside it only; kept apart so the engine holds the
 dispatch/combine logic.
 """
 from __future__ import annotations
@@ -174,7 +174,7 @@ class SymmTransport(Transport):
         if self.barrier_impl == "torch":
             self.flags.handle.barrier(channel)
         else:
-            from .kernels import _triton
+            from ...kernels import _triton
             _triton.barrier(self.flag_table, self.rank, channel, self.status)
 
     def host_max(self, vals):

@@ -26,19 +26,25 @@ Two modes:
     after the sync replay as CUDA graphs (``host_graph``), and the pull starts before the
     sync, into a buffer sized by the most rows seen for that shape (``speculative_rows``;
     the output is the head of that buffer; a call that needs more rows re-plans exactly).
-  * static budget, ``backend_options={"max_rows_per_rank": B}``: no host sync at all;
-    ``tokens`` has B rows (real rows first within each expert block, unused rows zero,
-    prob 0), ``tokens_per_expert`` is a device tensor, and ``handle.status`` a device flag
-    (see ``NVSHMEMHandle``); rows over budget are dropped, never written out of bounds.
-    Dispatch and combine can then be captured in a CUDA graph (after one eager call,
-    which sizes the symmetric buffer).
+  * static budget, ``MoETokenDispatcher(..., max_rows_per_rank=B)`` (the budget mode of
+    ``protocol.DispatchResult``): no host sync after this backend's first call (which
+    agrees the hidden size once and sizes the symmetric buffer); ``tokens`` has B rows
+    (real rows first, grouped by expert as in the default mode, unused rows zero, prob 0),
+    ``tokens_per_expert`` is a device tensor and ``status`` a device int32 of
+    ``protocol.STATUS_*`` bits; rows over budget are dropped, never written out of bounds.
+    Bad input raises nothing there: the bad rank takes part with no tokens (host error,
+    or a hidden size / top-k that no longer fits) or with its bad ids masked (value
+    error), its code rides in the meta row every rank reads anyway, so every rank sets
+    STATUS_BAD_INPUT, and the handle's ``budget_check`` lets ``check_status`` raise later
+    on every rank. Dispatch and combine can then be captured in a CUDA graph.
 
 backend_options (all optional):
-  max_rows_per_rank:   B, static-budget mode (see above).
   max_tokens_per_rank: tokens a rank may send per call; sizes the symmetric buffer up
                        front (default: the largest T seen so far; grown on demand in the
                        default mode, fixed in static mode where extra tokens are dropped
                        and flagged).
+  (``max_rows_per_rank`` is the dispatcher's argument, not an option: the backend hands
+  it to ``_Engine`` in the engine's own options dict, as the simulated-rank tests do.)
   impl:                "triton" (fused kernels, default) or "torch" (plain torch ops on
                        peer tensors: the simple reference version, default mode only).
   barrier:             "auto" (default: Triton), "triton" or "torch" (the symmetric-memory
@@ -56,8 +62,8 @@ backend_options (all optional):
                        its head. More rows than that: an exact plan and a second pull.
                        False: exact allocations, the pull waits for the host sync.
 
-The symmetric-memory plumbing (transports, buffer arena) is in ``moe_dispatch.symm_memory``,
-the CUDA graphs of the default mode in ``moe_dispatch.symm_graph``.
+The symmetric-memory plumbing (transports, buffer arena) is in ``symm_memory.py`` beside
+this file, the CUDA graphs of the default mode in ``graph.py``.
 
 NVLink multicast is never used (TORCH_SYMM_MEM_DISABLE_MULTICAST=1 and
 NVSHMEM_DISABLE_NVLS=1 are set unless the caller set them). All dispatch/combine calls of
@@ -67,24 +73,24 @@ from __future__ import annotations
 
 import importlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-from ..protocol import BackendConfig, DispatchInputError, DispatchResult, PendingCheck
-from ..symm_graph import PreSyncGraph
-from ..symm_memory import (CH_PRE_PUSH, CH_PULLED, CH_PUSHED, CH_STAGED, Arena,
+from ...permute import budget_positions, filled_rows
+from ...protocol import (STATUS_BAD_INPUT, STATUS_BARRIER_TIMEOUT, STATUS_ROWS_DROPPED,
+                         STATUS_TOKENS_DROPPED, BackendConfig, BudgetCheck,
+                         DispatchInputError, DispatchResult, PendingCheck)
+from .graph import PreSyncGraph
+from .symm_memory import (CH_PRE_PUSH, CH_PULLED, CH_PUSHED, CH_STAGED, Arena,
                            LocalTransport, SymmTransport, Transport, round_up)
 
 _T_ROUND = 64  # token capacity granularity of the symmetric buffer
 
-# Status bits of a static-budget dispatch (``NVSHMEMHandle.status``).
-STATUS_ROWS_DROPPED = 1      # this rank received more rows than max_rows_per_rank
-STATUS_TOKENS_DROPPED = 2    # some rank sent more tokens than max_tokens_per_rank
-STATUS_BAD_INPUT = 4         # some rank's routing failed validation (ids out of range ...)
-STATUS_BARRIER_TIMEOUT = 8   # a device barrier gave up waiting for a peer (a peer died)
+# Status bits of a static-budget dispatch (``NVSHMEMHandle.status``): ``protocol.STATUS_*``;
+# STATUS_TOKENS_DROPPED here means some rank sent more tokens than max_tokens_per_rank.
 
 
 # =============================================================================== handle
@@ -109,6 +115,8 @@ class NVSHMEMHandle:
     tokens_per_expert: [L] int64 (host tensor, or device tensor in static-budget mode).
     status:            static-budget mode: [1] int32 device tensor of STATUS_* bits (0 = all
                        rows delivered); None in the default mode (which raises instead).
+    budget_check:      static-budget mode: this rank's input validation
+                       (``protocol.BudgetCheck``), raised by ``check_status``; else None.
     """
 
     arena: Any
@@ -123,6 +131,7 @@ class NVSHMEMHandle:
     hidden: int
     tokens_per_expert: torch.Tensor
     status: Optional[torch.Tensor]
+    budget_check: Optional[BudgetCheck] = None
 
 
 # =============================================================================== device plan
@@ -130,44 +139,10 @@ class NVSHMEMHandle:
 
 def device_plan(lid_VK: torch.Tensor, num_local_experts: int, pad_multiple: Optional[int],
                 budget: int):
-    """Expert-grouped output rows for every slot, on the device, without a host sync.
-
-    lid_VK: [V, K] int64 local expert of each slot, -1 if not for this rank.
-    Returns (pos_VK, tokens_per_expert_L, dropped 0-dim bool): rows ordered by expert, then
-    v, then k; each expert's block padded to pad_multiple; rows at or beyond ``budget`` are
-    dropped (pos -2) and counted out of tokens_per_expert, so sum(tokens_per_expert) <= budget.
-    """
-    L = num_local_experts
-    dev = lid_VK.device
-    V, K = lid_VK.shape
-    flat = lid_VK.reshape(-1)
-    key = torch.where(flat >= 0, flat, L)
-    order = torch.argsort(key, stable=True)
-    counts = torch.zeros(L + 1, dtype=torch.long, device=dev)
-    counts.scatter_add_(0, key, torch.ones_like(key))
-    c = counts[:L]
-    padded = c if not pad_multiple or pad_multiple <= 1 else \
-        torch.div(c + pad_multiple - 1, pad_multiple, rounding_mode="floor") * pad_multiple
-    pstart = torch.cumsum(padded, 0) - padded
-    ustart = torch.cumsum(c, 0) - c
-    zero = torch.zeros(1, dtype=torch.long, device=dev)
-    skey = key.index_select(0, order)
-    rank_in = torch.arange(flat.numel(), device=dev) - \
-        torch.cat([ustart, zero]).index_select(0, skey)
-    pos_s = torch.cat([pstart, zero]).index_select(0, skey) + rank_in
-    pos_s = torch.where(skey < L, torch.where(pos_s < budget, pos_s, -2), -1)
-    pos = torch.empty_like(pos_s).scatter_(0, order, pos_s).view(V, K)
-    tpe = torch.minimum(padded, (budget - pstart).clamp(min=0))
-    dropped = padded.sum() > budget
-    return pos, tpe, dropped
-
-
-def filled_rows(pos_VK: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """[num_rows] uint8: 1 on output rows some slot of ``pos_VK`` writes, 0 elsewhere."""
-    flat = pos_VK.reshape(-1)
-    filled = torch.zeros(num_rows + 1, dtype=torch.uint8, device=flat.device)
-    filled.scatter_(0, torch.where(flat >= 0, flat, num_rows), 1)
-    return filled[:num_rows]
+    """``moe_dispatch.permute.budget_plan`` as (pos_VK, tokens_per_expert_L, dropped): the
+    expert-grouped output row of every slot, on the device, without a host sync (rows at or
+    beyond ``budget`` dropped, pos -2)."""
+    return budget_positions(lid_VK, num_local_experts, budget, pad_multiple)
 
 
 # =============================================================================== autograd
@@ -234,7 +209,7 @@ class _Engine:
                 raise ValueError("nvshmem: the static-budget mode (max_rows_per_rank) needs "
                                  "impl='triton'")
         if self.impl == "triton":
-            from ..kernels import triton_available
+            from ...kernels import triton_available
             err = triton_available()
             if err:
                 raise RuntimeError(f"nvshmem backend: {err}")
@@ -242,6 +217,8 @@ class _Engine:
         self.host_graph = bool(opts.get("host_graph", True)) and self.impl == "triton" \
             and self.budget is None and tr.device.type == "cuda"
         self._graphs: Dict[tuple, Any] = {}
+        # Static-budget mode: (H, dtype) agreed at this engine's first call.
+        self._static_shape: Optional[Tuple[int, torch.dtype]] = None
         self.speculate = bool(opts.get("speculative_rows", True)) and self.budget is None
         self._spec_rows: Dict[tuple, int] = {}
         self._pinned: Dict[int, Any] = {}
@@ -260,12 +237,74 @@ class _Engine:
     # ------------------------------------------------------------------ public
 
     def dispatch(self, x_TH, idx_TK, probs_TK, check: PendingCheck) -> DispatchResult:
+        budget_check = None
+        if self.budget is not None:
+            x_TH, idx_TK, probs_TK, check, budget_check = self._fit_static(
+                x_TH, idx_TK, probs_TK, check)
         box: dict = {}
         tokens, probs_M = _DispatchFn.apply(x_TH, probs_TK, idx_TK, check, self, box)
         h = box["handle"]
-        if check.host_error is not None:  # static mode: took part with no tokens, now raise
-            raise DispatchInputError(check.host_error)
-        return DispatchResult(tokens, h.tokens_per_expert, probs_M, h)
+        if budget_check is not None:
+            h = replace(h, budget_check=budget_check)
+        return DispatchResult(tokens, h.tokens_per_expert, probs_M, h, h.status)
+
+    # ------------------------------------------------------------------ static budget
+
+    def _fit_static(self, x_TH, idx_TK, probs_TK, check: PendingCheck):
+        """This rank's input as the static-budget mode sends it, and its ``BudgetCheck``.
+
+        The first call agrees the hidden size (``_agree_static``). Later, a rank whose input
+        cannot be sent in the agreed shape (a host error, another hidden size, rows or a
+        top-k wider than the symmetric buffer holds) sends no tokens, with code 2 in its meta
+        row, which every rank reads anyway: each sets STATUS_BAD_INPUT and nothing raises
+        here (a raising rank would leave its peers waiting at the next barrier). Returns
+        (x_TH, idx_TK, probs_TK, check, budget_check).
+        """
+        if self._static_shape is None:
+            self._static_shape = self._agree_static(x_TH, check)
+        H, dtype = self._static_shape
+        message = check.host_error or self._misfit(x_TH, idx_TK, H)
+        if message is None:
+            own = check.value_help if check.device_bad is not None else None
+            return x_TH, idx_TK, probs_TK, check, BudgetCheck(own, check.device_bad)
+        dev = self.tr.device
+        # The placeholder requires grad while grad mode is on, so this rank runs the
+        # backward's collectives (a push and a pull) like its peers do.
+        x0 = torch.zeros(0, H, dtype=dtype, device=dev).requires_grad_(torch.is_grad_enabled())
+        idx0 = torch.zeros(0, 1, dtype=torch.long, device=dev)
+        p0 = torch.zeros(0, 1, dtype=torch.float32, device=dev)
+        return x0, idx0, p0, PendingCheck(message, None), BudgetCheck(message)
+
+    def _agree_static(self, x_TH, check: PendingCheck) -> Tuple[int, torch.dtype]:
+        """The static-budget mode's one host exchange, at this engine's first call: raises
+        on every rank when some rank's input is bad or the hidden sizes differ (as the default
+        mode would); returns (H, dtype) that later calls must fit."""
+        H = x_TH.shape[1]
+        code = int(check.code(self.tr.device).item())
+        top = self.tr.host_max([code, H, -H])  # max code, max H, -min H over the ranks
+        if code:
+            check.raise_if_failed([code], 0)
+        if top[0]:
+            raise DispatchInputError(
+                "dispatch input invalid on another EP rank (the static-budget mode's first "
+                "call agrees shapes and raises on every rank)")
+        if top[1] != -top[2]:
+            raise DispatchInputError(f"dispatch: hidden size differs across EP ranks (from "
+                                     f"{-top[2]} to {top[1]})")
+        return H, x_TH.dtype
+
+    def _misfit(self, x_TH, idx_TK, H: int) -> Optional[str]:
+        """Why this input cannot be sent in the static-budget mode's fixed shapes, or None."""
+        arena = self.tr.arena
+        K, row_bytes = idx_TK.shape[1], x_TH.shape[1] * x_TH.element_size()
+        if x_TH.shape[1] == H and (arena is None or (row_bytes <= arena.row_bytes
+                                                     and K <= arena.K_cap)):
+            return None
+        held = "" if arena is None else \
+            f"; the symmetric buffer holds {arena.row_bytes}-byte rows and top-k {arena.K_cap}"
+        return (f"nvshmem static-budget mode: this call (hidden {x_TH.shape[1]}, {x_TH.dtype}, "
+                f"top-k {K}) does not fit the shapes fixed at the first call (hidden {H}"
+                f"{held}): shapes are static in this mode; dispatch the widest layer first")
 
     def combine(self, y_NH: torch.Tensor, h: NVSHMEMHandle) -> torch.Tensor:
         if y_NH.dim() != 2 or y_NH.shape[0] != h.num_rows or y_NH.shape[1] != h.hidden:
@@ -313,12 +352,8 @@ class _Engine:
         code = check.code(dev)  # a cached zero when nothing was checked: no launch
         arena = self._arena_for(T, row_bytes, K)
         while True:
+            # (In static mode ``_fit_static`` already turned a misfit into a host error.)
             fits_hk = row_bytes <= arena.row_bytes and K <= arena.K_cap
-            if static and not fits_hk and not bad_host:
-                raise ValueError(
-                    f"nvshmem static-budget mode: this call (hidden {H}, {dtype}, top-k {K}) "
-                    f"does not fit the symmetric buffer sized by the first call (row bytes "
-                    f"{arena.row_bytes}, top-k {arena.K_cap}); dispatch the widest layer first")
             fits = fits_hk and (T <= arena.T_cap or static)
             T_st = min(T, arena.T_cap) if fits else 0
             arena.next_stage()
@@ -444,7 +479,7 @@ class _Engine:
         T = idx_TK.shape[0]
         dev = idx_TK.device
         if self.impl == "triton":
-            from ..kernels import _triton
+            from ...kernels import _triton
             valid_TK = torch.empty(idx_TK.shape, dtype=torch.bool, device=dev)
             pos_TR = torch.empty(T, R, dtype=torch.int64, device=dev)
             _triton.token_maps(idx_TK.contiguous(), T_eff, E, L, T_cap, R, valid_TK, pos_TR)
@@ -512,7 +547,7 @@ class _Engine:
         meta = arena.local("meta", torch.int64, (16,))
         if not bad and self.impl == "triton":
             # One launch for rows, ids, probs and the meta row (instead of ~10 small ops).
-            from ..kernels import _triton
+            from ...kernels import _triton
             _triton.stage(x_TH.contiguous(), idx_TK.contiguous(), probs_TK.contiguous(), T_st,
                           arena.local("x", dtype, (arena.T_cap, H)),
                           idx_st.view(arena.T_cap, arena.K_cap),
@@ -541,7 +576,7 @@ class _Engine:
         The Triton path is two launches; the torch path is the reference."""
         R, L, T_cap, dev = self.R, self.L, arena.T_cap, self.tr.device
         if self.impl == "triton":
-            from ..kernels import _triton
+            from ...kernels import _triton
             # Default mode reads host_buf back at once, so one buffer per arena serves
             # every call; static mode hands slices of it to the caller: a fresh one.
             static = self.budget is not None
@@ -566,7 +601,7 @@ class _Engine:
         metas = torch.empty(R, 16, dtype=torch.int64, device=dev)
         idx_all = torch.empty(R, T_cap * K, dtype=torch.int32, device=dev)
         if self.impl == "triton":
-            from ..kernels import _triton
+            from ...kernels import _triton
             _triton.peer_gather(arena.table("meta"), metas)
             _triton.peer_gather(arena.table("idx"), idx_all)
         else:
@@ -585,7 +620,7 @@ class _Engine:
         R, T_cap = self.R, arena.T_cap
         H, dtype = out_MH.shape[1], out_MH.dtype
         if self.impl == "triton":
-            from ..kernels import _triton
+            from ...kernels import _triton
             _triton.peer_scatter_rows(arena.table("x"), T_cap, self.rank, pos_VK, out_MH,
                                       arena.table("probs") if with_probs else None,
                                       probs_M if with_probs else None)
@@ -604,7 +639,7 @@ class _Engine:
 
     def _zero_unfilled(self, out_MH, filled_M, probs_M=None):
         if self.impl == "triton":
-            from ..kernels import _triton
+            from ...kernels import _triton
             _triton.zero_unfilled(out_MH, filled_M, probs_M)
         else:
             empty = filled_M == 0
@@ -625,7 +660,7 @@ class _Engine:
             tr.barrier(CH_PRE_PUSH)
         comb = arena.local("comb", dtype, (R * T_cap, H))
         if self.impl == "triton":
-            from ..kernels import _triton
+            from ...kernels import _triton
             _triton.peer_gather_reduce(y_MH, h.pos_VK, arena.table("comb"), T_cap, self.rank,
                                        comb, grad_probs_M,
                                        arena.table("gprob") if grad_probs_M is not None else None)
@@ -637,7 +672,7 @@ class _Engine:
         self._mark("barrier")
         out = torch.empty(h.num_tokens, H, dtype=dtype, device=y_MH.device)
         if self.impl == "triton":
-            from ..kernels import reduce_rows
+            from ...kernels import reduce_rows
             reduce_rows(comb, h.pos_TR, out)
         else:
             # Rows nobody wrote hold garbage: select, never multiply by a 0 mask.
@@ -721,6 +756,11 @@ class NVSHMEMBackend:
             raise RuntimeError(f"nvshmem backend: {reason}")
         self.cfg = config
         opts = dict(config.options or {})
+        if "max_rows_per_rank" in opts:
+            raise ValueError("nvshmem: max_rows_per_rank is not a backend option; pass "
+                             "MoETokenDispatcher(..., max_rows_per_rank=B)")
+        if config.max_rows_per_rank is not None:
+            opts["max_rows_per_rank"] = config.max_rows_per_rank  # the engine's own key
         dev = torch.device("cuda", torch.cuda.current_device())
         if not dist.is_initialized() or dist.get_world_size(config.group) == 1:
             key = ("local", str(dev))
@@ -746,7 +786,7 @@ class NVSHMEMBackend:
         except Exception as exc:
             return (f"this torch has no usable torch.distributed._symmetric_memory "
                     f"({type(exc).__name__}: {exc}); needs torch >= 2.9 built with CUDA")
-        from ..kernels import triton_available
+        from ...kernels import triton_available
         return triton_available()
 
     def dispatch(self, x_TH: torch.Tensor, idx_TK: torch.Tensor, probs_TK: torch.Tensor,

@@ -26,6 +26,13 @@ Combine: sum each received token's expert rows locally (``unpermute``), then Dee
 combine sums over ranks. Backward of dispatch is combine (grads to hidden and to probs);
 backward of combine is a dispatch that reuses the cached layout in the handle.
 
+Budget mode (``max_rows_per_rank = B``, intranode only): DeepEP's ``num_worst_tokens``
+dispatch, no host sync after the first call (which agrees H, K and the token cap T_cap
+once); the received local ids are planned into exactly B rows on the device
+(``permute.budget_plan``) and the validation flag rides in extra rows of the dispatch
+itself: see ``budget_mode.py`` beside this file. Combine is ``unpermute`` with that plan,
+then DeepEP's combine.
+
 Precision: V1 combine kernels reduce BF16 only, so rows travel as BF16; FP32/FP16 inputs are
 cast at the boundary and results cast back (BF16 precision). With one rank there is
 nothing to communicate: rows are permuted locally and no Buffer is made.
@@ -37,12 +44,14 @@ from typing import Any, List, Optional, Tuple
 
 import torch
 
-from . import comm
-from .ep_common import agree, cuda_reason, pad_topk, require_equal
-from .permute import GroupPlan, group_plan, permute, unpermute
-from .protocol import BackendConfig, DispatchResult, PendingCheck
-from .v1_buffer import (V1Comm, V1Combine, V1Dispatch, V1Library, check_group_size,
-                        configs_for, is_flagged, manager_for, new_box)
+from ... import comm
+from ..budget import BudgetShape, LocalInput, fit_input, pad_rows, status_bits
+from ..common import agree, cuda_reason, pad_topk, require_equal
+from ...permute import GroupPlan, budget_plan, group_plan, permute, unpermute
+from ...protocol import BackendConfig, DispatchResult, PendingCheck
+from .budget_mode import MAX_WIRE_TOPK, V1BudgetHandle, num_worst_tokens, read_flags, wire_input
+from .buffer import (INTRANODE_SIZES, V1Comm, V1Combine, V1Dispatch, V1Library,
+                     check_group_size, configs_for, is_flagged, manager_for, new_box)
 
 WIRE_DTYPE = torch.bfloat16
 # Smallest row DeepEP V1 handled correctly in our measurements (H=256 at BF16; H=64 failed).
@@ -79,7 +88,8 @@ class _Sent:
     out_dtype: torch.dtype
 
 
-_OPTIONS = {"num_sms", "async_finish", "allocate_on_comm_stream", "buffer_module"}
+_OPTIONS = {"num_sms", "async_finish", "allocate_on_comm_stream", "buffer_module",
+            "max_tokens_per_rank"}
 
 
 class V1Backend(comm.CollectiveBackendBase):
@@ -93,6 +103,10 @@ class V1Backend(comm.CollectiveBackendBase):
                              before it is returned (as Megatron-Core does).
       allocate_on_comm_stream (bool): let DeepEP allocate outputs on its communication
                              stream (requires async_finish).
+      max_tokens_per_rank (int): budget mode only: T_cap, the most tokens a rank sends per
+                             call (default: the largest T of the first call); a call with
+                             more sends the first T_cap and flags STATUS_TOKENS_DROPPED.
+                             Sets DeepEP's num_worst_tokens = R * (T_cap + 1).
     """
 
     name = "v1"
@@ -121,6 +135,11 @@ class V1Backend(comm.CollectiveBackendBase):
         self.link: Optional[V1Comm] = None
         # (H, K) every rank agreed on in the last agreement: calls in that shape need none.
         self._agreed: Optional[Tuple[int, int]] = None
+        self.budget = config.max_rows_per_rank
+        self.token_cap = self._token_cap(opts.get("max_tokens_per_rank"))
+        # Budget mode: the shapes agreed at the first call (H, K, T_cap) and the dtype then.
+        self._shape: Optional[BudgetShape] = None
+        self._dtype: Optional[torch.dtype] = None
         self._min_row_bytes = 0
         if self.R > 1:
             lib = self._library(opts)
@@ -136,6 +155,28 @@ class V1Backend(comm.CollectiveBackendBase):
                 dcfg, ccfg = configs_for(buffer_cls, self.R, self.num_sms)
             self.link = V1Comm(mgr, self.E, dcfg, ccfg, self.async_finish,
                                self.allocate_on_comm_stream, self.num_sms)
+            if self.budget is not None:
+                self._check_intranode(mgr)
+
+    def _token_cap(self, cap) -> Optional[int]:
+        if cap is None:
+            return None
+        if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+            raise ValueError(f"{self.name}: max_tokens_per_rank must be a positive int, "
+                             f"got {cap!r}")
+        if self.budget is None:
+            raise ValueError(f"{self.name}: max_tokens_per_rank applies to the budget mode "
+                             "only (MoETokenDispatcher(..., max_rows_per_rank=B))")
+        return cap
+
+    def _check_intranode(self, mgr) -> None:
+        # num_worst_tokens is refused by DeepEP's internode dispatch (an assert there).
+        if self.R not in INTRANODE_SIZES or not mgr.intranode():
+            raise ValueError(
+                f"{self.name}: the budget mode (max_rows_per_rank) runs DeepEP's sync-free "
+                f"dispatch (num_worst_tokens), which is intranode only: it needs the whole EP "
+                f"group on one host with {INTRANODE_SIZES} ranks (got {self.R}); use the "
+                "exact mode, or backend 'nvshmem' / 'alltoall' with max_rows_per_rank")
 
     # Subclasses pick the library.
     def _library(self, opts) -> V1Library:
@@ -163,6 +204,8 @@ class V1Backend(comm.CollectiveBackendBase):
 
     def dispatch(self, x_TH: torch.Tensor, idx_TK: torch.Tensor, probs_TK: torch.Tensor,
                  check: PendingCheck) -> DispatchResult:
+        if self.budget is not None:
+            return self._dispatch_budget(x_TH, idx_TK, probs_TK, check)
         T, K = idx_TK.shape
         H = x_TH.shape[1]
         if self.R == 1:
@@ -247,7 +290,71 @@ class V1Backend(comm.CollectiveBackendBase):
                               probs, V1Handle(sent.box.handle, plan, sent.num_tokens,
                                               sent.out_dtype))
 
+    # ------------------------------------------------------------------ budget mode
+
+    def _dispatch_budget(self, x_TH, idx_TK, probs_TK, check: PendingCheck) -> DispatchResult:
+        """Exactly B expert-grouped rows, no host sync after the first call (module doc)."""
+        if self._shape is None:
+            self._agree_budget(x_TH, idx_TK, check)
+        dev = comm.group_device(self.group) if self.R > 1 else x_TH.device
+        inp = fit_input(self._shape, x_TH, idx_TK, probs_TK, check, self._dtype, dev)
+        if self.R == 1:
+            recv_x, recv_p, lid_NK, bad, clipped = inp.x_TH, inp.probs_TK, inp.idx_TK, \
+                inp.code, torch.full((), int(inp.clipped), device=dev)
+            comm_handle = None
+        else:
+            recv_x, recv_p, lid_NK, bad, clipped, comm_handle = self._exchange_budget(inp)
+        plan = budget_plan(lid_NK, self.L, self.budget, self.cfg.pad_multiple)
+        tokens, probs = permute(recv_x, recv_p, plan)
+        if tokens.dtype != self._dtype:
+            tokens = tokens.to(self._dtype)
+        status = status_bits(plan.dropped, clipped, bad)
+        handle = V1BudgetHandle(comm_handle, plan, inp.x_TH.shape[0], inp.num_tokens,
+                                self._dtype, status, inp.check)
+        return DispatchResult(tokens, plan.tokens_per_expert_L, probs, handle, status)
+
+    def _agree_budget(self, x_TH, idx_TK, check: PendingCheck) -> None:
+        """The budget mode's one host exchange (first call): H, K, T_cap on every rank;
+        raises on every rank for bad input or a hidden size DeepEP cannot move."""
+        dev = comm.group_device(self.group) if self.R > 1 else x_TH.device
+        shape = BudgetShape.agree(check, self.group, dev, *idx_TK.shape, x_TH.shape[1],
+                                  self.token_cap)
+        self._agree_shape([[shape.hidden, shape.topk]])  # DeepEP's row-size rules
+        if shape.topk + 1 > MAX_WIRE_TOPK:
+            raise ValueError(f"{self.name}: top-k {shape.topk} too wide for the budget mode "
+                             f"(one extra slot carries the validation flag; DeepEP moves at "
+                             f"most {MAX_WIRE_TOPK} slots per token)")
+        self._shape, self._dtype = shape, x_TH.dtype
+
+    def _exchange_budget(self, inp: LocalInput):
+        """DeepEP's num_worst_tokens dispatch of this rank's tokens plus its flag rows.
+        Returns (recv_x [N, H], recv_probs [N, K], recv_lid [N, K], bad, clipped,
+        comm_handle); N = R * (T_cap + 1) rows, the unused ones hold no routing."""
+        x_TH = inp.x_TH
+        if inp.check.code is None and inp.check.message is not None and x_TH.is_leaf:
+            # A host error's placeholder: requiring grad (in grad mode) keeps this rank in
+            # the backward's collectives (DeepEP combine) that its peers run.
+            x_TH = x_TH.requires_grad_(torch.is_grad_enabled())
+        x_b, idx_b, p_b = wire_input(x_TH.to(WIRE_DTYPE), inp.idx_TK, inp.probs_TK, inp.code,
+                                     inp.clipped, self.L, self.R)
+        box = new_box()
+        N = num_worst_tokens(self.R, self._shape.token_cap)
+        recv_x, recv_p, recv_idx = V1Dispatch.apply(x_b, p_b, idx_b, self.link, box, None, N)
+        bad, clipped = read_flags(recv_idx, recv_p)
+        K = self._shape.topk
+        return recv_x, recv_p[:, :K], recv_idx[:, :K], bad, clipped, box.handle
+
+    def _combine_budget(self, y_BH: torch.Tensor, handle: V1BudgetHandle) -> torch.Tensor:
+        per_row = unpermute(y_BH, handle.plan)
+        if handle.comm_handle is not None:
+            # Rows come back for the sent tokens, then for the flag rows (zeros): cut.
+            per_row = V1Combine.apply(per_row.to(WIRE_DTYPE), handle.comm_handle,
+                                      self.link)[:handle.num_sent]
+        return pad_rows(per_row, handle.num_tokens).to(handle.out_dtype)
+
     def combine(self, y_NH: torch.Tensor, handle: V1Handle) -> torch.Tensor:
+        if isinstance(handle, V1BudgetHandle):
+            return self._combine_budget(y_NH, handle)
         per_row = unpermute(y_NH, handle.plan)
         if handle.comm_handle is None:
             return per_row

@@ -36,8 +36,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from . import comm
-from .ep_common import import_optional
+from ... import comm
+from ..common import import_optional
 
 log = logging.getLogger("moe_dispatch")
 
@@ -434,13 +434,18 @@ def is_flagged(counts, num_ranks: int) -> bool:
 
 def v1_dispatch(buffer, x, topk_idx, topk_weights, num_experts: int, *, config=None,
                 async_finish: bool = False, allocate_on_comm_stream: bool = False,
-                flag=None):
+                flag=None, num_worst_tokens: int = 0):
     """Layout + dispatch. Returns (recv_x, recv_topk_idx, recv_topk_weights,
     num_recv_tokens_per_expert_list, handle).
 
     topk_idx: [T, K] int64 (-1 masked); topk_weights: [T, K] float32.
     recv_topk_idx holds local expert ids (-1 for slots on other ranks). The per-expert
     list is a host list: DeepEP's CPU waits for the counts (not CUDA-graph compatible).
+
+    num_worst_tokens: 0, or N >= the rows this rank can receive: DeepEP then skips its
+    host wait (intranode only) and returns N rows, of which only the received ones are
+    written (recv_topk_idx is -1 in the others), and an empty per-expert list
+    (``budget_mode.py`` relies on exactly this).
 
     flag: None, a host int 0/1, or a 0-dim device tensor, int 0/1 or bool (e.g.
     ``PendingCheck.device_bad``). A set flag adds ``flag_offset(R)`` to every per-expert
@@ -466,11 +471,13 @@ def v1_dispatch(buffer, x, topk_idx, topk_weights, num_experts: int, *, config=N
             n_expert.add_(off)
         if async_finish:
             ev = _begin(type(buffer), True)
+    # Passed only when set, so a Buffer without the argument still serves the exact mode.
+    worst = dict(num_worst_tokens=num_worst_tokens) if num_worst_tokens else {}
     recv_x, recv_idx, recv_w, counts, handle, after = buffer.dispatch(
         x, topk_idx=topk_idx, topk_weights=topk_weights, num_tokens_per_rank=n_rank,
         num_tokens_per_rdma_rank=n_rdma, is_token_in_rank=in_rank,
         num_tokens_per_expert=n_expert, config=config, previous_event=ev,
-        async_finish=async_finish, allocate_on_comm_stream=allocate_on_comm_stream)
+        async_finish=async_finish, allocate_on_comm_stream=allocate_on_comm_stream, **worst)
     if async_finish:
         after.current_stream_wait()
     return recv_x, recv_idx, recv_w, counts, handle
@@ -538,19 +545,20 @@ class _Box:
 
 
 class V1Dispatch(torch.autograd.Function):
-    """(x_TH bf16, probs_TK fp32) -> (recv_x_NH, recv_probs_NK, recv_idx_NK); ``flag`` as
-    in ``v1_dispatch``.
+    """(x_TH bf16, probs_TK fp32) -> (recv_x_NH, recv_probs_NK, recv_idx_NK); ``flag`` and
+    ``num_worst_tokens`` as in ``v1_dispatch``.
 
     Backward: combine of the row gradients (and of the prob gradients as top-k weights),
     which sums each token's gradient over the ranks it was sent to.
     """
 
     @staticmethod
-    def forward(ctx, x_TH, probs_TK, idx_TK, link: V1Comm, box: _Box, flag=None):
+    def forward(ctx, x_TH, probs_TK, idx_TK, link: V1Comm, box: _Box, flag=None,
+                num_worst_tokens: int = 0):
         buf = link.buffer(hidden_bytes_of(x_TH))
         recv_x, recv_idx, recv_p, counts, handle = v1_dispatch(
             buf, x_TH, idx_TK, probs_TK, link.num_experts, flag=flag,
-            **link.kw(link.dispatch_config))
+            num_worst_tokens=num_worst_tokens, **link.kw(link.dispatch_config))
         box.counts, box.handle = counts, handle
         ctx.link, ctx.handle, ctx.hidden_bytes = link, handle, hidden_bytes_of(x_TH)
         ctx.recv_x_meta = (recv_x.shape, recv_x.dtype, recv_x.device)
@@ -571,7 +579,7 @@ class V1Dispatch(torch.autograd.Function):
                    torch.zeros(ctx.recv_p_shape, dtype=torch.float32, device=g_recv_x.device))
         g_x, g_p = v1_combine(buf, g_recv_x.contiguous(), ctx.handle, g_w,
                               **link.kw(link.combine_config))
-        return g_x, g_p, None, None, None, None
+        return g_x, g_p, None, None, None, None, None
 
 
 class V1Combine(torch.autograd.Function):

@@ -3,19 +3,17 @@
 ``PreSyncGraph`` captures the kernels before the sync (staging, barrier, layout, token
 maps) and the pull after it, once per shape; ``capture`` makes a graph of a body's
 launches on a side stream. Off GPUs (simulated ranks in tests) ``RerunBody`` stands in for
-a graph: its replay runs the body again. Used by ``moe_dispatch.backends.nvshmem`` only.
+a graph: its replay runs the body again. Used by ``engine.py`` beside it only; it takes the engine as a plain argument
+(``eng``: the backend's ``_Engine``, read for its transport, R, L, E, rank and padding) and
+never imports it, so the two modules form no import circle.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
 from .symm_memory import CH_STAGED, Arena
-
-if TYPE_CHECKING:
-    from .backends.nvshmem import _Engine
-
 
 class PreSyncGraph:
     """A default-mode dispatch as two CUDA graphs, captured once per (arena, staging set,
@@ -36,9 +34,9 @@ class PreSyncGraph:
     (the plan), ``host_buf`` (metas, counts, status: read back by the sync) and the layout's
     histogram scratch."""
 
-    def __init__(self, eng: "_Engine", arena: Arena, x_TH, idx_TK, probs_TK, code, T_st: int,
+    def __init__(self, eng: Any, arena: Arena, x_TH, idx_TK, probs_TK, code, T_st: int,
                  T: int, row_bytes: int, plan_budget: int):
-        from .kernels import _triton
+        from ...kernels import _triton
         tr, R, L = eng.tr, eng.R, eng.L
         dev = tr.device
         T_cap, Kc, H = arena.T_cap, arena.K_cap, x_TH.shape[1]
@@ -138,7 +136,7 @@ class PreSyncGraph:
     def pull(self, tokens_MH, probs_M):
         """After the sync: rows and probs into ``tokens_MH`` / ``probs_M``; returns the
         plan's copy for the handle (a new [R * T_cap, K_cap] int64 tensor)."""
-        from .kernels import _triton
+        from ...kernels import _triton
         eng, arena = self.eng, self.arena
         pos_out = torch.empty(self.shape, dtype=torch.int64, device=self.dev)
         a = self._slot = 20 - self._slot  # 8, 12, 8, ...

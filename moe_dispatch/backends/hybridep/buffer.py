@@ -38,7 +38,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from .ep_common import import_optional
+from ..common import import_optional
 
 log = logging.getLogger("moe_dispatch")
 

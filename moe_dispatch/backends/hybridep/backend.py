@@ -3,7 +3,7 @@
 The permutation is fused into the communication (``dispatch_with_permute`` /
 ``combine_with_unpermute``), so rows arrive grouped by local expert and padded to
 ``pad_multiple`` without a separate permute pass. Buffers are owned per process group in
-``moe_dispatch.hybrid_buffer`` (shared with ``moe_dispatch.fused_a2a``).
+``buffer.py`` beside this file (shared with ``moe_dispatch.fused_a2a``).
 
 Uneven token counts: HybridEP all-gathers the routing maps as equal blocks, so every rank
 must pass the same number of tokens. The backend pads each rank's tokens with unrouted
@@ -17,7 +17,7 @@ Tokens routed nowhere (all slots masked, and the padding rows) are left unwritte
 library's combine: the backend zeroes their output rows and their grads.
 
 Library versions: the current hybrid-ep API and older commits with the ``use_host_meta``
-API (e.g. 2eec484) are both driven; see ``moe_dispatch.hybrid_buffer``. On the older API
+API (e.g. 2eec484) are both driven; see ``buffer.py``. On the older API
 ``num_permuted_tokens`` is refused (it has no overflow guard: extra rows would be
 written out of bounds).
 
@@ -48,14 +48,14 @@ from typing import Any, Optional
 
 import torch
 
-from .. import comm
-from ..ep_common import agree, cuda_reason, require_equal, round_up
-from ..hybrid_buffer import (HybridCall, HybridCombine, HybridDispatch, HybridSettings,
+from ... import comm
+from ..common import agree, cuda_reason, require_equal, round_up
+from .buffer import (HybridCall, HybridCombine, HybridDispatch, HybridSettings,
                              hybrid_reason, is_legacy_api, load_hybrid_ep_buffer_class,
                              manager_for, new_box, overflow_flag)
-from ..permute import GroupPlan, group_plan, permute, unpermute
-from ..protocol import BackendConfig, DispatchInputError, DispatchResult, PendingCheck
-from ..routing import topk_to_dense
+from ...permute import GroupPlan, group_plan, permute, unpermute
+from ...protocol import BackendConfig, DispatchInputError, DispatchResult, PendingCheck
+from ...routing import topk_to_dense
 
 WIRE_DTYPE = torch.bfloat16
 _OPTIONS = {"num_sms_dispatch_api", "num_sms_combine_api", "max_tokens_per_rank",
