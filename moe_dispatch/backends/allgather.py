@@ -24,7 +24,7 @@ from .. import comm
 from ..permute import BudgetPlan, GroupPlan, budget_plan, group_plan, permute, unpermute
 from ..routing import pad_topk
 from ..protocol import BudgetCheck, DispatchInputError, DispatchResult, PendingCheck
-from .budget import BudgetShape, fit_input, pad_rows, status_bits
+from .budget import BudgetShape, budget_options, fit_input, pad_rows, status_bits
 
 
 @dataclass(frozen=True)
@@ -55,13 +55,7 @@ class AllGatherBackend(comm.CollectiveBackendBase):
 
     def __init__(self, config):
         super().__init__(config)
-        opts = dict(config.options or {})
-        unknown = set(opts) - {"max_tokens_per_rank"}
-        if unknown:
-            raise ValueError(f"allgather: unknown backend_options {sorted(unknown)}; known: "
-                             "['max_tokens_per_rank'] (budget mode)")
-        self.budget = config.max_rows_per_rank
-        self.token_cap = opts.get("max_tokens_per_rank")
+        self.budget, self.token_cap = budget_options(config, self.name)
         self.shape: "BudgetShape | None" = None
 
     def dispatch(self, x_TH: torch.Tensor, idx_TK: torch.Tensor, probs_TK: torch.Tensor,

@@ -51,6 +51,17 @@ class BudgetShape:
         return BudgetShape(H, max(r[2] for r in rows), int(cap))
 
 
+def budget_options(config, name: str):
+    """(B or None, T_cap or None) from a collective backend's config; its only
+    ``backend_options`` key is ``max_tokens_per_rank``."""
+    opts = dict(config.options or {})
+    unknown = set(opts) - {"max_tokens_per_rank"}
+    if unknown:
+        raise ValueError(f"{name}: unknown backend_options {sorted(unknown)}; known: "
+                         "['max_tokens_per_rank'] (budget mode)")
+    return config.max_rows_per_rank, opts.get("max_tokens_per_rank")
+
+
 @dataclass(frozen=True)
 class LocalInput:
     """This rank's input brought to the agreed shape for one budget-mode call.
