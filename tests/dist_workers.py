@@ -190,8 +190,13 @@ def run_budget_bad_input(rank: int, world: int, case: Case, backend: str, which:
             x = torch.randn(x.shape[0], x.shape[1] + 1)
         else:
             raise AssertionError(which)
+    x = x.clone().requires_grad_(True)
+    routing["topk_probs"] = routing["topk_probs"].clone().requires_grad_(True)
     out = disp.dispatch(x, **routing)
     y = disp.combine(out.tokens * out.probs.unsqueeze(1), out.handle)
+    # The backward runs before the status is read (as in a training step that checks late):
+    # the bad rank must join its collectives too, or the others would wait for it.
+    y.float().sum().backward()
     try:
         disp.check_status(out)
     except DispatchInputError as exc:

@@ -249,6 +249,35 @@ def fake_budget_bad_input(rank, world, case, backend, which, bad_rank, budget):
         return run_budget_bad_input(rank, world, case, backend, which, bad_rank, budget)
 
 
+def fake_budget_bad_backward(rank, world, case, backend, which, bad_rank, budget):
+    """A good first call, then ``bad_rank`` sends a host error ("idx_shape") or another
+    hidden size ("hidden_size"); every rank runs dispatch -> experts -> combine -> backward
+    (which must not hang: the bad rank takes part in the backward's collectives too), then
+    ``check_status``. Returns what it raised."""
+    from moe_dispatch.protocol import DispatchInputError
+    from moe_dispatch.testing import local_experts
+    from token_dispatcher import MoETokenDispatcher
+    with fakes():
+        disp = MoETokenDispatcher(case.num_experts, backend=backend, max_rows_per_rank=budget)
+        experts = local_experts(case.W, disp.local_expert_offset)
+        for step in range(2):
+            x = case.xs[rank].clone().requires_grad_(True)
+            p = case.probs[rank].clone().requires_grad_(True)
+            routing = dict(topk_idx=case.idxs[rank], topk_probs=p)
+            if step == 1 and rank == bad_rank and which == "idx_shape":
+                routing = dict(topk_idx=case.idxs[rank][1:], topk_probs=p[1:])
+            if step == 1 and rank == bad_rank and which == "hidden_size":
+                x = torch.randn(x.shape[0], x.shape[1] + 8).to(x.dtype).requires_grad_(True)
+            out = disp.dispatch(x, **routing)
+            y = disp.combine(experts(out.tokens, out.tokens_per_expert, out.probs), out.handle)
+            (y.float() * y.float()).sum().backward()
+        try:
+            disp.check_status(out)
+        except DispatchInputError as exc:
+            return str(exc)
+        return None
+
+
 def fake_budget_steps(rank, world, backend, cases, budget, backend_options=None):
     """One budget-mode dispatcher over several calls (the first agrees shapes, the others
     must not exchange anything but the library's own data). Per call: the run_parity-like
@@ -283,6 +312,15 @@ def fake_budget_steps(rank, world, backend, cases, budget, backend_options=None)
         finally:
             budget_mod.BudgetShape.agree = real_agree
     return out
+
+
+def fake_construct(rank, world, backend, budget, hybrid_api, backend_options):
+    """Build a dispatcher (8 experts) with the stand-ins; construction errors propagate."""
+    from token_dispatcher import MoETokenDispatcher
+    with fakes(hybrid_api):
+        MoETokenDispatcher(8, backend=backend, max_rows_per_rank=budget,
+                           backend_options=backend_options)
+        return "constructed"
 
 
 def fake_small_rows(rank, world, case):

@@ -6,8 +6,12 @@ UCCL-EP's V1-compatible ``Buffer`` (adds ``is_intranode``) and HybridEP's
 collectives, so multi-rank semantics (receive order, local expert ids, -1 slots, combine
 as a sum over ranks, cached-layout dispatch) are exercised for real. They also enforce
 the constraints the real libraries impose (BF16-only combine, 16-byte rows, even SM
-counts, equal token counts for HybridEP). The real libraries are proven on GPUs by
-tests/test_gpu_backends.py.
+counts, equal token counts for HybridEP) and the sync-free modes' hazards: DeepEP's
+``num_worst_tokens`` returns that many rows with NaN (uninitialised) rows past the received
+ones, -1 top-k ids there and no per-expert counts; HybridEP's ``num_permuted_tokens``
+leaves NaN rows past the used ones and drops (and flags) rows over the limit only in its
+fused non-blocking permute (elsewhere that is an out-of-bounds write: an assertion here).
+The real libraries are proven on GPUs by tests/test_gpu_backends.py.
 
 ``install()`` puts them in ``sys.modules`` as ``deep_ep`` (with ``HybridEPBuffer``) and
 ``uccl`` / ``uccl.ep``; ``uninstall()`` puts back what was there. Both re-import
@@ -280,7 +284,11 @@ class HybridEPBuffer:
             assert routing_map.dtype == torch.bool and routing_map.shape[0] == T
             E = routing_map.shape[1]
             assert E == self.L * self.R
-            m_all = self._gather(routing_map)[:, self.rank * self.L:(self.rank + 1) * self.L]
+            full = self._gather(routing_map)
+            # Tokens routed to some expert: the ones combine writes (even when the token drop
+            # of a sync-free dispatch left a token no row).
+            routed_all = full.any(1)
+            m_all = full[:, self.rank * self.L:(self.rank + 1) * self.L]
             p_all = self._gather(probs)[:, self.rank * self.L:(self.rank + 1) * self.L] \
                 if probs is not None else None
             gids, lids, counts = [], [], []
@@ -293,26 +301,39 @@ class HybridEPBuffer:
                 counts.append(n + padn)
             gid = torch.cat(gids)
             lid = torch.cat(lids)
-            overflow = torch.zeros(1, dtype=torch.int32)
-            if num_permuted_tokens is not None:
-                if gid.numel() > num_permuted_tokens:
-                    overflow[0] = 1
-                gid = torch.cat([gid, torch.full((max(num_permuted_tokens - gid.numel(), 0),), -1,
-                                                 dtype=torch.long)])[:num_permuted_tokens]
-                lid = torch.cat([lid, torch.zeros(max(num_permuted_tokens - lid.numel(), 0),
-                                                  dtype=torch.long)])[:num_permuted_tokens]
-            handle = (gid, lid, T, None, None, None, None, None, T, None, overflow)
+            # Like the library: the flag is uninitialised memory unless the guard runs.
+            overflow = torch.full((1,), -7, dtype=torch.int32)
             tpe = torch.tensor(counts, dtype=torch.long)
+            if num_permuted_tokens is not None:
+                n = num_permuted_tokens
+                over = gid.numel() > n
+                # The hybrid-ep head drops rows past num_permuted_tokens (and sets the flag)
+                # only in its fused permute of a non-blocking dispatch; otherwise they are
+                # written out of bounds.
+                assert fuse_permute_dispatch and non_blocking or not over, \
+                    "rows past num_permuted_tokens written out of bounds (no token drop)"
+                if fuse_permute_dispatch and non_blocking:
+                    overflow[0] = int(over)
+                    start = torch.cumsum(tpe, 0) - tpe
+                    tpe = torch.minimum(tpe, (n - start).clamp(min=0))
+                # Rows past the used ones: -2 (never written: uninitialised in the library).
+                gid = torch.cat([gid, torch.full((max(n - gid.numel(), 0),), -2,
+                                                 dtype=torch.long)])[:n]
+                lid = torch.cat([lid, torch.zeros(max(n - lid.numel(), 0),
+                                                  dtype=torch.long)])[:n]
+            handle = (gid, lid, T, routed_all, None, None, None, None, T, None, overflow)
         else:
             gid, lid = handle[0], handle[1]
             assert num_permuted_tokens == gid.numel()
             p_all, tpe = None, None
         ok = gid >= 0
+        # Padding rows (gid -1) are zeros; rows never written (gid -2) hold garbage (NaN).
+        fill = torch.where(gid == -1, 0.0, float("nan"))
         tokens = torch.where(ok.unsqueeze(1), x_all.index_select(0, gid.clamp(min=0)),
-                             torch.zeros((), dtype=hidden.dtype))
+                             fill.unsqueeze(1).to(hidden.dtype))
         out_p = None
         if p_all is not None:
-            out_p = torch.where(ok, p_all[gid.clamp(min=0), lid], 0.0).float()
+            out_p = torch.where(ok, p_all[gid.clamp(min=0), lid], fill).float()
         return tokens, out_p, None, tpe, handle
 
     def combine_with_unpermute(self, *, hidden, probs=None, handle=None, pad_multiple=None,
@@ -326,10 +347,7 @@ class HybridEPBuffer:
         dist.all_reduce(acc, group=self.group)
         # The library allocates the output uninitialised and writes only tokens routed
         # somewhere: unrouted rows are garbage (NaN here, so a caller relying on them fails).
-        hits = torch.zeros(T * self.R)
-        hits.index_add_(0, gid[ok], torch.ones(int(ok.sum())))
-        dist.all_reduce(hits, group=self.group)
-        unrouted = (hits[self.rank * T:(self.rank + 1) * T] == 0).unsqueeze(1)
+        unrouted = ~handle[3][self.rank * T:(self.rank + 1) * T].unsqueeze(1)
         out = acc[self.rank * T:(self.rank + 1) * T].masked_fill(unrouted, float("nan"))
         out = out.to(hidden.dtype)
         out_p = None
@@ -371,8 +389,7 @@ class HybridEPBuffer2eec484(HybridEPBuffer):
         tokens, out_p, scale, tpe, full = super().dispatch_with_permute(
             hidden=hidden, routing_map=routing_map, probs=probs,
             num_permuted_tokens=num_permuted_tokens, pad_multiple=pad_multiple, handle=full)
-        if full[10] is not None:
-            assert int(full[10][0]) == 0, "more rows than num_permuted_tokens: out of bounds"
+        # (More rows than num_permuted_tokens fail in the base class: no guard here.)
         if tpe is not None:
             tpe = tpe.to(torch.int32)
         return tokens, out_p, scale, tpe, full[:8]

@@ -113,6 +113,13 @@ def test_option_validation_single_process():
         HybridEPBackend(BackendConfig(None, 8, pad_multiple=16, options={"num_permuted_tokens": 40}))
     with pytest.raises(ValueError, match="requires num_permuted_tokens"):
         _make(HybridEPBackend, {"tokens_per_rank": 64})
+    # Budget mode (max_rows_per_rank): its token cap is a budget-mode option, and HybridEP's
+    # row count is the budget itself.
+    with pytest.raises(ValueError, match="budget mode only"):
+        _make(DeepEPBackend, {"max_tokens_per_rank": 64})
+    with pytest.raises(ValueError, match="leave the option unset"):
+        HybridEPBackend(BackendConfig(None, 8, options={"num_permuted_tokens": 32},
+                                      max_rows_per_rank=32))
 
 
 @pytest.mark.parametrize("name", ["deepep", "uccl", "hybridep"])

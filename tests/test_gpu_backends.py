@@ -10,7 +10,8 @@ backend, and rank 0 compares each backend with the single-process float64 dense
 reference (``moe_dispatch.testing``) and with ``alltoall``: dispatched rows, per-expert
 counts, probs, outputs, grads to hidden and to the router probs. Cases: uneven counts
 with -1 slots, a zero-token rank, all tokens on one expert, zipf skew with
-pad_multiple, dense routing with a zero-token rank. ``--warm-steps``: one dispatcher
+pad_multiple, dense routing with a zero-token rank. ``--budget``: the sync-free budget
+mode (``max_rows_per_rank``) of each backend (``budget_checks``). ``--warm-steps``: one dispatcher
 through valid, bad and reshaped calls (the V1 backends' sync-free validation). Then the
 seed API (``moe_dispatch.fused_a2a``) round trip, the buffer-size mirror against DeepEP's
 own hint, and with ``--bench`` the timing at DeepEP's benchmark shape: ``deep_ep.Buffer``
@@ -247,6 +248,128 @@ def warm_steps(world, backend):
     log0(f"[warm-steps R={world}] {backend}: {'OK' if ok else 'FAIL'} " + json.dumps(
         [(st["step"], st["bad"], st["got"], st["agreements"], st["pass"]) for st in steps_out]))
     return out
+
+
+def _budget_step(disp, case, rank, which=None):
+    """One budget-mode dispatch -> experts -> combine -> backward on this rank's input
+    (``which`` = "bad_ids": an out-of-range expert id). Returns the outputs on the CPU, the
+    status read once, and what ``check_status`` raised (or None)."""
+    from moe_dispatch.protocol import DispatchInputError
+    from moe_dispatch.testing import local_experts
+    dev = torch.device(DEVICE)
+    x = case.xs[rank].to(dev).clone().requires_grad_(True)
+    p = case.probs[rank].to(dev).clone().requires_grad_(True)
+    idx = case.idxs[rank].to(dev).clone()
+    if which == "bad_ids" and idx.numel():
+        idx[0, 0] = case.num_experts
+    out = disp.dispatch(x, topk_idx=idx, topk_probs=p)
+    y = disp.combine(local_experts(case.W.to(dev), disp.local_expert_offset)(
+        out.tokens, out.tokens_per_expert, out.probs), out.handle)
+    (y.float() * case.gouts[rank].to(dev).float()).sum().backward()
+    try:
+        status, raised = disp.check_status(out), None
+    except DispatchInputError as exc:
+        status, raised = None, str(exc)
+    return dict(tokens=out.tokens.detach().cpu(), tpe=out.tokens_per_expert.cpu(),
+                probs=out.probs.detach().cpu(), y=y.detach().cpu(), gx=x.grad.cpu(),
+                gp=p.grad.cpu(), status=status, raised=raised)
+
+
+def budget_checks(world, backend):
+    """The budget mode (``max_rows_per_rank``) of ``backend``, on one dispatcher: every
+    scenario with a budget all rows fit (judged like ``parity``: status 0, B rows, zero
+    tail), a hot expert overflowing a small budget on another dispatcher (flagged where it
+    overflowed, finite), one rank's bad ids (nothing raises until ``check_status``, which
+    raises on every rank), and on GPUs a steady-state step under
+    ``torch.cuda.set_sync_debug_mode("error")`` (no host sync in dispatch, the experts,
+    combine or the backward)."""
+    from token_dispatcher import MoETokenDispatcher
+    rank = dist.get_rank()
+    budget = 1024 * world
+    out, ok = {}, True
+    o = dict(BACKEND_OPTIONS.get(backend, {}))
+    disp = MoETokenDispatcher(8 * world, backend=backend, max_rows_per_rank=budget,
+                              backend_options=o or None)
+    for scen in ("uneven_masked", "zero_token_rank", "one_expert"):
+        tokens, kw, _ = SCENARIOS[scen]
+        kw = dict(kw)
+        case = make_case(world, tokens(world), 256, 8 * world, kw.pop("topk", 4),
+                         seed=_bcast_seed(), dtype=torch.bfloat16, **kw)
+        res = _gathered(lambda: _budget_step(disp, case, rank))
+        if rank == 0:
+            j = _judge_budget(case, res, budget)
+            out[scen], ok = j, ok and j["ok"]
+    case = make_case(world, [128] * world, 256, 8 * world, 2, seed=_bcast_seed(),
+                     dtype=torch.bfloat16, skew="one_expert")
+    small = MoETokenDispatcher(8 * world, backend=backend, max_rows_per_rank=64,
+                               backend_options=o or None)
+    res = _gathered(lambda: _budget_step(small, case, rank))
+    if rank == 0:
+        good = all(r and r["tokens"].shape[0] == 64 and int(r["tpe"].sum()) <= 64
+                   and torch.isfinite(r["y"].float()).all() for r, _ in res)
+        good &= any(r and r["status"] & 1 for r, _ in res)
+        out["overflow"] = {"ok": good, "status": [r and r["status"] for r, _ in res]}
+        ok &= good
+    res = _gathered(lambda: _budget_step(disp, case, rank, "bad_ids" if rank == world - 1
+                                         else None))
+    if rank == 0:
+        good = all(r and r["raised"] for r, _ in res)
+        out["bad_input"] = {"ok": good, "raised": [r and (r["raised"] or "")[:80] for r, _ in res]}
+        ok &= good
+    if DEVICE == "cuda":
+        def steady():
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                disp_out = disp.dispatch(x, topk_idx=idx, topk_probs=p)
+                y = disp.combine(disp_out.tokens * disp_out.probs.unsqueeze(1).to(x.dtype),
+                                 disp_out.handle)
+                y.float().sum().backward()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            return {"status": int(disp_out.status.item())}
+        x = case.xs[rank].cuda().clone().requires_grad_(True)
+        idx, p = case.idxs[rank].cuda(), case.probs[rank].cuda().clone().requires_grad_(True)
+        res = _gathered(steady)
+        if rank == 0:
+            good = all(r is not None for r, _ in res)
+            out["no_host_sync"] = {"ok": good, "error": [e for _, e in res if e][:1]}
+            ok &= good
+    if rank == 0:
+        out["ok"] = ok
+        log0(f"[budget R={world}] {backend}: {'OK' if ok else 'FAIL'} " + json.dumps(
+            {k: v.get("ok") for k, v in out.items() if isinstance(v, dict)}))
+    return out
+
+
+def _gathered(fn):
+    """Run ``fn`` here (an exception is recorded, as the other ranks' would be) and gather
+    every rank's (result, error) to every rank."""
+    try:
+        res, err = fn(), None
+    except Exception as exc:  # recorded; judged on rank 0
+        res, err = None, f"{type(exc).__name__}: {exc}"
+        traceback.print_exc()
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (res, err))
+    return gathered
+
+
+def _judge_budget(case, gathered, budget):
+    errs = [e for _, e in gathered if e]
+    if errs:
+        return {"ok": False, "error": errs[0][:400]}
+    res = [r for r, _ in gathered]
+    j = _judge(case, {}, [({**r, "tokens": r["tokens"][:int(r["tpe"].sum())],
+                            "probs": r["probs"][:int(r["tpe"].sum())]}, None) for r in res],
+               reference_moe(case))
+    j.pop("_res", None)
+    tails = all(not r["tokens"][int(r["tpe"].sum()):].float().any() for r in res)
+    shape = all(r["tokens"].shape[0] == budget and r["status"] == 0 for r in res)
+    j.update(ok=bool(j["ok"] and tails and shape), zero_tail=tails, rows_and_status=shape)
+    return j
 
 
 def seed_api(world, lib="deep_ep"):
@@ -591,6 +714,8 @@ def main():
     ap.add_argument("--seed-api", default="v1", help="v1, hybrid, both, uccl or none")
     ap.add_argument("--warm-steps", action="store_true",
                     help="V1 backends: one dispatcher through valid, bad and reshaped calls")
+    ap.add_argument("--budget", action="store_true",
+                    help="the budget mode (max_rows_per_rank) of every backend in --backends")
     ap.add_argument("--breakdown", action="store_true",
                     help="with --bench: per-stage timing of the first V1 backend")
     ap.add_argument("--cpu-smoke", action="store_true",
@@ -626,6 +751,8 @@ def main():
     if args.warm_steps:
         summary["warm_steps"] = {be: warm_steps(world, be) for be in backends
                                  if be in V1_BACKENDS}
+    if args.budget:
+        summary["budget"] = {be: budget_checks(world, be) for be in backends}
     if args.seed_api in ("v1", "both"):
         summary["seed_api"] = seed_api(world)
     if args.seed_api == "uccl":
@@ -656,8 +783,11 @@ def main():
         b = summary.get("bench") or {}
         if summary.get("warm_steps"):
             summary["warm_steps_ok"] = all(v and v.get("ok") for v in summary["warm_steps"].values())
+        if summary.get("budget"):
+            summary["budget_ok"] = all(v and v.get("ok") for v in summary["budget"].values())
         print("SUMMARY " + json.dumps({"world": world, "parity_all_ok": ok,
                                        "warm_steps_ok": summary.get("warm_steps_ok"),
+                                       "budget_ok": summary.get("budget_ok"),
                                        "alltoall_failures": summary["alltoall_failures"],
                                        "seed_api": summary.get("seed_api"),
                                        "seed_hybrid_api": summary.get("seed_hybrid_api"),
@@ -679,14 +809,14 @@ def test_script_cpu_smoke():
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          os.path.abspath(__file__), "--cpu-smoke", "--seed-api", "none", "--backends",
-         "deepep,uccl_over_deep_ep", "--warm-steps", "--bench", "--breakdown",
+         "deepep,uccl_over_deep_ep", "--warm-steps", "--budget", "--bench", "--breakdown",
          "--bench-backends", "deepep", "--iters", "2"],
         capture_output=True, text=True, timeout=240, env=env)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     line = next(l for l in proc.stdout.splitlines() if l.startswith("SUMMARY "))
     summary = json.loads(line[len("SUMMARY "):])
-    assert summary["parity_all_ok"] and summary["warm_steps_ok"], line
+    assert summary["parity_all_ok"] and summary["warm_steps_ok"] and summary["budget_ok"], line
     pct = summary["bench_overhead_pct"]["dispatch_overhead_vs_Buffer+permute_pct"]
     assert {"deepep", "deepep agree every call", "dispatcher(deepep, check_inputs=True)"} <= set(pct)
     assert "[bench-table R=2] agree() alone" in proc.stdout

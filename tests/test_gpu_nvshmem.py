@@ -639,7 +639,7 @@ def check_static_bad_input():
     W = case.W.to(DEV)
     be = _backend("nvshmem", case.num_experts, None, budget=4 * 96 * R)  # every row fits
     _run(be, case, rank, dtype, W)  # the first call agrees shapes
-    x = case.xs[rank].to(DEV).to(dtype).requires_grad_(True)
+    x = case.xs[rank].to(DEV, dtype).clone().requires_grad_(True)
     bad = torch.tensor(1 if rank == R - 1 else 0, device=DEV)
     errs = []
     try:

@@ -94,10 +94,13 @@ def fit_input(shape: BudgetShape, x_TH, idx_TK, probs_TK, check: PendingCheck,
                    f"mode's agreed hidden {shape.hidden} / top-k {shape.topk} (fixed at the "
                    "first call: shapes are static in the budget mode)")
     if message is not None:
+        # Placeholders of the agreed shape. They require grad in grad mode: the peers'
+        # outputs do, and their backward runs collectives this rank must join too.
+        grad = torch.is_grad_enabled()
         empty = torch.zeros(0, shape.topk, device=device)
-        return LocalInput(torch.zeros(0, shape.hidden, dtype=dtype, device=device),
-                          empty.long() - 1, empty, comm.ints_on([2], device)[0], T, False,
-                          BudgetCheck(message))
+        return LocalInput(torch.zeros(0, shape.hidden, dtype=dtype, device=device)
+                          .requires_grad_(grad), empty.long() - 1, empty.requires_grad_(grad),
+                          comm.ints_on([2], device)[0], T, False, BudgetCheck(message))
     if K < shape.topk:
         from ..routing import pad_topk
         idx_TK, probs_TK = pad_topk(idx_TK, probs_TK, shape.topk)

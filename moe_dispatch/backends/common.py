@@ -57,3 +57,4 @@ def cuda_reason() -> Optional[str]:
 
 def round_up(x: int, m: int) -> int:
     return -(-x // m) * m
+

@@ -137,7 +137,8 @@ class V1Backend(comm.CollectiveBackendBase):
         self._agreed: Optional[Tuple[int, int]] = None
         self.budget = config.max_rows_per_rank
         self.token_cap = self._token_cap(opts.get("max_tokens_per_rank"))
-        # Budget mode: the shapes agreed at the first call (H, K, T_cap) and the dtype then.
+        # Budget mode: the shapes agreed at the first call (H, K, T_cap) and its dtype (that of
+        # a host error's placeholder rows).
         self._shape: Optional[BudgetShape] = None
         self._dtype: Optional[torch.dtype] = None
         self._min_row_bytes = 0
@@ -306,11 +307,13 @@ class V1Backend(comm.CollectiveBackendBase):
             recv_x, recv_p, lid_NK, bad, clipped, comm_handle = self._exchange_budget(inp)
         plan = budget_plan(lid_NK, self.L, self.budget, self.cfg.pad_multiple)
         tokens, probs = permute(recv_x, recv_p, plan)
-        if tokens.dtype != self._dtype:
-            tokens = tokens.to(self._dtype)
+        # The caller's dtype (a host error's placeholder has the first call's).
+        out_dtype = inp.x_TH.dtype
+        if tokens.dtype != out_dtype:
+            tokens = tokens.to(out_dtype)
         status = status_bits(plan.dropped, clipped, bad)
         handle = V1BudgetHandle(comm_handle, plan, inp.x_TH.shape[0], inp.num_tokens,
-                                self._dtype, status, inp.check)
+                                out_dtype, status, inp.check)
         return DispatchResult(tokens, plan.tokens_per_expert_L, probs, handle, status)
 
     def _agree_budget(self, x_TH, idx_TK, check: PendingCheck) -> None:
@@ -330,12 +333,8 @@ class V1Backend(comm.CollectiveBackendBase):
         """DeepEP's num_worst_tokens dispatch of this rank's tokens plus its flag rows.
         Returns (recv_x [N, H], recv_probs [N, K], recv_lid [N, K], bad, clipped,
         comm_handle); N = R * (T_cap + 1) rows, the unused ones hold no routing."""
-        x_TH = inp.x_TH
-        if inp.check.code is None and inp.check.message is not None and x_TH.is_leaf:
-            # A host error's placeholder: requiring grad (in grad mode) keeps this rank in
-            # the backward's collectives (DeepEP combine) that its peers run.
-            x_TH = x_TH.requires_grad_(torch.is_grad_enabled())
-        x_b, idx_b, p_b = wire_input(x_TH.to(WIRE_DTYPE), inp.idx_TK, inp.probs_TK, inp.code,
+        x_TH, probs_TK = inp.x_TH, inp.probs_TK
+        x_b, idx_b, p_b = wire_input(x_TH.to(WIRE_DTYPE), inp.idx_TK, probs_TK, inp.code,
                                      inp.clipped, self.L, self.R)
         box = new_box()
         N = num_worst_tokens(self.R, self._shape.token_cap)

@@ -26,9 +26,12 @@ backend_options:
   max_tokens_per_rank (int): size the buffer for this many tokens per rank up front
       (default: the first call's; a larger call later reallocates, logged).
   num_permuted_tokens (int): rows to allocate for the received, expert-grouped tokens.
-      Dispatch then returns exactly that many rows (those past sum(tokens_per_expert) are
-      junk that combine ignores), ``tokens_per_expert`` stays on the GPU and HybridEP does
-      not synchronize the host. If more rows arrive than allowed, the handle's
+      Dispatch then returns exactly that many rows (those past sum(tokens_per_expert), which
+      the library leaves uninitialised, are zeroed with prob 0 by a device mask),
+      ``tokens_per_expert`` stays on the GPU and HybridEP does not synchronize the host
+      (its fused permute is asked for: the only path of the hybrid-ep head that drops the
+      rows past the limit instead of writing them out of bounds). If more rows arrive
+      than allowed, they are dropped and the handle's
       ``overflow_flag`` is set: check it with ``HybridEPBackend.overflowed(handle)`` or
       ``check_overflow(handle)`` (each a host sync, when you choose). With
       ``pad_multiple`` it must be a multiple of it. Current hybrid-ep API only: older
@@ -38,6 +41,14 @@ backend_options:
       host sync at all; input checks are local only (a bad rank raises alone), so use it
       for fixed shapes (CUDA graphs) with a dispatcher built with ``check_inputs=False``.
   use_shared_buffer (bool): let dispatch and combine share memory (library default True).
+
+Budget mode (``MoETokenDispatcher(..., max_rows_per_rank=B)``): HybridEP's sync-free
+dispatch with ``num_permuted_tokens = B`` (so that option must stay unset), every rank at
+the token count fixed at the first call (``tokens_per_rank`` / ``max_tokens_per_rank``
+name it, else the first call's largest T; more tokens later: the first T_cap are sent
+and STATUS_TOKENS_DROPPED is set); nothing raises for bad input after the first call (it
+is flagged in ``status`` on every rank, see ``budget_mode.py``). Needs the current
+hybrid-ep API: the older use_host_meta API is refused at construction.
 """
 from __future__ import annotations
 
@@ -49,12 +60,15 @@ from typing import Any, Optional
 import torch
 
 from ... import comm
+from ..budget import BudgetShape, LocalInput, fit_input, pad_rows, status_bits
 from ..common import agree, cuda_reason, require_equal, round_up
+from .budget_mode import gather_flags, kept_counts
 from .buffer import (HybridCall, HybridCombine, HybridDispatch, HybridSettings,
-                             hybrid_reason, is_legacy_api, load_hybrid_ep_buffer_class,
-                             manager_for, new_box, overflow_flag)
-from ...permute import GroupPlan, group_plan, permute, unpermute
-from ...protocol import BackendConfig, DispatchInputError, DispatchResult, PendingCheck
+                     hybrid_reason, is_legacy_api, load_hybrid_ep_buffer_class,
+                     manager_for, new_box, overflow_flag, zero_unused_rows)
+from ...permute import budget_plan, group_plan, permute, unpermute
+from ...protocol import (BackendConfig, BudgetCheck, DispatchInputError, DispatchResult,
+                         PendingCheck)
 from ...routing import topk_to_dense
 
 WIRE_DTYPE = torch.bfloat16
@@ -87,15 +101,25 @@ class HybridEPHandle:
                    ``num_permuted_tokens`` allowed (None if the library has no flag).
     routed_T:      [T_pad] bool, token routed to at least one expert (padding rows False);
                    combine zeroes the other rows, which the library leaves unwritten.
+    live_N:        [N] bool, rows the library wrote (sync-free dispatch: the rest is
+                   uninitialised; zeroed, and given zero grads); None when all are.
+    status:        budget mode: [1] int32 device ``protocol.STATUS_*`` bits; else None.
+    budget_check:  budget mode: this rank's validation, raised by ``check_status``.
+    pad_to:        budget mode: the caller's T (combine's rows past ``num_tokens``, tokens
+                   not sent over the token cap, come back as zeros); else None.
     """
 
     lib_handle: Any
-    plan: Optional[GroupPlan]
+    plan: Optional[Any]  # GroupPlan, or BudgetPlan (budget mode); None with several ranks
     num_tokens: int
     num_rows: int
     out_dtype: torch.dtype
     overflow_flag: Optional[torch.Tensor] = None
     routed_T: Optional[torch.Tensor] = None
+    live_N: Optional[torch.Tensor] = None
+    status: Optional[torch.Tensor] = None
+    budget_check: Optional[BudgetCheck] = None
+    pad_to: Optional[int] = None
 
 
 class HybridEPBackend(comm.CollectiveBackendBase):
@@ -116,9 +140,17 @@ class HybridEPBackend(comm.CollectiveBackendBase):
             v = opts.get(key)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
                 raise ValueError(f"hybridep: {key} must be a non-negative int, got {v!r}")
-        self.num_permuted_tokens = opts.get("num_permuted_tokens")
+        self.budget = config.max_rows_per_rank
+        if self.budget is not None and opts.get("num_permuted_tokens") is not None:
+            raise ValueError("hybridep: in the budget mode num_permuted_tokens is "
+                             "max_rows_per_rank; leave the option unset")
+        self.num_permuted_tokens = opts.get("num_permuted_tokens", self.budget)
         self.tokens_per_rank = opts.get("tokens_per_rank")
         self.max_tokens_per_rank = opts.get("max_tokens_per_rank")
+        # Budget mode: the shapes agreed at the first call (H, K, T_cap) and its dtype (that of
+        # a host error's placeholder rows).
+        self._shape: Optional[BudgetShape] = None
+        self._dtype: Optional[torch.dtype] = None
         pad = config.pad_multiple
         if self.num_permuted_tokens is not None and pad and self.num_permuted_tokens % pad:
             raise ValueError(f"hybridep: num_permuted_tokens={self.num_permuted_tokens} must be a "
@@ -133,6 +165,13 @@ class HybridEPBackend(comm.CollectiveBackendBase):
             use_shared_buffer=opts.get("use_shared_buffer"))
         self.call = None
         if self.R > 1:
+            if self.budget is not None and is_legacy_api(load_hybrid_ep_buffer_class()):
+                raise ValueError(
+                    "hybridep: the budget mode (max_rows_per_rank) needs the current hybrid-ep "
+                    "API (non_blocking dispatch with its overflow guard); this "
+                    "deep_ep.HybridEPBuffer is the older use_host_meta API, whose "
+                    "num_permuted_tokens writes extra rows out of bounds and syncs the host: "
+                    "upgrade hybrid-ep, or use backend 'deepep' / 'nvshmem' in the budget mode")
             self.call = HybridCall(manager_for(self.group), self.settings, pad,
                                    self.num_permuted_tokens)
 
@@ -155,6 +194,8 @@ class HybridEPBackend(comm.CollectiveBackendBase):
 
     def dispatch(self, x_TH: torch.Tensor, idx_TK: torch.Tensor, probs_TK: torch.Tensor,
                  check: PendingCheck) -> DispatchResult:
+        if self.budget is not None:
+            return self._dispatch_budget(x_TH, idx_TK, probs_TK, check)
         T, K = idx_TK.shape
         H = x_TH.shape[1]
         if self.R == 1:
@@ -184,6 +225,30 @@ class HybridEPBackend(comm.CollectiveBackendBase):
                 "hybridep: this deep_ep.HybridEPBuffer (older hybrid-ep API with use_host_meta) "
                 "does not guard num_permuted_tokens (extra rows are written out of bounds) "
                 "and syncs the host anyway: leave num_permuted_tokens unset or upgrade")
+        tokens, probs, box = self._send(x_TH, idx_TK, probs_TK, T_pad)
+        tpe = box.tokens_per_expert
+        live_N = None
+        if tpe.device.type == "cpu":
+            tpe = tpe.to(torch.long).clone()  # pinned buffer of the library: own a copy
+        elif self.num_permuted_tokens is None:
+            tpe = tpe.to(torch.long).cpu()  # legacy API returns it on the GPU if nothing came
+        else:
+            tpe = tpe.to(torch.long)
+        if self.num_permuted_tokens is not None:
+            # Sync-free: the rows past the received ones are uninitialised; zero them.
+            tpe = kept_counts(tpe, self.num_permuted_tokens)
+            live_N = torch.arange(tokens.shape[0], device=tpe.device) < tpe.sum()
+            tokens, probs = zero_unused_rows(tokens, probs, live_N.to(tokens.device))
+        if tokens.dtype != x_TH.dtype:
+            tokens = tokens.to(x_TH.dtype)
+        handle = HybridEPHandle(box.handle, None, T, tokens.shape[0], x_TH.dtype,
+                                overflow_flag(box.handle), box.routed_T, live_N)
+        return DispatchResult(tokens, tpe, probs, handle)
+
+    def _send(self, x_TH, idx_TK, probs_TK, T_pad: int):
+        """HybridEP's dispatch of [T, H] tokens (T <= T_pad) as T_pad rows, the padding ones
+        routed nowhere. Returns (tokens [N, H] wire dtype, probs [N] fp32, box)."""
+        T, H = x_TH.shape
         H_pad = round_up(H, HIDDEN_ALIGN)
         map_TE, probs_TE = topk_to_dense(idx_TK, probs_TK.float(), self.E)
         x_b = x_TH.to(WIRE_DTYPE)
@@ -194,24 +259,57 @@ class HybridEPBackend(comm.CollectiveBackendBase):
             x_b = torch.cat([x_b, x_b.new_zeros(T_pad - T, H_pad)])
             map_TE = torch.cat([map_TE, map_TE.new_zeros(T_pad - T, self.E)])
             probs_TE = torch.cat([probs_TE, probs_TE.new_zeros(T_pad - T, self.E)])
-        map_TE = map_TE.contiguous()
         box = new_box()
         tokens, probs = HybridDispatch.apply(x_b.contiguous(), probs_TE.contiguous(),
-                                             map_TE, self.call, box)
-        tpe = box.tokens_per_expert
-        if tpe.device.type == "cpu":
-            tpe = tpe.to(torch.long).clone()  # pinned buffer of the library: own a copy
-        elif self.num_permuted_tokens is None:
-            tpe = tpe.to(torch.long).cpu()  # legacy API returns it on the GPU if nothing came
-        else:
-            tpe = tpe.to(torch.long)
+                                             map_TE.contiguous(), self.call, box)
         if H_pad > H:
             tokens = tokens[:, :H].contiguous()
-        if tokens.dtype != x_TH.dtype:
-            tokens = tokens.to(x_TH.dtype)
-        handle = HybridEPHandle(box.handle, None, T, tokens.shape[0], x_TH.dtype,
-                                overflow_flag(box.handle), box.routed_T)
-        return DispatchResult(tokens, tpe, probs, handle)
+        return tokens, probs, box
+
+    # ------------------------------------------------------------------ budget mode
+
+    def _dispatch_budget(self, x_TH, idx_TK, probs_TK, check: PendingCheck) -> DispatchResult:
+        """Exactly B expert-grouped rows, no host sync after the first call (module doc)."""
+        if self._shape is None:
+            self._agree_budget(x_TH, idx_TK, check)
+        dev = comm.group_device(self.group) if self.R > 1 else x_TH.device
+        inp = fit_input(self._shape, x_TH, idx_TK, probs_TK, check, self._dtype, dev)
+        if self.R == 1:
+            return self._local_budget(inp)
+        bad, clipped = gather_flags(inp.code, inp.clipped, self.group)
+        x, probs_TK = inp.x_TH, inp.probs_TK
+        T_pad = round_up(max(self._shape.token_cap, 1), token_align())
+        tokens, probs, box = self._send(x, inp.idx_TK, probs_TK, T_pad)
+        tpe = kept_counts(box.tokens_per_expert, self.budget)
+        live_N = torch.arange(self.budget, device=tpe.device) < tpe.sum()
+        tokens, probs = zero_unused_rows(tokens, probs, live_N.to(tokens.device))
+        flag = overflow_flag(box.handle)
+        status = status_bits(flag.reshape(()) != 0, clipped, bad)
+        # The caller's dtype (a host error's placeholder has the first call's).
+        dtype = inp.x_TH.dtype
+        handle = HybridEPHandle(box.handle, None, inp.x_TH.shape[0], self.budget, dtype,
+                                flag, box.routed_T, live_N, status, inp.check, inp.num_tokens)
+        return DispatchResult(tokens.to(dtype), tpe, probs, handle, status)
+
+    def _agree_budget(self, x_TH, idx_TK, check: PendingCheck) -> None:
+        """The budget mode's one host exchange (first call): H, K and the token cap on every
+        rank; raises on every rank for bad input."""
+        dev = comm.group_device(self.group) if self.R > 1 else x_TH.device
+        cap = self.tokens_per_rank or self.max_tokens_per_rank
+        self._shape = BudgetShape.agree(check, self.group, dev, *idx_TK.shape, x_TH.shape[1],
+                                        cap)
+        self._dtype = x_TH.dtype
+
+    def _local_budget(self, inp: LocalInput) -> DispatchResult:
+        """One rank: nothing to communicate, the budget plan on this rank's rows."""
+        plan = budget_plan(inp.idx_TK, self.L, self.budget, self.cfg.pad_multiple)
+        tokens, probs = permute(inp.x_TH, inp.probs_TK, plan)
+        clipped = torch.full((), int(inp.clipped), device=inp.code.device)
+        status = status_bits(plan.dropped, clipped, inp.code)
+        dtype = inp.x_TH.dtype
+        handle = HybridEPHandle(None, plan, inp.x_TH.shape[0], self.budget, dtype,
+                                status=status, budget_check=inp.check, pad_to=inp.num_tokens)
+        return DispatchResult(tokens.to(dtype), plan.tokens_per_expert_L, probs, handle, status)
 
     def _legacy(self) -> bool:
         buf = self.call.manager.buffer
@@ -219,7 +317,7 @@ class HybridEPBackend(comm.CollectiveBackendBase):
 
     def combine(self, y_NH: torch.Tensor, handle: HybridEPHandle) -> torch.Tensor:
         if handle.plan is not None:
-            return unpermute(y_NH, handle.plan)
+            return self._padded(unpermute(y_NH, handle.plan), handle)
         if y_NH.shape[0] != handle.num_rows:
             raise ValueError(f"combine: expert output has {y_NH.shape[0]} rows, dispatch produced "
                              f"{handle.num_rows}")
@@ -229,11 +327,16 @@ class HybridEPBackend(comm.CollectiveBackendBase):
         if H_pad > H:
             y_b = torch.nn.functional.pad(y_b, (0, H_pad - H))
         out = HybridCombine.apply(y_b, handle.lib_handle, self.call, handle.num_rows,
-                                  handle.routed_T)
+                                  handle.routed_T, handle.live_N)
         out = out[:handle.num_tokens]
         if H_pad > H:
             out = out[:, :H].contiguous()
-        return out.to(handle.out_dtype)
+        return self._padded(out, handle).to(handle.out_dtype)
+
+    @staticmethod
+    def _padded(out_TH: torch.Tensor, handle: HybridEPHandle) -> torch.Tensor:
+        """Budget mode: zero rows for the caller's tokens past those sent (token cap)."""
+        return out_TH if handle.pad_to is None else pad_rows(out_TH, handle.pad_to)
 
     def free_buffer(self) -> None:
         if self.call is not None:

@@ -18,6 +18,13 @@ Combine's output is allocated uninitialised and only tokens routed somewhere are
 rows (and combined-prob rows) of unrouted tokens are garbage, so callers that need zeros
 must mask them (``HybridDispatch`` / ``HybridCombine`` do, given the routed mask).
 
+In the head's sync-free dispatch (``non_blocking``), rows past ``num_permuted_tokens`` are
+dropped and the overflow flag is set only by its fused permute (``fuse_permute_dispatch``,
+which builds the preprocessing with HYBRID_EP_BUILD_TOKEN_DROP_ENABLE); its standalone
+permute writes them out of bounds and leaves the flag uninitialised, so the fused one is
+asked for whenever the API has it. The output rows past the received ones are
+uninitialised either way (``zero_unused_rows`` masks them).
+
 Older commits (e.g. 2eec484, the "legacy" API here) differ: ``use_host_meta`` instead of
 ``non_blocking``; an 8-field handle without the overflow flag; ``num_permuted_tokens``
 is not guarded (more arriving rows are written past the allocation) and dispatch still
@@ -214,6 +221,12 @@ def dispatch_with_permute(buffer, x, routing_map, probs, num_local_experts: int,
         kw["non_blocking"] = sync_free
     elif "use_host_meta" in params:
         kw["use_host_meta"] = not sync_free
+    if sync_free and "fuse_permute_dispatch" in params:
+        # The hybrid-ep head (94a9f8f) drops rows past num_permuted_tokens and sets the
+        # overflow flag only in its fused permute (HYBRID_EP_BUILD_TOKEN_DROP_ENABLE is
+        # fuse_permute_dispatch && non_blocking); the standalone permute writes them out of
+        # bounds and leaves the flag uninitialised.
+        kw["fuse_permute_dispatch"] = True
     return buffer.dispatch_with_permute(**kw)
 
 
@@ -297,18 +310,29 @@ class HybridDispatch(torch.autograd.Function):
         return g_x, g_pTE, None, None, None
 
 
+def zero_unused_rows(tokens_NH: torch.Tensor, probs_N: Optional[torch.Tensor],
+                     live_N: torch.Tensor):
+    """Rows past ``live_N`` (``[N]`` bool, False on rows the library left uninitialised)
+    as zeros and prob 0; a device select, no sync (a 0 * garbage product could be NaN)."""
+    tokens_NH = torch.where(live_N.unsqueeze(1), tokens_NH, tokens_NH.new_zeros(()))
+    if probs_N is not None:
+        probs_N = torch.where(live_N, probs_N, probs_N.new_zeros(()))
+    return tokens_NH, probs_N
+
+
 class HybridCombine(torch.autograd.Function):
     """tokens_NH (expert-grouped, bf16) -> [T, H]; rows where ``routed_T`` [T] bool is False
     are zeroed (the library leaves them unwritten). Backward: dispatch_with_permute of the
-    output grad along the cached handle."""
+    output grad along the cached handle; with ``live_N`` ([N] bool, or None) the rows it
+    leaves unwritten (past the received ones, sync-free mode) get zero grads."""
 
     @staticmethod
-    def forward(ctx, y_NH, handle, call: HybridCall, num_rows: int, routed_T):
+    def forward(ctx, y_NH, handle, call: HybridCall, num_rows: int, routed_T, live_N=None):
         out, _ = combine_with_unpermute(call.manager.buffer, y_NH.contiguous(), handle,
                                         pad_multiple=call.pad_multiple)
         if routed_T is not None:
             out.masked_fill_(~routed_T.unsqueeze(1), 0)
-        ctx.call, ctx.handle, ctx.num_rows = call, handle, num_rows
+        ctx.call, ctx.handle, ctx.num_rows, ctx.live_N = call, handle, num_rows, live_N
         return out
 
     @staticmethod
@@ -318,4 +342,6 @@ class HybridCombine(torch.autograd.Function):
             call.manager.buffer, g_TH.contiguous(), None, None,
             call.settings.num_local_experts, pad_multiple=call.pad_multiple,
             num_permuted_tokens=ctx.num_rows, handle=ctx.handle)
-        return g, None, None, None, None
+        if ctx.live_N is not None:
+            g, _ = zero_unused_rows(g, None, ctx.live_N)
+        return g, None, None, None, None, None
