@@ -83,6 +83,10 @@ def test_unsupported_models_are_refused_naming_the_supported_ones():
     assert apply_expert_parallel(m) == 2
     with pytest.raises(ValueError, match="already expert-parallel"):
         apply_expert_parallel(m)
+    from token_dispatcher import MoETokenDispatcher
+    with pytest.raises(ValueError, match="budget mode"):
+        apply_expert_parallel(reference_model("olmoe", 0, torch.float32),
+                              dispatcher=MoETokenDispatcher(8, max_rows_per_rank=64))
 
 
 def test_missing_transformers_is_one_line_naming_the_extra(monkeypatch):
@@ -173,7 +177,8 @@ def _write(tmp_path, text):
 @pytest.mark.parametrize("text,match", [
     ("model:\n  hf: gpt2\n", "model.hf.*qwen3_moe"),
     ("model:\n  hf: qwen3_moe\n  hf_config:\n    n_grup: 2\n", "hf_config.n_grup"),
-    ("model:\n  hf: mixtral\n  hf_config:\n    hidden_size: 8\n", "hf_config.hidden_size.*set it there"),
+    ("model:\n  hf: mixtral\n  hf_config:\n    hidden_size: 8\n",
+     "hf_config.hidden_size.*set it there"),
     ("model:\n  hf: olmoe\n  score_func: sigmoid\n", "model.score_func.*hf_config"),
     ("model:\n  hf: deepseek_v3\n", "aux_loss_coeff"),
 ])
@@ -192,3 +197,6 @@ def test_recipe_maps_the_model_section_onto_the_config():
             cfg.num_experts_per_tok, cfg.moe_intermediate_size, cfg.n_group,
             cfg.topk_group, cfg.vocab_size) == ("deepseek_v3", 128, 2, 8, 2, 256, 4, 2, 256)
     assert tiny_config("olmoe").num_experts == 8  # the test configs are what they say
+    from token_dispatcher.hf import SUPPORTED
+    from token_dispatcher.train.hf_model import HF_FAMILIES
+    assert HF_FAMILIES == tuple(SUPPORTED) == tuple(FAMILIES)

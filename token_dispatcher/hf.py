@@ -95,12 +95,14 @@ class EPExperts(nn.Module):
         self.impl = impl
         self.dispatcher = dispatcher
         with torch.no_grad():
-            self.gate_up_proj = nn.Parameter(experts.gate_up_proj[off:off + L].clone())
-            self.down_proj = nn.Parameter(experts.down_proj[off:off + L].clone())
+            self.gate_up_proj = nn.Parameter(experts.gate_up_proj[off:off + L].clone(),
+                                             experts.gate_up_proj.requires_grad)
+            self.down_proj = nn.Parameter(experts.down_proj[off:off + L].clone(),
+                                          experts.down_proj.requires_grad)
 
     def extra_repr(self) -> str:
-        return (f"experts {self.local_expert_offset}..{self.local_expert_offset + self.num_local_experts - 1}"
-                f" of {self.num_experts}, hidden={self.hidden_dim}, "
+        first, last = self.local_expert_offset, self.local_expert_offset + self.num_local_experts
+        return (f"experts [{first}, {last}) of {self.num_experts}, hidden={self.hidden_dim}, "
                 f"intermediate={self.intermediate_dim}, impl={self.impl!r}")
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -129,10 +131,10 @@ class EPExperts(nn.Module):
         Every local expert's weights get a gradient (zeros without rows).
         """
         if self.resolved_impl(x_NH) == "loop" or x_NH.shape[0] == 0:
-            h_NI = self._loop(x_NH, tokens_per_expert_L)
+            y_NH = self._loop(x_NH, tokens_per_expert_L)
         else:
-            h_NI = self._grouped(x_NH, tokens_per_expert_L)
-        return (h_NI * probs_N.unsqueeze(-1)).to(x_NH.dtype)
+            y_NH = self._grouped(x_NH, tokens_per_expert_L)
+        return (y_NH * probs_N.unsqueeze(-1)).to(x_NH.dtype)
 
     def _loop(self, x_NH: torch.Tensor, tokens_per_expert_L: torch.Tensor) -> torch.Tensor:
         outs, start = [], 0
@@ -142,8 +144,6 @@ class EPExperts(nn.Module):
             gate, up = F.linear(x_nH, self.gate_up_proj[e]).chunk(2, dim=-1)
             outs.append(F.linear(self.act_fn(gate) * up, self.down_proj[e]))
             start += n
-        # Budget mode: rows past the experts' blocks are unused (zeros in, zeros out).
-        outs.append(x_NH.new_zeros(x_NH.shape[0] - start, self.hidden_dim))
         return torch.cat(outs, 0)
 
     def _grouped(self, x_NH: torch.Tensor, tokens_per_expert_L: torch.Tensor) -> torch.Tensor:
@@ -155,7 +155,6 @@ class EPExperts(nn.Module):
             raise ValueError(f"grouped_mm on CUDA needs hidden ({self.hidden_dim}) and "
                              f"intermediate ({self.intermediate_dim}) sizes that are multiples "
                              "of 8 (16-byte aligned bf16 rows), or impl='loop'")
-        # Rows past the experts' blocks (budget mode) fall outside every group: zeros.
         offs_L = torch.cumsum(tokens_per_expert_L.to(torch.int64), 0).to(
             device=x_NH.device, dtype=torch.int32, non_blocking=True)
         dt = torch.bfloat16 if x_NH.is_cuda else x_NH.dtype
@@ -244,6 +243,10 @@ def apply_expert_parallel(model: nn.Module, ep_group=None, backend: str = "allto
     elif ep_group is not None or backend != "alltoall" or dispatcher_kwargs:
         raise ValueError("apply_expert_parallel: pass either dispatcher= or the arguments "
                          "to build one (ep_group, backend, dispatcher kwargs), not both")
+    if getattr(dispatcher, "max_rows_per_rank", None) is not None:
+        # Its per-dispatch overflow status would go unread inside the transformers block.
+        raise ValueError("apply_expert_parallel: the budget mode (max_rows_per_rank) is not "
+                         "supported for transformers models yet; use the exact mode")
     for _, blk in blocks:
         blk.experts = EPExperts(blk.experts, dispatcher, impl=expert_impl)
     return len(blocks)

@@ -4,11 +4,12 @@
 made expert-parallel by ``token_dispatcher.hf.apply_expert_parallel``, in place of our
 ``MoETransformer``. The model section's size keys set its config:
 
-    vocab_size -> vocab_size            hidden -> hidden_size        layers -> num_hidden_layers
-    heads -> num_attention_heads                                     seq_len -> max_position_embeddings
-    num_experts -> the family's expert count                         top_k -> num_experts_per_tok
-    ffn_hidden -> the experts' width (and the dense MLPs')           init_std -> initializer_range
-    aux_loss_coeff -> router_aux_loss_coef                           rope_theta -> rope_parameters
+    vocab_size -> vocab_size              hidden -> hidden_size
+    layers -> num_hidden_layers           heads -> num_attention_heads
+    seq_len -> max_position_embeddings    num_experts -> the family's expert count
+    top_k -> num_experts_per_tok          ffn_hidden -> the experts' width (and dense MLPs')
+    init_std -> initializer_range         aux_loss_coeff -> router_aux_loss_coef
+    rope_theta -> rope_parameters
 
 ``expert_impl`` picks how the local experts run. Any other field of the transformers config
 goes in ``model.hf_config`` (e.g. ``n_group``, ``n_shared_experts``, ``norm_topk_prob``,
@@ -25,7 +26,7 @@ builds the whole model from the seed, then keeps its experts' slice.
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Any, Dict, Iterator, List
+from typing import Iterator, List
 
 import torch
 import torch.nn as nn
@@ -177,7 +178,8 @@ def build_hf_model(m: ModelConfig, dispatcher: nn.Module, seed: int = 0) -> HFMo
 def check_recipe(r) -> None:
     """Recipe-time checks of a ``model.hf`` recipe (``ValueError`` / ``ImportError`` naming
     the key), so that a bad one is refused before any rank starts."""
-    if getattr(r, "max_rows_per_rank", None) is not None or getattr(r.train, "cuda_graph", False):
+    budget = getattr(r, "max_rows_per_rank", None)
+    if budget is not None or getattr(r.train, "cuda_graph", False):
         raise ValueError("recipe keys 'max_rows_per_rank' and 'train.cuda_graph' are not "
                          "supported with model.hf yet (exact mode only)")
     hf_config(r.model)
