@@ -34,6 +34,13 @@ class BackendConfig:
                   dispatch returns exactly B rows on every rank, never syncs the host, and
                   reports rows dropped over the budget (and bad input) in a device status.
                   A multiple of ``pad_multiple`` when both are set.
+    wire_dtype:   None (rows travel in the input's dtype) or ``torch.float8_e4m3fn``: each
+                  token is quantised once to e4m3 with one float32 scale per 1x128 block
+                  (``moe_dispatch.kernels.fp8``), FP8 rows + scales cross the wire, and the
+                  receiver dequantises in its permute, so ``tokens_NH`` keeps the input's
+                  dtype; combine and both backwards stay in the input's dtype (gradients
+                  pass the quantiser straight through). Only backends whose
+                  ``supported_wire_dtypes`` hold it accept it (``check_wire_dtype``).
     """
 
     group: Any
@@ -41,6 +48,7 @@ class BackendConfig:
     pad_multiple: Optional[int] = None
     options: Any = None
     max_rows_per_rank: Optional[int] = None
+    wire_dtype: Optional[torch.dtype] = None
 
     @property
     def ep_size(self) -> int:
@@ -70,6 +78,9 @@ class DispatchResult:
     handle:              frozen metadata that ``combine`` needs; opaque to callers.
     status:              budget mode: [1] int32 device tensor of ``STATUS_*`` bits (0 = every
                          row delivered, input valid); None in the exact modes (which raise).
+    fp8:                 with ``wire_dtype=float8_e4m3fn``: the rows' quantised form, an
+                         ``moe_dispatch.backends.wire.Fp8Rows`` (``tokens_fp8`` [N, H] e4m3,
+                         ``scales`` [N, H / 128] float32, made on first use); else None.
 
     Budget mode (``BackendConfig.max_rows_per_rank = B``): N == B on every call. The real
     rows come first, grouped by local expert exactly as in the exact mode (so
@@ -85,6 +96,7 @@ class DispatchResult:
     probs_N: torch.Tensor
     handle: Any
     status: Optional[torch.Tensor] = None
+    fp8: Any = None
 
 
 # Status bits of a budget-mode dispatch (``DispatchResult.status``), one meaning everywhere.
@@ -114,6 +126,9 @@ class Backend(Protocol):
     ``__init__(self, config: BackendConfig)`` builds it (may allocate communication buffers).
     ``availability()`` is a classmethod: ``None`` when usable on this machine, else a
     one-line reason naming what to install.
+    ``supported_wire_dtypes`` (optional class attribute, default none): the
+    ``BackendConfig.wire_dtype`` values it implements; any other non-None value is refused
+    at construction (``check_wire_dtype``), never silently moved in the input's dtype.
     """
 
     name: ClassVar[str]
@@ -146,6 +161,18 @@ class Backend(Protocol):
 
 class DispatchInputError(ValueError):
     """Raised on every rank of the group when any rank's dispatch input is invalid."""
+
+
+def check_wire_dtype(config: BackendConfig, backend) -> None:
+    """Raise ``ValueError`` at construction unless ``backend`` (a backend class or instance)
+    lists ``config.wire_dtype`` in its ``supported_wire_dtypes`` (None is always fine)."""
+    wire = getattr(config, "wire_dtype", None)
+    if wire is None or wire in getattr(backend, "supported_wire_dtypes", ()):
+        return
+    name = str(wire).replace("torch.", "")
+    raise ValueError(f"wire_dtype={name} is not supported by backend "
+                     f"{getattr(backend, 'name', type(backend).__name__)!r} yet; use backend "
+                     f"'alltoall' or 'allgather' (they move {name} rows), or wire_dtype=None")
 
 
 @dataclass(frozen=True)

@@ -327,6 +327,129 @@ def test_check_fails_a_wrong_backend_end_to_end(tmp_path):
     assert "FAILED" in proc.stdout
 
 
+# ------------------------------------------------------------------------------ budget mode
+
+def _cli_env(extra_path=()):
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+        [str(REPO), *map(str, extra_path), os.environ.get("PYTHONPATH", "")]))
+
+
+def test_cpu_budget_rows_and_host_times(tmp_path):
+    """--budget on CPU (2 gloo ranks): eager budget rows checked against the exact mode with
+    B and status recorded, MoELayer eager timed, graph rows skipped with a reason; every
+    timed phase also has its host time."""
+    out = tmp_path / "run.json"
+    cmd = [sys.executable, "-m", "moe_dispatch.bench", "--device", "cpu", "--nproc", "2",
+           "--tokens", "48", "--hidden", "64", "--topk", "3", "--experts", "8", "--iters", "3",
+           "--warmup", "1", "--ffn", "32", "--backends", "alltoall,allgather", "--check",
+           "--budget", "--no-references", "--json", str(out), "--timeout", "120"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_cli_env(), capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    res = json.loads(out.read_text())
+    B = 256                                             # round_up(1.25 * 48 * 3, 256)
+    assert res["config"]["budget"] is True and res["config"]["budget_rows"] == B
+    assert res["budget_alarms"] == []
+    rows = {r["name"]: r for r in res["rows"]}
+    for name in ("alltoall", "allgather"):
+        r = rows[f"{name}-budget"]
+        assert r["status"] == "ok" and r["check"] == "passed", r
+        assert r["budget_rows"] == B and r["budget_status"] == 0
+        assert r["per_rank"]["budget_status"] == [0, 0]
+        for base in (name, f"{name}-budget"):               # exact and budget rows alike
+            row = rows[base]
+            for key, unit in (("dispatch", "us"), ("combine", "us"), ("layer", "ms")):
+                assert row[f"{key}_host_{unit}"] > 0, (base, key)
+                host = row["samples"][f"{key}_host_{unit}"]
+                n = res["config"]["layer_iters"] if key == "layer" else res["config"]["iters"]
+                assert len(host) == 2 and all(len(h) == n for h in host)
+                assert [statistics.median(h) for h in host] == pytest.approx(
+                    row["per_rank"][f"{key}_host_{unit}"], rel=1e-3)
+        assert rows[name]["budget_rows"] is None and rows[name]["budget_status"] is None
+        lay = rows[f"{name}-layer-eager"]
+        assert lay["status"] == "ok" and lay["budget_status"] == 0 and lay["budget_rows"] == B
+        assert lay["layer_ms"] > 0 and lay["layer_host_ms"] > 0 and lay["dispatch_us"] is None
+        for graph in (f"{name}-budget-graph", f"{name}-layer-graph"):
+            assert rows[graph]["status"] == "skipped" and "CUDA" in rows[graph]["reason"]
+            assert rows[graph]["budget_rows"] == B
+    assert "host us" in proc.stdout and "alltoall-budget-graph" in proc.stdout
+    # MoELayer rows run a router the references do not: no ratio for them.
+    assert not any(it["ours"].endswith("-layer-eager") for it in res["ratios"])
+
+
+def test_budget_overflow_is_loud(tmp_path):
+    """A budget too small for the rows: the row keeps its numbers but its status is in the
+    JSON (row and budget_alarms), printed with '!!!', and the exit status is 4."""
+    out = tmp_path / "run.json"
+    env = dict(_cli_env(), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(31500 + os.getpid() % 2000))
+    cmd = [sys.executable, "-m", "moe_dispatch.bench", "--device", "cpu", "--tokens", "40",
+           "--hidden", "32", "--topk", "2", "--experts", "4", "--iters", "2", "--warmup", "0",
+           "--no-layer", "--no-references", "--backends", "alltoall", "--budget",
+           "--budget-rows", "32", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 4, proc.stdout + proc.stderr
+    res = json.loads(out.read_text())
+    r = {r["name"]: r for r in res["rows"]}["alltoall-budget"]
+    assert r["status"] == "ok" and r["dispatch_us"] > 0
+    assert r["budget_rows"] == 32 and r["budget_status"] & 1          # STATUS_ROWS_DROPPED
+    assert "rows dropped" in r["budget_status_text"]
+    assert [a["name"] for a in res["budget_alarms"]] == ["alltoall-budget"]
+    assert "!!! BUDGET STATUS" in proc.stdout and "!!! STATUS 1" in proc.stdout
+
+
+def test_budget_flags_are_validated():
+    from moe_dispatch.bench.cli import parse_args
+    a = parse_args(["--budget", "--budget-rows", "512", "--backends", "alltoall"])
+    assert a.budget and a.budget_rows == 512
+    assert parse_args(["--backends", "alltoall"]).budget is False
+    for bad in (["--budget-rows", "512"],                               # needs --budget
+                ["--budget", "--budget-rows", "0"],
+                ["--budget", "--backends", "alltoall", "--variant",
+                 "alltoall-budget=alltoall:x=1"]):                     # label taken
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+
+
+def test_check_of_kept_rows():
+    """Budget-mode output: the kept rows must equal the exact rows, the rest be unused."""
+    from moe_dispatch.bench.check import Expected, compare
+
+    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    tokens, probs = torch.randn(10, 8, generator=g), torch.rand(10, generator=g) + 0.1
+    tpe, y = torch.tensor([4, 6]), torch.randn(5, 8, generator=g)
+    exp = Expected(tokens, probs, tpe, y)
+
+    def budget(t, p, B=16):
+        return torch.cat([t, t.new_zeros(B - len(t), 8)]), torch.cat([p, p.new_zeros(B - len(p))])
+
+    t16, p16 = budget(tokens, probs)
+    assert compare(t16, tpe, p16, y, exp, torch.float32, kept_rows=True) == []
+    # The exact-layout comparison would reject the extra rows.
+    assert any("shape" in e for e in compare(t16, tpe, p16, y, exp, torch.float32))
+    bad = t16.clone()
+    bad[12, 3] = 1.0                                                  # junk in an unused row
+    assert any("unused rows" in e for e in compare(bad, tpe, p16, y, exp, torch.float32,
+                                                   kept_rows=True))
+    badp = p16.clone()
+    badp[11] = 0.5
+    assert any("nonzero probs" in e for e in compare(t16, tpe, badp, y, exp, torch.float32,
+                                                     kept_rows=True))
+    swapped, _ = budget(tokens[torch.tensor([1, 0] + list(range(2, 10)))], probs)
+    assert any("rows differ" in e for e in compare(swapped, tpe, p16, y, exp, torch.float32,
+                                                   kept_rows=True))
+    assert any("tokens has 8 rows" in e for e in compare(tokens[:8], tpe, probs[:8], y, exp,
+                                                         torch.float32, kept_rows=True))
+
+
+def test_clock_keeps_host_time_per_call():
+    from moe_dispatch.bench.timing import Clock
+    t = Clock(torch.device("cpu"), None).run(lambda i, s: sum(range(1000)), iters=4, warmup=1)
+    assert len(t.host_seconds) == 4 and all(h > 0 for h in t.host_seconds)
+    assert t.host_median == statistics.median(t.host_seconds)
+
+
 # ------------------------------------------------------------------------------ warm-up
 
 

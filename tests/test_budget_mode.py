@@ -119,3 +119,22 @@ def test_status_bits_fold_and_describe():
     assert read_status(s) == STATUS_ROWS_DROPPED | STATUS_BAD_INPUT
     assert read_status(s[2:]) == 0
     assert "rows dropped" in describe_status(STATUS_ROWS_DROPPED)
+
+
+def test_layer_capture_refuses_what_cannot_be_captured():
+    """What a CUDA graph cannot hold is refused before capture, with the reason (the
+    capture itself is checked on GPUs: BENCHMARKS.md, session 5)."""
+    from token_dispatcher.layer import MoELayer, capture_layers
+    exact = MoELayer(16, 16, 4, 2, dispatcher=MoETokenDispatcher(4))
+    with pytest.raises(RuntimeError, match="budget mode"):
+        capture_layers([exact], [torch.zeros(4, 16)])
+    ckpt = MoELayer(16, 16, 4, 2, dispatcher=MoETokenDispatcher(4, max_rows_per_rank=64),
+                    activation_checkpointing=True)
+    with pytest.raises(RuntimeError, match="activation checkpointing"):
+        capture_layers([ckpt], [torch.zeros(4, 16)])
+    loop = MoELayer(16, 16, 4, 2, dispatcher=MoETokenDispatcher(4, max_rows_per_rank=64))
+    with pytest.raises(RuntimeError, match="grouped_mm"):
+        capture_layers([loop], [torch.zeros(4, 16)])  # fp32 CPU rows: the per-expert loop
+    # Without captured graphs a layer runs eagerly, whatever the switch says.
+    loop.enable_cuda_graph(True)
+    assert loop(torch.randn(4, 16)).status is not None

@@ -123,8 +123,20 @@ def test_budget_overflow_drop_policy_keeps_going(gloo_pool, baseline, tmp_path):
     assert not torch.allclose(_losses(got), _losses(rows[0]))  # rows really were dropped
 
 
-def test_budget_recipe_keys_checked():
+def test_budget_recipe_keys_checked(tmp_path):
     from token_dispatcher.train import validate_recipe
+    r = tiny_recipe()
+    r.train.cuda_graph = True
+    with pytest.raises(RecipeError, match="max_rows_per_rank"):
+        validate_recipe(r)
+    r.max_rows_per_rank = 64
+    with pytest.raises(RecipeError, match="bf16"):
+        validate_recipe(r)
+    r.train.precision = "bf16"
+    validate_recipe(r)
+    if not torch.cuda.is_available():
+        with pytest.raises(RecipeError, match="CUDA"):
+            train(r, RunOptions(out=str(tmp_path), progress=False, quiet=True))
     r = tiny_recipe()
     r.max_rows_per_rank, r.pad_multiple = 30, 4
     with pytest.raises(RecipeError, match="multiple of pad_multiple"):

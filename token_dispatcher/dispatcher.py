@@ -19,7 +19,8 @@ import torch.distributed as dist
 from torch import nn
 
 from moe_dispatch import comm, registry
-from moe_dispatch.protocol import STATUS_BITS, BackendConfig, raise_on_status
+from moe_dispatch.kernels import fp8
+from moe_dispatch.protocol import STATUS_BITS, BackendConfig, check_wire_dtype, raise_on_status
 from moe_dispatch.routing import apply_capacity, canonicalize
 
 log = logging.getLogger("moe_dispatch")
@@ -51,6 +52,16 @@ class DispatchOutput:
                        dropped them) or some rank's input was invalid (on every rank).
                        Read it with ``MoETokenDispatcher.check_status`` (one host sync).
     check:             budget mode: the ``BudgetCheck`` that ``check_status`` raises from.
+    fp8:               with ``wire_dtype=float8_e4m3fn``: the source of ``tokens_fp8`` and
+                       ``scales`` (``moe_dispatch.backends.wire.Fp8Rows``); else None.
+
+    With ``wire_dtype=float8_e4m3fn``, ``tokens`` are the dequantised rows (caller's dtype)
+    and the quantised form is offered too, for experts that run FP8 grouped GEMMs:
+    ``tokens_fp8`` [N, H] e4m3 (same rows and order; zeros on padding / unused rows) and
+    ``scales`` [N, H / 128] float32 (0 there), one per 1x128 block, DeepEP's layout
+    (``moe_dispatch.kernels.fp8.dequantize(tokens_fp8, scales, dtype)`` equals ``tokens``).
+    Both are None without an FP8 wire, made on first access (one permute of the received
+    bytes), and carry no gradient: route an FP8 expert's input gradient through ``tokens``.
     """
 
     tokens: torch.Tensor
@@ -59,6 +70,15 @@ class DispatchOutput:
     handle: DispatchHandle
     status: Optional[torch.Tensor] = None
     check: Any = None
+    fp8: Any = None
+
+    @property
+    def tokens_fp8(self) -> Optional[torch.Tensor]:
+        return None if self.fp8 is None else self.fp8.tokens_fp8
+
+    @property
+    def scales(self) -> Optional[torch.Tensor]:
+        return None if self.fp8 is None else self.fp8.scales
 
 
 class MoETokenDispatcher(nn.Module):
@@ -88,13 +108,26 @@ class MoETokenDispatcher(nn.Module):
                          host, so the step can be captured in a CUDA graph. Rows over B are
                          dropped and flagged in ``status`` (read it once per step: see
                          ``check_status``). A multiple of ``pad_multiple`` when both are set.
+        wire_dtype:      None (default: rows travel in the input's dtype) or
+                         ``torch.float8_e4m3fn``: dispatch quantises each token once (e4m3,
+                         one float32 scale = amax / 448 per 1x128 block, DeepEP's layout),
+                         moves the FP8 rows + scales, and the receiver dequantises in its
+                         permute, so ``out.tokens`` keeps the input's dtype; ``out.tokens_fp8``
+                         / ``out.scales`` give the quantised form. Combine and both backwards
+                         stay in the input's dtype: the gradient to ``hidden`` passes the
+                         quantiser straight through, the probs' gradient is exact. The hidden
+                         size must be a multiple of 128 (else ``DispatchInputError`` on every
+                         rank). Backends: ``alltoall`` and ``allgather``; the others refuse it
+                         here ("auto" picks ``alltoall`` when its choice cannot). Error bound:
+                         README, "FP8 on the wire".
     """
 
     def __init__(self, num_experts: int, ep_group=None, backend: str = "alltoall",
                  capacity_factor: Optional[float] = None, pad_multiple: Optional[int] = None,
                  *, capacity_policy: str = "probs", topk: Optional[int] = None,
                  backend_options: Optional[dict] = None, check_inputs: bool = True,
-                 max_rows_per_rank: Optional[int] = None):
+                 max_rows_per_rank: Optional[int] = None,
+                 wire_dtype: Optional[torch.dtype] = None):
         super().__init__()
         if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts <= 0:
             raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
@@ -105,6 +138,7 @@ class MoETokenDispatcher(nn.Module):
         if pad_multiple is not None and (not isinstance(pad_multiple, int) or pad_multiple < 1):
             raise ValueError(f"pad_multiple must be a positive int or None, got {pad_multiple!r}")
         _check_budget(max_rows_per_rank, pad_multiple, backend_options)
+        fp8.check_wire_dtype(wire_dtype)
         if capacity_policy not in ("probs", "position"):
             raise ValueError(f"capacity_policy must be 'probs' or 'position', "
                              f"got {capacity_policy!r}")
@@ -118,15 +152,19 @@ class MoETokenDispatcher(nn.Module):
         comm.check_same_across_ranks(
             [num_experts, zlib.crc32(requested.encode()), pad_multiple or 0,
              comm.optional_int(capacity_factor, 10 ** 6), -1 if max_rows_per_rank is None
-             else max_rows_per_rank],
-            "num_experts / backend / pad_multiple / capacity_factor / max_rows_per_rank",
-            ep_group)
+             else max_rows_per_rank, zlib.crc32(str(wire_dtype).encode())],
+            "num_experts / backend / pad_multiple / capacity_factor / max_rows_per_rank / "
+            "wire_dtype", ep_group)
         if num_experts % self.ep_size != 0:
             raise ValueError(f"num_experts={num_experts} is not divisible by the EP group size "
                              f"{self.ep_size}")
         if backend == "auto":
             from moe_dispatch.auto import choose_backend
             backend, why = choose_backend(ep_group, comm.group_device(ep_group))
+            if wire_dtype is not None and wire_dtype not in getattr(
+                    registry.get_backend_class(backend), "supported_wire_dtypes", ()):
+                backend, why = "alltoall", f"{why}; but wire_dtype={wire_dtype} needs a " \
+                    "backend that moves FP8 rows: alltoall"
             log.info("moe_dispatch: backend 'auto' chose %r: %s", backend, why)
         self.num_experts = num_experts
         self.num_local_experts = num_experts // self.ep_size
@@ -137,20 +175,24 @@ class MoETokenDispatcher(nn.Module):
         self.topk = topk
         self.check_inputs = check_inputs
         self.max_rows_per_rank = max_rows_per_rank
+        self.wire_dtype = wire_dtype
         self._backends: dict = {}  # kept backends of other modes (set_max_rows_per_rank)
         self.backend_name = backend
         cls = registry.get_backend_class(backend)
         self.backend_config = BackendConfig(group=ep_group, num_experts=num_experts,
                                             pad_multiple=pad_multiple,
                                             options=dict(backend_options or {}),
-                                            max_rows_per_rank=max_rows_per_rank)
+                                            max_rows_per_rank=max_rows_per_rank,
+                                            wire_dtype=wire_dtype)
+        check_wire_dtype(self.backend_config, cls)  # out-of-tree backends too
         self.backend = cls(self.backend_config)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, backend={self.backend_name!r}, "
                 f"ep_size={self.ep_size}, capacity_factor={self.capacity_factor}, "
                 f"pad_multiple={self.pad_multiple}, "
-                f"max_rows_per_rank={self.max_rows_per_rank}")
+                f"max_rows_per_rank={self.max_rows_per_rank}"
+                + (f", wire_dtype={self.wire_dtype}" if self.wire_dtype is not None else ""))
 
     def dispatch(self, hidden: torch.Tensor, *, topk_idx: Optional[torch.Tensor] = None,
                  topk_probs: Optional[torch.Tensor] = None,
@@ -169,6 +211,10 @@ class MoETokenDispatcher(nn.Module):
             hidden, self.num_experts, topk_idx=topk_idx, topk_probs=topk_probs,
             routing_map=routing_map, probs=probs, topk=self.topk,
             check_values=self.check_inputs)
+        if self.wire_dtype is not None and check.host_error is None and \
+                fp8.hidden_error(x_TH.shape[1]):
+            # A host error rides in the exchange every backend makes anyway: every rank raises.
+            check = dataclasses.replace(check, host_error=fp8.hidden_error(x_TH.shape[1]))
         if self.capacity_factor is not None and check.host_error is None:
             idx_TK, probs_TK = apply_capacity(idx_TK, probs_TK, self.num_experts,
                                               self.capacity_factor, self.capacity_policy)
@@ -180,7 +226,7 @@ class MoETokenDispatcher(nn.Module):
                                "mode (a backend bug)")
         budget_check = getattr(res.handle, "budget_check", None)
         return DispatchOutput(res.tokens_NH, res.tokens_per_expert_L, res.probs_N, handle,
-                              status, budget_check)
+                              status, budget_check, getattr(res, "fp8", None))
 
     def set_max_rows_per_rank(self, budget: Optional[int]) -> None:
         """Switch between the exact mode (None) and the budget mode with B rows, e.g. to rerun

@@ -98,33 +98,29 @@ class MoELayer(nn.Module):
         self.__dict__["_graphed"] = None
 
     def enable_cuda_graph(self, on: bool = True) -> None:
-        """EXPERIMENTAL: run forward + backward as CUDA graphs (captured at the next CUDA
-        forward with grad enabled, for that input's shape and dtype; replayed after).
-        Verified on one H200: capture and replay of 1-4 layers, statuses and forward
-        outputs; NOT yet gradients: a full ``moe-train`` run with every layer captured got
-        NaN gradients at its first step (BENCHMARKS.md, session 5), so do not train with
-        it until that is found. Needs the budget
-        mode (``max_rows_per_rank``): an exact-mode dispatch syncs the host, which a graph
-        cannot hold, so capture raises saying so. Graph inputs and outputs are static
-        buffers: each layer owns its graphs, and a layer's outputs are overwritten by its
-        next replay. ``on=False`` runs eagerly (the captured graphs are kept)."""
+        """Replay the graphs ``capture_layers`` captured (on) or run eagerly (off; the graphs
+        are kept), e.g. while an overflowed step reruns in the exact mode."""
         self.cuda_graph = bool(on)
 
+    def graphable(self) -> nn.Module:
+        """This layer as tensors in, tensors out (output, aux_loss, z_loss,
+        tokens_per_expert_E, status): the module ``capture_layers`` captures."""
+        return _LayerAsTensors(self)
+
     def drop_cuda_graph(self) -> None:
-        """Forget the captured graphs (e.g. after the budget changed); the next forward with
-        ``cuda_graph`` on captures again."""
+        """Forget the captured graphs (e.g. after the budget changed) and run eagerly."""
         self.__dict__["_graphed"] = None
+        self.cuda_graph = False
 
     def forward(self, x: torch.Tensor) -> MoEOutput:
         """x: [..., H] (e.g. [B, S, H] or [T, H]). Returns ``MoEOutput``."""
-        if self.cuda_graph and x.is_cuda and torch.is_grad_enabled() and self.training:
-            if self._graphed is None:
-                self.__dict__["_graphed"] = self._capture(x)
+        if self.cuda_graph and self._graphed is not None and x.is_cuda and \
+                torch.is_grad_enabled() and self.training:
             out, aux, z, tpe, status = self._graphed(x)
             return MoEOutput(out, aux, z, tpe, status)
         return self._eager(x)
 
-    def _capture(self, x: torch.Tensor):
+    def _check_capturable(self) -> None:
         if self.activation_checkpointing:
             raise RuntimeError("MoELayer: CUDA-graph capture cannot be combined with "
                                "activation checkpointing")
@@ -133,9 +129,6 @@ class MoELayer(nn.Module):
                 "MoELayer: CUDA-graph capture needs the dispatcher's budget mode "
                 "(MoETokenDispatcher(..., max_rows_per_rank=B)): the exact mode syncs the "
                 "host in every dispatch to size its output")
-        sample = x.detach().clone().requires_grad_(x.requires_grad)
-        return torch.cuda.make_graphed_callables(_LayerAsTensors(self), (sample,),
-                                                 num_warmup_iters=3)
 
     def _eager(self, x: torch.Tensor) -> MoEOutput:
         shape = x.shape
@@ -179,3 +172,36 @@ class _LayerAsTensors(nn.Module):
     def forward(self, x: torch.Tensor):
         m = self.layer._eager(x)
         return m.output, m.aux_loss, m.z_loss, m.tokens_per_expert_E, m.status
+
+
+def capture_layers(layers, samples) -> None:
+    """Capture several ``MoELayer`` s' forward + backward as CUDA graphs in one call (one
+    memory pool, captured in forward order, their backwards in reverse), before they run;
+    each layer then replays its graphs while ``cuda_graph`` is on.
+
+    Up front and all together, as ``torch.cuda.make_graphed_callables`` is meant to be used:
+    capturing each layer lazily inside a running forward was measured on an H200 to give NaN
+    gradients in the first layer of four (BENCHMARKS.md, session 5); this way the gradients
+    equal the eager ones within bf16 noise. Inputs and outputs are static buffers: a layer's
+    outputs are overwritten by its next replay.
+
+    layers:  the layers, in the order the model calls them.
+    samples: one tensor per layer shaped (and typed, and requiring grad) like the input it
+             will be called with; the graphs copy each call's input into a static copy.
+    Call it under the autocast the model runs in (with ``cache_enabled=False``)."""
+    for layer, x in zip(layers, samples):
+        layer._check_capturable()
+        dev = x.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        impl = layer.experts.resolved_impl(torch.empty(0, layer.hidden, dtype=dt, device=x.device))
+        if impl != "grouped_mm":
+            raise RuntimeError(
+                f"MoELayer: CUDA-graph capture needs grouped_mm experts (bf16 rows on CUDA); "
+                f"these rows ({dt}) would run the per-expert loop, which reads the counts on "
+                "the host: train in bf16")
+    mods = tuple(layer.graphable() for layer in layers)
+    graphed = torch.cuda.make_graphed_callables(mods, tuple((x,) for x in samples),
+                                                num_warmup_iters=3)
+    for layer, g in zip(layers, graphed):
+        layer.__dict__["_graphed"] = g
+        layer.cuda_graph = True

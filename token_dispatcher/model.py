@@ -208,6 +208,25 @@ class MoETransformer(nn.Module):
     def moe_layers(self):
         return [b.moe for b in self.blocks]
 
+    def capture_moe_graphs(self, tokens_BS: torch.Tensor) -> None:
+        """Capture every MoE layer's forward + backward as CUDA graphs (``capture_layers``),
+        for inputs shaped like this batch's; call it under the autocast the model trains in
+        (with ``cache_enabled=False``). A forward without grad first finds each layer's input
+        shape and dtype (and lets the budget mode agree its sizes)."""
+        from .layer import capture_layers
+        seen = []
+        hooks = [m.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+                 for m in self.moe_layers()]
+        try:
+            with torch.no_grad():
+                self(tokens_BS)
+        finally:
+            for h in hooks:
+                h.remove()
+        samples = [torch.randn(x.shape, dtype=x.dtype, device=x.device).requires_grad_(True)
+                   for x in seen]
+        capture_layers(self.moe_layers(), samples)
+
 
 def lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
     """Mean next-byte cross entropy (nats)."""

@@ -13,6 +13,11 @@ gathers ``T_cap`` token rows from each rank (agreed at the first call, or
 ``backend_options["max_tokens_per_rank"]``); each rank's metadata block ends in a header
 row (its validation code, whether it clipped tokens), and the B-row plan is built on the
 device (``permute.budget_plan``).
+
+FP8 wire (``wire_dtype=torch.float8_e4m3fn``, both modes): the gather moves each token's
+packed e4m3 row + scales (quantised once) and the permute dequantises
+(``backends/wire.py``); combine and backward are unchanged (the backward's reduce-scatter
+runs in the caller's dtype).
 """
 from __future__ import annotations
 
@@ -21,10 +26,12 @@ from dataclasses import dataclass
 import torch
 
 from .. import comm
+from ..kernels.fp8 import WIRE_DTYPES
 from ..permute import BudgetPlan, GroupPlan, budget_plan, group_plan, permute, unpermute
 from ..routing import pad_topk
 from ..protocol import BudgetCheck, DispatchInputError, DispatchResult, PendingCheck
 from .budget import BudgetShape, budget_options, fit_input, pad_rows, status_bits
+from .wire import fp8_receive, fp8_send
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,7 @@ class AllGatherBudgetHandle:
 
 class AllGatherBackend(comm.CollectiveBackendBase):
     name = "allgather"
+    supported_wire_dtypes = WIRE_DTYPES
 
     def __init__(self, config):
         super().__init__(config)
@@ -85,21 +93,20 @@ class AllGatherBackend(comm.CollectiveBackendBase):
         tokens_per_expert = [sum(row[4 + me * L + l] for row in table) for l in range(L)]
 
         pad = t_max - T
-        x_pad = torch.nn.functional.pad(x_TH, (0, 0, 0, pad)) if pad else x_TH
         meta = torch.cat([idx_TK.to(torch.float32), probs_TK], dim=1)
         if pad:
             filler = torch.cat([torch.full((pad, K), -1.0, device=dev),
                                 torch.zeros(pad, K, device=dev)], dim=1)
             meta = torch.cat([meta, filler], dim=0)
-        all_x = comm.all_gather(x_pad, self.group)
+        all_x = self._gather_rows(x_TH, t_max)
         all_meta = comm.all_gather(meta, self.group)
         gidx = all_meta[:, :K].detach().to(torch.long)
         mine = (gidx >= me * L) & (gidx < (me + 1) * L)
         lid_NK = torch.where(mine, gidx - me * L, -1)
         plan = group_plan(lid_NK, L, tokens_per_expert, self.cfg.pad_multiple)
-        tokens, probs = permute(all_x, all_meta[:, K:], plan)
+        tokens, probs, fp8_rows = self._receive_rows(x_TH, all_x, all_meta[:, K:], plan)
         return DispatchResult(tokens, torch.tensor(plan.tokens_per_expert, dtype=torch.long),
-                              probs, AllGatherHandle(plan, T, t_max))
+                              probs, AllGatherHandle(plan, T, t_max), fp8=fp8_rows)
 
     def _dispatch_budget(self, x_TH, idx_TK, probs_TK, check: PendingCheck) -> DispatchResult:
         R, L, B, me = self.R, self.L, self.budget, self.rank
@@ -116,17 +123,35 @@ class AllGatherBackend(comm.CollectiveBackendBase):
                             torch.full((), float(inp.clipped), device=dev)])
         meta = torch.cat([pad_rows(meta, Tc), torch.nn.functional.pad(head, (0, 2 * K - 2))
                           .view(1, 2 * K)])
-        all_x = comm.all_gather(pad_rows(inp.x_TH, Tc), self.group)
+        all_x = self._gather_rows(inp.x_TH, Tc)
         all_meta = comm.all_gather(meta, self.group).view(R, Tc + 1, 2 * K)
         heads = all_meta[:, Tc, :2].detach()
         rows = all_meta[:, :Tc].reshape(R * Tc, 2 * K)
         gid = rows[:, :K].detach().to(torch.long) - 1
         lid_NK = torch.where((gid >= me * L) & (gid < (me + 1) * L), gid - me * L, -1)
         plan = budget_plan(lid_NK, L, B, self.cfg.pad_multiple)
-        tokens, probs = permute(all_x, rows[:, K:], plan)
+        tokens, probs, fp8_rows = self._receive_rows(inp.x_TH, all_x, rows[:, K:], plan)
         status = status_bits(plan.dropped, heads[:, 1].amax(), heads[:, 0].amax())
         handle = AllGatherBudgetHandle(plan, T, inp.num_tokens, status, inp.check)
-        return DispatchResult(tokens, plan.tokens_per_expert_L, probs, handle, status)
+        return DispatchResult(tokens, plan.tokens_per_expert_L, probs, handle, status,
+                              fp8_rows)
+
+    def _gather_rows(self, x_TH, rows: int) -> torch.Tensor:
+        """Every rank's tokens, padded to ``rows`` each: in x's dtype (differentiable), or
+        FP8 wire rows (uint8)."""
+        if self.cfg.wire_dtype is None:
+            return comm.all_gather(pad_rows(x_TH, rows), self.group)
+        return comm.all_gather_raw(pad_rows(fp8_send(x_TH), rows), self.group)
+
+    def _receive_rows(self, x_TH, all_x, probs_NK, plan):
+        """This rank's gathered rows grouped by local expert (``plan``): (tokens, probs,
+        ``Fp8Rows`` or None). An FP8 wire's gradient goes back in x's dtype (straight
+        through): reduce-scattered to the tokens' owners."""
+        if self.cfg.wire_dtype is None:
+            return (*permute(all_x, probs_NK, plan), None)
+        group, T = self.group, x_TH.shape[0]
+        return fp8_receive(x_TH, all_x, probs_NK, plan,
+                           lambda g_NH: comm.reduce_scatter_raw(g_NH, group)[:T])
 
     def combine(self, y_NH: torch.Tensor, handle) -> torch.Tensor:
         if isinstance(handle, AllGatherBudgetHandle):

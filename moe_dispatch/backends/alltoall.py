@@ -18,6 +18,11 @@ header (the sender's validation code, whether it clipped tokens), so bad input r
 every rank with the data. The receiver plans its B rows on the device
 (``permute.budget_plan``). Bytes on the wire: R * C rows per rank, against the exact
 mode's actual rows: the price of knowing every size in advance.
+
+FP8 wire (``wire_dtype=torch.float8_e4m3fn``, both modes): each token is quantised once, its
+packed e4m3 row + scales is what the sender groups and the all-to-all moves, and the
+receiver dequantises in its permute (``backends/wire.py``). Combine and backward are
+unchanged.
 """
 from __future__ import annotations
 
@@ -27,10 +32,12 @@ from typing import Tuple
 import torch
 
 from .. import comm
+from ..kernels.fp8 import WIRE_DTYPES
 from ..permute import BudgetPlan, GroupPlan, budget_plan, filled_rows, group_plan, permute, unpermute
 from ..routing import pad_topk
 from ..protocol import BudgetCheck, DispatchInputError, DispatchResult, PendingCheck
 from .budget import BudgetShape, budget_options, fit_input, pad_rows, status_bits
+from .wire import fp8_receive, fp8_send
 
 
 @dataclass(frozen=True)
@@ -71,6 +78,7 @@ class AllToAllBudgetHandle:
 
 class AllToAllBackend(comm.CollectiveBackendBase):
     name = "alltoall"
+    supported_wire_dtypes = WIRE_DTYPES
 
     def __init__(self, config):
         super().__init__(config)
@@ -127,17 +135,16 @@ class AllToAllBackend(comm.CollectiveBackendBase):
         # Permuted with the same plan as the rows (a row gather, no per-row index map).
         meta_SK2, _ = permute(torch.cat([idx_TK.to(torch.float32), probs_TK], dim=1), None,
                               send_plan)
-        send_x, _ = permute(x_TH, None, send_plan)
-
-        recv_x = comm.all_to_all(send_x, recv_splits, send_splits, self.group)
+        recv_x = self._send_rows(x_TH, send_plan, send_splits, recv_splits)
         recv_meta = comm.all_to_all(meta_SK2, recv_splits, send_splits, self.group)
         lid_NK = recv_meta[:, :K].detach().to(torch.long) - self.rank * L
         lid_NK.masked_fill_((lid_NK < 0) | (lid_NK >= L), -1)
         plan = group_plan(lid_NK, L, tokens_per_expert, self.cfg.pad_multiple)
-        tokens, probs = permute(recv_x, recv_meta[:, K:], plan)
+        tokens, probs, fp8_rows = self._receive_rows(x_TH, recv_x, recv_meta[:, K:], plan,
+                                                     send_plan, send_splits, recv_splits)
         handle = AllToAllHandle(send_plan, tuple(send_splits), tuple(recv_splits), plan)
         return DispatchResult(tokens, torch.tensor(plan.tokens_per_expert, dtype=torch.long),
-                              probs, handle)
+                              probs, handle, fp8=fp8_rows)
 
     def _dispatch_budget(self, x_TH, idx_TK, probs_TK, check: PendingCheck) -> DispatchResult:
         R, L, B = self.R, self.L, self.budget
@@ -156,8 +163,7 @@ class AllToAllBackend(comm.CollectiveBackendBase):
                                torch.full((R,), float(inp.clipped), device=dev)], 1)
         head_RK2 = torch.nn.functional.pad(head_R2, (0, 2 * K - 2))
         send_meta = torch.cat([meta_SK2.view(R, C, 2 * K), head_RK2.view(R, 1, 2 * K)], 1)
-        send_x, _ = permute(inp.x_TH, None, send_plan)
-        recv_x = comm.all_to_all(send_x, [C] * R, [C] * R, self.group)
+        recv_x = self._send_rows(inp.x_TH, send_plan, [C] * R, [C] * R)
         recv_meta = comm.all_to_all(send_meta.view(R * (C + 1), 2 * K), [C + 1] * R,
                                     [C + 1] * R, self.group).view(R, C + 1, 2 * K)
         head = recv_meta[:, C, :2].detach()
@@ -166,10 +172,30 @@ class AllToAllBackend(comm.CollectiveBackendBase):
         lid_NK = gid_NK - self.rank * L
         lid_NK = torch.where((gid_NK >= 0) & (lid_NK >= 0) & (lid_NK < L), lid_NK, -1)
         plan = budget_plan(lid_NK, L, B, self.cfg.pad_multiple)
-        tokens, probs = permute(recv_x, rows_meta[:, K:], plan)
+        tokens, probs, fp8_rows = self._receive_rows(inp.x_TH, recv_x, rows_meta[:, K:], plan,
+                                                     send_plan, [C] * R, [C] * R)
         status = status_bits(plan.dropped, head[:, 1].amax(), head[:, 0].amax())
         handle = AllToAllBudgetHandle(send_plan, plan, inp.num_tokens, status, inp.check)
-        return DispatchResult(tokens, plan.tokens_per_expert_L, probs, handle, status)
+        return DispatchResult(tokens, plan.tokens_per_expert_L, probs, handle, status,
+                              fp8_rows)
+
+    def _send_rows(self, x_TH, send_plan, send_splits, recv_splits) -> torch.Tensor:
+        """The tokens grouped by destination rank (``send_plan``) and all-to-all'd: the
+        received rows in x's dtype (differentiable), or FP8 wire rows (uint8)."""
+        if self.cfg.wire_dtype is None:
+            send_x, _ = permute(x_TH, None, send_plan)
+            return comm.all_to_all(send_x, recv_splits, send_splits, self.group)
+        send_w, _ = permute(fp8_send(x_TH), None, send_plan)
+        return comm.all_to_all_raw(send_w, recv_splits, send_splits, self.group)
+
+    def _receive_rows(self, x_TH, recv_x, probs_NK, plan, send_plan, send_splits, recv_splits):
+        """The received rows grouped by local expert (``plan``): (tokens, probs, ``Fp8Rows``
+        or None). An FP8 wire's gradient goes back in x's dtype (straight through)."""
+        if self.cfg.wire_dtype is None:
+            return (*permute(recv_x, probs_NK, plan), None)
+        group = self.group
+        return fp8_receive(x_TH, recv_x, probs_NK, plan, lambda g_NH: unpermute(
+            comm.all_to_all_raw(g_NH, send_splits, recv_splits, group), send_plan))
 
     def _send_plan(self, idx_TK: torch.Tensor, C: int):
         """The grouping of the T <= C tokens into R blocks of C rows (token t's row in block r

@@ -4,7 +4,10 @@ The ``alltoall`` backend is first checked against an independent dense reference
 from the all-gathered inputs of every rank; every other backend is then compared with
 ``alltoall`` on the same inputs: the dispatched rows (exact: dispatch only moves data),
 ``tokens_per_expert`` (exact), the row probs, and ``combine`` of an expert output that
-scales every row by its prob (up to summation order).
+scales every row by its prob (up to summation order). A budget-mode path
+(``max_rows_per_rank``) is compared with the same exact-mode expectation on its kept rows:
+the first ``sum(tokens_per_expert)`` rows must equal the exact rows, the rest be unused
+(zero, prob 0), and its ``status`` must be 0 (nothing dropped).
 
 Shapes: T tokens, K top-k, L local experts, R ranks, H hidden, N dispatched rows.
 """
@@ -79,28 +82,45 @@ def dense_expected(ctx: Ctx, st: InputSet) -> Expected:
 
 def compare(out_tokens: torch.Tensor, out_tpe: torch.Tensor, out_probs: torch.Tensor,
             y: torch.Tensor, exp: Expected, dtype: torch.dtype,
-            exact_layout: bool = True) -> List[str]:
+            exact_layout: bool = True, kept_rows: bool = False) -> List[str]:
     """Return what differs (empty = equal within tolerance).
 
     exact_layout: the rows must have exactly the expected layout. False for variants whose
     output has a fixed row budget (unused rows, prob 0): then only ``tokens_per_expert``
     and combine are compared when the row count differs (combine still catches a row sent
     to the wrong token or carrying the wrong prob, since the check's expert scales by it).
+    kept_rows:    the budget mode: ``out_tokens`` has B >= N rows; its first N =
+                  ``sum(tokens_per_expert)`` rows and probs must be the expected ones
+                  exactly, the remaining rows zero with prob 0.
     """
     errs: List[str] = []
     tpe = out_tpe.detach().to("cpu", torch.long).reshape(-1)
     if not torch.equal(tpe, exp.tokens_per_expert_L.long()):
         errs.append(f"tokens_per_expert {tpe.tolist()[:8]}... != expected "
                     f"{exp.tokens_per_expert_L.tolist()[:8]}...")
+    probs_N = out_probs.reshape(-1)
+    if kept_rows:
+        n = int(tpe.sum())
+        if out_tokens.shape[0] < n:
+            errs.append(f"tokens has {out_tokens.shape[0]} rows, tokens_per_expert sums to {n}")
+            n = out_tokens.shape[0]
+        tail_NH, tail_N = out_tokens[n:], probs_N[n:]
+        if bool((tail_NH != 0).any()):
+            errs.append(f"{int((tail_NH != 0).any(1).sum())} unused rows past the {n} kept "
+                        "ones are not zero")
+        if bool((tail_N != 0).any()):
+            errs.append(f"unused rows past the {n} kept ones have nonzero probs")
+        out_tokens, probs_N = out_tokens[:n], probs_N[:n]
     if tuple(out_tokens.shape) != tuple(exp.tokens_NH.shape):
-        if exact_layout:
-            errs.append(f"tokens shape {tuple(out_tokens.shape)} != {tuple(exp.tokens_NH.shape)}")
+        if exact_layout or kept_rows:
+            errs.append(f"tokens shape {tuple(out_tokens.shape)} != {tuple(exp.tokens_NH.shape)}"
+                        + (" (kept rows)" if kept_rows else ""))
     else:
         if not torch.equal(out_tokens, exp.tokens_NH):
             d = (out_tokens.float() - exp.tokens_NH.float()).abs().max().item()
             errs.append(f"dispatched rows differ (max abs diff {d:.3g}); rows must be exact copies "
                         "grouped by local expert in (source rank, token) order")
-        if not torch.allclose(out_probs.float().reshape(-1), exp.probs_N, rtol=1e-6, atol=1e-7):
+        if not torch.allclose(probs_N.float(), exp.probs_N, rtol=1e-6, atol=1e-7):
             errs.append("row probs differ")
     tol = 1e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-5
     rel = float((y.float() - exp.y_TH).norm() / exp.y_TH.norm().clamp_min(1e-12))

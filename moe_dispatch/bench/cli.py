@@ -23,6 +23,10 @@ from .timing import Clock
 from .workload import SHAPES, Shape, build_sets, num_sets_for, routing_stats
 
 ALL_BACKENDS = ("alltoall", "allgather", "deepep", "hybridep", "uccl", "nvshmem")
+# Rows --budget adds per backend: <backend>-<suffix> (see runners.bench_budget).
+BUDGET_SUFFIXES = ("budget", "budget-graph", "layer-eager", "layer-graph")
+# Exit statuses: a path FAILED its check; a budget row's dispatch status was nonzero.
+EXIT_FAILED, EXIT_BUDGET_STATUS = 3, 4
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -78,9 +82,20 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap.add_argument("--variant", action="append", default=[],
                     metavar="LABEL=BACKEND[:KEY=VAL,...]",
                     help="an extra row: BACKEND with these backend_options, shown as LABEL "
-                         "(repeatable), e.g. --variant nvshmem-budget=nvshmem:max_rows_per_rank=65536; "
-                         "under --check a variant whose row layout differs (static budgets) is "
-                         "checked through tokens_per_expert and combine")
+                         "(repeatable), e.g. --variant deepep-20sm=deepep:num_sms=20; under "
+                         "--check a variant whose row layout differs is checked through "
+                         "tokens_per_expert and combine (the budget mode is --budget)")
+    ap.add_argument("--budget", action="store_true",
+                    help="also time every selected backend in the budget mode "
+                         "(MoETokenDispatcher(..., max_rows_per_rank=B)): rows <backend>-budget "
+                         "(eager), <backend>-budget-graph (dispatch and combine each captured "
+                         "as a CUDA graph; CUDA only) and, unless --no-layer, "
+                         "<backend>-layer-eager / <backend>-layer-graph (token_dispatcher's "
+                         "MoELayer, eager / captured as CUDA graphs: experimental). A nonzero "
+                         "dispatch status (rows dropped) is printed, kept in the JSON and makes "
+                         "the exit status 4")
+    ap.add_argument("--budget-rows", type=int, default=None, metavar="B",
+                    help="B for --budget (default round_up(1.25 * tokens * topk, 256))")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", metavar="PATH", help="write the results as JSON here")
     ap.add_argument("--plot", metavar="PATH", help="write a PNG chart here (needs matplotlib)")
@@ -118,6 +133,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             ap.error(f"--{k.replace('_', '-')} must be positive")
     if args.warmup < 0:
         ap.error("--warmup must be >= 0")
+    if args.budget_rows is not None:
+        if not args.budget:
+            ap.error("--budget-rows is the B of the --budget rows: add --budget")
+        if args.budget_rows <= 0:
+            ap.error("--budget-rows must be positive")
     if args.warmup_ms is not None and not (args.warmup_ms >= 0 and args.warmup_ms < 1e6):
         ap.error("--warmup-ms must be a number of milliseconds >= 0")
     names = ALL_BACKENDS if args.backends == "all" else tuple(
@@ -141,7 +161,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         name, _, kv = rest.partition(":")
         if not label or name not in known:
             ap.error(f"--variant {item!r}: expected LABEL=BACKEND[:KEY=VAL,...] with a known backend")
-        if label in known or label in [v[0] for v in args.variants]:
+        budget_labels = {f"{b}-{suffix}" for b in args.backend_list
+                         for suffix in BUDGET_SUFFIXES} if args.budget else set()
+        if label in known or label in [v[0] for v in args.variants] or label in budget_labels:
             ap.error(f"--variant {item!r}: label {label!r} is taken")
         args.variants.append((label, name, _parse_kv(ap, kv, item) if kv else {}))
     return args
@@ -282,7 +304,9 @@ def _worker(args) -> int:
                     print(msg or f"chart written to {path}", flush=True)
                 print("", flush=True)
             if any(r["status"] == "FAILED" for r in result["rows"]):
-                rc = 3
+                rc = EXIT_FAILED
+            elif result["budget_alarms"] and rc == 0:
+                rc = EXIT_BUDGET_STATUS
         return rc
     finally:
         _teardown()
@@ -327,7 +351,8 @@ def run(args, rank: int, world: int, local_rank: int, local_world: int,
     false``), so a crash in one backend (a segfault in a native library takes the whole
     process group down) still leaves the rows measured before it.
     Execution order: the alltoall check reference, the reference rows, then the backends
-    in the order asked for; the table lists backends first.
+    in the order asked for, each followed by its variants and (``--budget``) its budget
+    rows; the table lists backends first.
     """
     from .. import available_backends
     from . import report
@@ -349,6 +374,7 @@ def run(args, rank: int, world: int, local_rank: int, local_world: int,
     ctx.log(f"moe_dispatch.bench: {world} rank(s) on {num_nodes} node(s), {_device_name(device)}, "
             f"{args.shape_name} shape {shape.as_dict()}, {nsets} input sets")
 
+    from . import runners
     avail = available_backends()
     experts, experts_label = None, None
     if not args.no_layer:
@@ -375,6 +401,7 @@ def run(args, rank: int, world: int, local_rank: int, local_world: int,
         layer_iters=args.layer_iters, num_sets=nsets, l2_flush=not args.no_l2_flush,
         ffn=args.ffn, experts_impl=experts_label, check=args.check, fp8=args.fp8,
         deepep_sms=args.deepep_sms, seed=args.seed, backend_options=args.backend_opts,
+        budget=args.budget, budget_rows=runners.budget_rows(ctx) if args.budget else None,
         variants=[dict(label=l, backend=b, options=o) for l, b, o in args.variants],
         available_backends=avail,
         auto=dict(choice=auto_name, reason=auto_why, num_nodes=topo.num_nodes,
@@ -387,13 +414,12 @@ def run(args, rank: int, world: int, local_rank: int, local_world: int,
         rows_d = [r.as_dict() for r in ours + refs]
         return dict(schema=report.SCHEMA, complete=complete, config=config,
                     routing=routing_stats(sets, shape), rows=rows_d,
-                    ratios=report.ratios(rows_d))
+                    ratios=report.ratios(rows_d), budget_alarms=report.budget_alarms(rows_d))
 
     def progress() -> None:
         if partial_json and rank == 0:
             report.write_json(result(False), partial_json)
 
-    from . import runners
     dense, a2a = runners.check_references(ctx) if args.check else (None, None)
     if not args.no_references:
         from . import deepep_ref, megatron_ref
@@ -411,6 +437,10 @@ def run(args, rank: int, world: int, local_rank: int, local_world: int,
                 ours.extend(runners.bench_backend(ctx, vname, avail.get(vname, "not registered"),
                                                   experts, exp, label=label, options=vopts))
                 progress()
+        if args.budget:
+            ours.extend(runners.bench_budget(ctx, name, avail.get(name, "not registered"),
+                                             experts, exp))
+            progress()
     return result(True)
 
 

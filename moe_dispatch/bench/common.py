@@ -24,6 +24,13 @@ class Row:
     Times are the mean over ranks of each rank's median (µs / ms), ``*_max`` the slowest
     rank's median; GB/s is the mean over ranks of rows received × bytes per row / median.
     layer_tokens_per_s is per GPU: tokens per rank / median forward+backward time.
+    ``*_host_us`` / ``layer_host_ms``: the same for the host time inside each call
+    (``Timing.host_seconds``: no sync; what the call costs the CPU).
+    budget_rows:   budget-mode rows (``max_rows_per_rank`` = B); None for exact-mode rows.
+    budget_status: OR over ranks (and the input sets) of the dispatch's ``status`` bits after
+                   the run (``moe_dispatch.protocol.STATUS_*``; nonzero: rows were dropped or
+                   input was bad, the numbers time a dispatch that lost rows); None when not
+                   a budget row. Per rank in ``per_rank["budget_status"]``.
     """
 
     name: str
@@ -40,6 +47,12 @@ class Row:
     combine_gbps: Optional[float] = None
     layer_ms: Optional[float] = None
     layer_tokens_per_s: Optional[float] = None
+    dispatch_host_us: Optional[float] = None
+    combine_host_us: Optional[float] = None
+    layer_host_ms: Optional[float] = None
+    budget_rows: Optional[int] = None
+    budget_status: Optional[int] = None
+    budget_status_text: str = ""
     note: str = ""
     per_rank: Dict[str, List[float]] = field(default_factory=dict)
     # Every timed iteration: {"dispatch_us": [[rank 0's samples in order], ...], ...},
@@ -110,7 +123,10 @@ class Ctx:
                     d=dispatch.median if dispatch else None,
                     c=combine.median if combine else None,
                     l=layer.median if layer else None,
-                    s={label: (t.seconds, t.started, t.device_allocs) for label, t in
+                    h={label: t.host_median for label, t in
+                       (("dispatch", dispatch), ("combine", combine), ("layer", layer)) if t},
+                    s={label: (t.seconds, t.started, t.device_allocs, t.host_seconds)
+                       for label, t in
                        (("dispatch", dispatch), ("combine", combine), ("layer", layer)) if t})
         table = self.gather(mine)
         row = Row(name, kind, check=check, fp8=fp8, note=note)
@@ -136,6 +152,11 @@ class Ctx:
                 row.samples[f"{label}_started"] = [t["s"][label][1] for t in table]
                 if all(t["s"][label][2] is not None for t in table):
                     row.samples[f"{label}_device_allocs"] = [t["s"][label][2] for t in table]
+                row.samples[f"{label}_host_{unit}"] = [
+                    [round(x * scale, 3) for x in t["s"][label][3]] for t in table]
+                hosts = [t["h"][label] for t in table]
+                row.per_rank[f"{label}_host_{unit}"] = [m * scale for m in hosts]
+                setattr(row, f"{label}_host_{unit}", statistics.fmean(hosts) * scale)
         meds = [t["l"] for t in table]
         if all(m is not None for m in meds):
             row.per_rank["layer_ms"] = [m * 1e3 for m in meds]

@@ -19,6 +19,9 @@ REFERENCES = (
     ("megatron-a2a", "Megatron-Core alltoall"),
 )
 NATIVE = "nvshmem"
+# --budget's MoELayer rows: their layer time includes token_dispatcher's router, which no
+# reference row runs, so they get no ratio.
+MOELAYER_SUFFIXES = ("-layer-eager", "-layer-graph")
 
 
 def _num(v, fmt: str) -> str:
@@ -64,7 +67,8 @@ def ratios(rows: List[dict]) -> List[dict]:
     by = {r["name"]: r for r in rows if r.get("status") == "ok"}
     out = []
     for r in rows:
-        if r.get("kind") != "backend" or r.get("status") != "ok" or r.get("fp8"):
+        if r.get("kind") != "backend" or r.get("status") != "ok" or r.get("fp8") \
+                or r["name"].endswith(MOELAYER_SUFFIXES):
             continue
         for ref_name, label in REFERENCES:
             ref = by.get(ref_name)
@@ -80,6 +84,15 @@ def ratios(rows: List[dict]) -> List[dict]:
                     item["label"] = f"native ({NATIVE}) vs {label}"
                 out.append(item)
     return out
+
+
+def budget_alarms(rows: List[dict]) -> List[dict]:
+    """The budget rows whose dispatch status was nonzero (rows dropped, bad input): their
+    numbers time a dispatch that lost rows."""
+    return [dict(name=r["name"], budget_rows=r.get("budget_rows"), status=r["budget_status"],
+                 text=r.get("budget_status_text", ""),
+                 per_rank=(r.get("per_rank") or {}).get("budget_status"))
+            for r in rows if r.get("budget_status")]
 
 
 def table(result: dict) -> str:
@@ -99,19 +112,45 @@ def table(result: dict) -> str:
     if result.get("complete") is False:
         lines.append("INCOMPLETE: the run stopped before every row was measured "
                      "(the rows below are those finished)")
-    hdr = (f"{'path':<26}{'kind':<10}{'check':<9}{'dispatch us':>12}{'GB/s':>8}"
-           f"{'combine us':>12}{'GB/s':>8}{'layer ms':>10}{'tok/s/GPU':>12}  note")
+    hdr = (f"{'path':<26}{'kind':<10}{'check':<9}{'dispatch us':>12}{'host us':>9}{'GB/s':>8}"
+           f"{'combine us':>12}{'host us':>9}{'GB/s':>8}{'layer ms':>10}{'host ms':>9}"
+           f"{'tok/s/GPU':>12}  note")
     lines += [hdr, "-" * len(hdr)]
     for r in result["rows"]:
         name = r["name"] + (" [fp8]" if r.get("fp8") and "fp8" not in r["name"] else "")
         if r["status"] != "ok":
             lines.append(f"{name:<26}{r['kind']:<10}{r['check']:<9}  {r['status']}: {r['reason']}")
             continue
+        note = r.get("note", "")
+        if r.get("budget_status"):
+            note = f"!!! STATUS {r['budget_status']} ({r.get('budget_status_text', '')}) " + note
         lines.append(
             f"{name:<26}{r['kind']:<10}{r['check']:<9}{_num(r['dispatch_us'], '12.1f')}"
+            f"{_num(r.get('dispatch_host_us'), '9.1f')}"
             f"{_num(r['dispatch_gbps'], '8.1f')}{_num(r['combine_us'], '12.1f')}"
+            f"{_num(r.get('combine_host_us'), '9.1f')}"
             f"{_num(r['combine_gbps'], '8.1f')}{_num(r['layer_ms'], '10.2f')}"
-            f"{_num(r['layer_tokens_per_s'], '12.0f')}  {r.get('note', '')}")
+            f"{_num(r.get('layer_host_ms'), '9.2f')}"
+            f"{_num(r['layer_tokens_per_s'], '12.0f')}  {note}")
+    lines.append("(host us / host ms: time the host spends inside the call, median, no sync; "
+                 + ("the other times are CUDA-event times)" if cfg.get("device") == "cuda"
+                    else "on the CPU it is the call's time itself)"))
+    alarms = budget_alarms(result["rows"])
+    if alarms:
+        lines.append("")
+        lines.append("!!! BUDGET STATUS NONZERO: these budget rows dropped rows (or saw bad "
+                     "input); their numbers time a dispatch that lost rows. Raise --budget-rows.")
+        for a in alarms:
+            lines.append(f"!!!   {a['name']}: status {a['status']} ({a['text']}), "
+                         f"B={a['budget_rows']}, per rank {a['per_rank']}")
+    if any(r["name"].endswith("-layer-graph") and r["status"] == "ok" for r in result["rows"]):
+        lines.append("")
+        lines.append("NOTE: the *-layer-graph rows run MoELayer captured as CUDA graphs "
+                     "(enable_cuda_graph), which is EXPERIMENTAL: gradient correctness under "
+                     "capture is being investigated "
+                     "(BENCHMARKS.md, session 5). The *-layer-eager/-graph rows run "
+                     "token_dispatcher's MoELayer (its router included), so compare them with "
+                     "each other, not with the other layer column.")
     spread_lines = noisy(result["rows"])
     if spread_lines:
         lines.append("")

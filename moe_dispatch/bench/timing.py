@@ -7,6 +7,11 @@ a slower peer, and on CUDA the L2 cache is overwritten (256 MB, as DeepEP's ``be
 does once) so that no call reads its input from cache. The input set rotates too. Work
 done in ``setup`` (e.g. the dispatch whose handle a timed combine needs) is not timed.
 
+Each timed call also gets its host time: ``perf_counter`` around the call alone, with no
+sync, i.e. how long the call keeps the CPU busy (for a path that never waits for the GPU,
+its launch cost; for one that syncs, it also includes the wait for the GPU work queued
+before it: the L2 flush and the rank alignment).
+
 Warm-up lasts at least ``min_warmup_s`` of wall time, not only ``warmup`` calls: after a
 second of host-only work (a ``--check`` comparing outputs on the CPU, a sleep) the same
 dispatch was measured up to 20 % slower on 4 H200s for its first tens of milliseconds
@@ -19,7 +24,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
 import torch
@@ -32,15 +37,21 @@ class Timing:
 
     started: ``time.time()`` when the timed iterations began (after warm-up), so samples of
              different paths can be laid on one time line.
+    host_seconds: per iteration, the host time inside the call (no sync).
     """
 
     seconds: List[float]
     started: float = float("nan")
     device_allocs: Optional[int] = None  # cudaMalloc calls during the timed iterations
+    host_seconds: List[float] = field(default_factory=list)
 
     @property
     def median(self) -> float:
         return statistics.median(self.seconds) if self.seconds else float("nan")
+
+    @property
+    def host_median(self) -> float:
+        return statistics.median(self.host_seconds) if self.host_seconds else float("nan")
 
 
 class Clock:
@@ -125,6 +136,7 @@ class Clock:
             starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
             ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
         out: List[float] = []
+        host: List[float] = []
         allocs0 = _device_allocs(self.device) if self.cuda else None
         started = time.time()
         for i in range(iters):
@@ -134,18 +146,21 @@ class Clock:
             self.align()
             if self.cuda:
                 starts[i].record()
+                h0 = time.perf_counter()
                 r = fn(warmup + i, s)
+                host.append(time.perf_counter() - h0)
                 ends[i].record()
             else:
                 t0 = time.perf_counter()
                 r = fn(warmup + i, s)
                 out.append(time.perf_counter() - t0)
+                host.append(out[-1])
             del r, s
         self.sync()
         if self.cuda:
             out = [a.elapsed_time(b) / 1e3 for a, b in zip(starts, ends)]
         allocs = None if allocs0 is None else _device_allocs(self.device) - allocs0
-        return Timing(out, started, allocs)
+        return Timing(out, started, allocs, host)
 
 
 def _device_allocs(device: torch.device) -> int:

@@ -6,8 +6,9 @@ the forward's statuses (every MoE layer's, every rank's) are read once per step,
 forward and before the backward: one small all-reduce and one host sync per step, not per
 layer. On overflow the recipe's ``overflow`` decides:
   "rerun": the step's forward is thrown away and run again in the exact mode (so no row is
-           ever lost), and the budget grows to fit what the exact step received (x1.25, at
-           least the largest rank's rows);
+           ever lost), the budget grows to fit what the exact step received (x1.25, at
+           least the largest rank's rows), and with ``train.cuda_graph`` the MoE layers are
+           captured again for it before the next step (eager meanwhile);
   "drop":  the step goes on with the rows dropped (counted in the metrics).
 Bad input (``STATUS_BAD_INPUT``) raises ``DispatchInputError`` on every rank.
 """
@@ -33,10 +34,12 @@ class BudgetState:
 
     budget:    B (None: the exact mode, nothing to check).
     overflows: steps whose forward overflowed (rerun or kept with drops).
+    capture_pending: the MoE layers are to be captured as CUDA graphs before the next step.
     """
 
     budget: int = None
     overflows: int = 0
+    capture_pending: bool = False
 
 
 def forward_checked(run, forward: Callable[[], Tuple], state: BudgetState, log) -> Tuple:
@@ -68,11 +71,13 @@ def forward_checked(run, forward: Callable[[], Tuple], state: BudgetState, log) 
         f"max_rows_per_rank {state.budget} -> {grown}")
     state.budget = grown
     _set_budget(run, grown)
+    state.capture_pending = bool(run.recipe.train.cuda_graph)
     return res
 
 
 def _set_budget(run, budget) -> None:
-    """Switch the dispatcher's mode; layers captured as CUDA graphs capture again for it."""
+    """Switch the dispatcher's mode; CUDA graphs captured for the old one are dropped (the
+    layers run eagerly until captured again)."""
     run.dispatcher.set_max_rows_per_rank(budget)
     for layer in run.model.moe_layers():
         layer.drop_cuda_graph()

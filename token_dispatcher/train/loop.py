@@ -29,7 +29,7 @@ from .budget import BudgetState, forward_checked
 from .checkpoint import checkpoint_root, load_checkpoint, save_checkpoint
 from .metrics import (Progress, append_metrics, check_plot_possible, plot_metrics,
                       restart_metrics, rss_mb)
-from .recipe import Recipe, RecipeError, TrainConfig
+from .recipe import WIRE_DTYPES, Recipe, RecipeError, TrainConfig
 
 
 @dataclass
@@ -185,7 +185,8 @@ def _build(recipe: Recipe, opts: RunOptions, layout: _Layout, device: torch.devi
                               pad_multiple=recipe.pad_multiple,
                               capacity_policy=recipe.capacity_policy,
                               backend_options=recipe.backend_options or None,
-                              max_rows_per_rank=recipe.max_rows_per_rank)
+                              max_rows_per_rank=recipe.max_rows_per_rank,
+                              wire_dtype=WIRE_DTYPES[recipe.wire_dtype])
     if getattr(m, "hf", None):  # a transformers architecture (train/hf_model.py)
         from .hf_model import build_hf_model
         model = build_hf_model(m, disp, seed=recipe.seed).to(device)
@@ -198,11 +199,13 @@ def _build(recipe: Recipe, opts: RunOptions, layout: _Layout, device: torch.devi
          {"params": no_decay, "weight_decay": 0.0}],
         lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
     data = ByteBatches(load_corpus(recipe.data.path), m.seq_len, t.batch_size, recipe.seed)
+    if t.cuda_graph and device.type != "cuda":
+        raise RecipeError("train.cuda_graph needs CUDA GPUs (device: cuda)")
     quiet = opts.quiet or layout.rank != 0
     return _Run(recipe, opts, layout, device, disp, model, optim,
                 dense_ps=list(model.dense_parameters()),
                 expert_ps=list(model.expert_parameters()), data=data,
-                budget=BudgetState(recipe.max_rows_per_rank),
+                budget=BudgetState(recipe.max_rows_per_rank, capture_pending=t.cuda_graph),
                 log=(lambda line: None) if quiet else (lambda line: print(line, flush=True)))
 
 
@@ -227,7 +230,9 @@ def _banner(run: _Run, start: int) -> str:
     expert_impl = run.model.blocks[0].moe.experts.resolved_impl(
         torch.empty(0, m.hidden, device=run.device, dtype=row_dtype))
     return (f"moe-train {run.recipe.name}: world={lay.world} ep={lay.ep} "
-            f"dispatcher={run.dispatcher.backend_name} device={run.device.type} "
+            f"dispatcher={run.dispatcher.backend_name}"
+            f"{' wire=' + run.recipe.wire_dtype if run.recipe.wire_dtype else ''} "
+            f"device={run.device.type} "
             f"experts={expert_impl} params={(n_dense + n_expert) / 1e6:.2f}M "
             f"(active/token {per_tok / 1e6:.2f}M) steps={t.steps} "
             f"tokens/step={t.batch_size * m.seq_len}"
@@ -262,6 +267,11 @@ def _step(run: _Run, step: int, amp) -> _StepResult:
     lr = _lr_at(run.recipe.train, step)
     for g in run.optim.param_groups:
         g["lr"] = lr
+    if run.budget.capture_pending:  # first step, or the budget grew: capture the MoE layers
+        with amp:
+            run.model.capture_moe_graphs(inp_BS)
+        run.budget.capture_pending = False
+
     def forward():
         with amp:
             out = run.model(inp_BS)
@@ -379,7 +389,10 @@ def _run_steps(run: _Run, start: int, last: int, rows: List[Dict[str, Any]],
     """Steps ``start + 1`` .. ``last`` (1-based); appends each logged step's row to ``rows``
     and checkpoints every ``train.checkpoint_every`` steps and after the last."""
     t, m, lay = run.recipe.train, run.recipe.model, run.layout
-    amp = torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
+    # CUDA-graph capture needs autocast without its weight-cast cache (the cache would hold
+    # casts made outside the graphs).
+    amp = torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16",
+                         cache_enabled=False if t.cuda_graph else None)
     interval_time, interval_tokens = 0.0, 0
     for step in range(start, last):
         t0 = time.perf_counter()

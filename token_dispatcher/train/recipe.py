@@ -12,11 +12,14 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
+import torch
 import yaml
 
 from ..model import ModelConfig
 
 DISPATCHERS = ("alltoall", "allgather", "deepep", "hybridep", "uccl", "nvshmem", "auto")
+# The recipe's ``wire_dtype`` names -> ``MoETokenDispatcher(wire_dtype=...)``.
+WIRE_DTYPES = {None: None, "fp8": torch.float8_e4m3fn}
 
 
 class RecipeError(ValueError):
@@ -39,6 +42,9 @@ class TrainConfig:
     log_every:        write a metrics line every this many steps (and at the first/last).
     checkpoint_every: save a resumable checkpoint every this many steps (0 = only at the end).
     plot:             write DIR/plot.png at the end (needs matplotlib).
+    cuda_graph:       capture every MoE layer's forward + backward as CUDA graphs before the
+                      first step (and again after the budget grows) and replay them (needs
+                      CUDA, bf16 and ``max_rows_per_rank``: only the budget mode is sync-free).
     """
 
     steps: int = 200
@@ -55,6 +61,7 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 0
     plot: bool = True
+    cuda_graph: bool = False
 
 
 @dataclass
@@ -99,6 +106,10 @@ class Recipe:
     overflow:        what a step whose rows overflowed the budget does: "rerun" (default:
                      rerun it in the exact mode, grow the budget to fit, log it) or "drop"
                      (keep the step with the rows dropped; logged).
+    wire_dtype:      null (rows travel in the activations' dtype) or fp8: dispatch moves e4m3
+                     rows with one float32 scale per 128 channels
+                     (``MoETokenDispatcher(wire_dtype=torch.float8_e4m3fn)``; alltoall and
+                     allgather; model.hidden a multiple of 128). Combine stays BF16/FP32.
     out:             output directory (default runs/<recipe name>).
     model / train / data: sections, see ``ModelConfig``, ``TrainConfig``, ``DataConfig``.
     """
@@ -115,6 +126,7 @@ class Recipe:
     backend_options: Dict[str, Any] = field(default_factory=dict)
     max_rows_per_rank: Optional[int] = None
     overflow: str = "rerun"
+    wire_dtype: Optional[str] = None
     out: Optional[str] = None
     model: ModelSection = field(default_factory=ModelSection)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -251,6 +263,19 @@ def validate_recipe(r: Recipe, source: str = "recipe") -> None:
     if r.max_rows_per_rank is not None and r.pad_multiple and \
             r.max_rows_per_rank % r.pad_multiple:
         bad("max_rows_per_rank", f"must be a multiple of pad_multiple ({r.pad_multiple})")
+    if r.train.cuda_graph and r.max_rows_per_rank is None:
+        bad("train.cuda_graph", "needs max_rows_per_rank (the sync-free budget mode): the "
+            "exact mode syncs the host in every dispatch, which a CUDA graph cannot hold")
+    if r.train.cuda_graph and r.model.activation_checkpointing:
+        bad("train.cuda_graph", "cannot be combined with model.activation_checkpointing")
+    if r.train.cuda_graph and r.train.precision != "bf16":
+        bad("train.cuda_graph", "needs train.precision: bf16 (fp32 rows run the per-expert "
+            "loop, which reads the counts on the host)")
+    if r.wire_dtype not in WIRE_DTYPES:
+        bad("wire_dtype", f"must be null or fp8, got {r.wire_dtype!r}")
+    if r.wire_dtype is not None and r.model.hidden % 128:
+        bad("wire_dtype", f"fp8 needs model.hidden to be a multiple of 128 (one scale per "
+            f"128 channels), got {r.model.hidden}")
     if r.capacity_policy not in ("probs", "position"):
         bad("capacity_policy", f"must be probs or position, got {r.capacity_policy!r}")
     if r.train.precision not in ("fp32", "bf16"):

@@ -48,7 +48,7 @@ from ... import comm
 from ..budget import BudgetShape, LocalInput, fit_input, pad_rows, status_bits
 from ..common import agree, cuda_reason, pad_topk, require_equal
 from ...permute import GroupPlan, budget_plan, group_plan, permute, unpermute
-from ...protocol import BackendConfig, DispatchResult, PendingCheck
+from ...protocol import BackendConfig, DispatchResult, PendingCheck, check_wire_dtype
 from .budget_mode import MAX_WIRE_TOPK, V1BudgetHandle, num_worst_tokens, read_flags, wire_input
 from .buffer import (INTRANODE_SIZES, V1Comm, V1Combine, V1Dispatch, V1Library,
                      check_group_size, configs_for, is_flagged, manager_for, new_box)
@@ -115,6 +115,7 @@ class V1Backend(comm.CollectiveBackendBase):
     wire_dtype = WIRE_DTYPE
 
     def __init__(self, config: BackendConfig):
+        check_wire_dtype(config, self)  # no FP8 rows yet: refuse rather than move BF16
         opts = dict(config.options or {})
         unknown = set(opts) - self._option_names()
         if unknown:

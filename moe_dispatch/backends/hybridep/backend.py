@@ -68,7 +68,7 @@ from .buffer import (HybridCall, HybridCombine, HybridDispatch, HybridSettings,
                      manager_for, new_box, overflow_flag, zero_unused_rows)
 from ...permute import budget_plan, group_plan, permute, unpermute
 from ...protocol import (BackendConfig, BudgetCheck, DispatchInputError, DispatchResult,
-                         PendingCheck)
+                         PendingCheck, check_wire_dtype)
 from ...routing import topk_to_dense
 
 WIRE_DTYPE = torch.bfloat16
@@ -128,6 +128,7 @@ class HybridEPBackend(comm.CollectiveBackendBase):
     wire_dtype = torch.bfloat16
 
     def __init__(self, config: BackendConfig):
+        check_wire_dtype(config, self)  # no FP8 rows yet: refuse rather than move BF16
         opts = dict(config.options or {})
         unknown = set(opts) - _OPTIONS
         if unknown:

@@ -82,7 +82,7 @@ import torch.distributed as dist
 from ...permute import budget_positions, filled_rows
 from ...protocol import (STATUS_BAD_INPUT, STATUS_BARRIER_TIMEOUT, STATUS_ROWS_DROPPED,
                          STATUS_TOKENS_DROPPED, BackendConfig, BudgetCheck,
-                         DispatchInputError, DispatchResult, PendingCheck)
+                         DispatchInputError, DispatchResult, PendingCheck, check_wire_dtype)
 from .graph import PreSyncGraph
 from .symm_memory import (CH_PRE_PUSH, CH_PULLED, CH_PUSHED, CH_STAGED, Arena,
                            LocalTransport, SymmTransport, Transport, round_up)
@@ -751,6 +751,7 @@ class NVSHMEMBackend:
     name = "nvshmem"
 
     def __init__(self, config: BackendConfig):
+        check_wire_dtype(config, self)  # no FP8 rows yet: refuse rather than move BF16
         reason = self.availability()
         if reason is not None:
             raise RuntimeError(f"nvshmem backend: {reason}")
