@@ -13,6 +13,8 @@ The modules, in the order a run meets them:
     launch.py      the command: flags, checks before any rank starts, starting the ranks.
     recipe.py      the recipe (YAML) schema, loading and checking it.
     loop.py        ``train(recipe, opts)`` on every rank: parallel layout, the step, logging.
+    budget.py      the budget mode: one status read per step, the overflow policy.
+    hf_model.py    ``model.hf`` recipes: a transformers MoE model made expert-parallel.
     checkpoint.py  resumable per-rank checkpoints.
     metrics.py     ``metrics.jsonl``, the progress bar, memory use, the plot.
 """
