@@ -377,6 +377,23 @@ def test_cpu_budget_rows_and_host_times(tmp_path):
     assert not any(it["ours"].endswith("-layer-eager") for it in res["ratios"])
 
 
+def test_cpu_fp8_rows_use_the_fp8_wire(tmp_path):
+    """--fp8 adds a `<backend>-fp8` row running ``wire_dtype=float8_e4m3fn`` where the
+    backend supports it (alltoall, allgather), counted with FP8 bytes."""
+    out = tmp_path / "run.json"
+    cmd = [sys.executable, "-m", "moe_dispatch.bench", "--device", "cpu", "--nproc", "2",
+           "--tokens", "16", "--hidden", "128", "--topk", "2", "--experts", "4", "--iters", "2",
+           "--warmup", "1", "--no-layer", "--backends", "alltoall,allgather", "--fp8",
+           "--no-references", "--json", str(out), "--timeout", "120"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_cli_env(), capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    for name in ("alltoall", "allgather"):
+        r = rows[f"{name}-fp8"]
+        assert r["status"] == "ok" and r["fp8"] and r["dispatch_us"] > 0, r
+
+
 def test_budget_overflow_is_loud(tmp_path):
     """A budget too small for the rows: the row keeps its numbers but its status is in the
     JSON (row and budget_alarms), printed with '!!!', and the exit status is 4."""

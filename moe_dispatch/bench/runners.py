@@ -31,8 +31,6 @@ def _options(ctx: Ctx, name: str, fp8: bool = False, extra: Optional[dict] = Non
     opts.update(getattr(ctx.args, "backend_opts", {}).get(name, {}))
     if extra:
         opts.update(extra)
-    if fp8:
-        opts["fp8"] = True
     return opts
 
 
@@ -40,9 +38,11 @@ def make_dispatcher(ctx: Ctx, name: str, fp8: bool = False, extra: Optional[dict
                     budget: Optional[int] = None):
     from token_dispatcher import MoETokenDispatcher
 
+    # --fp8: rows travel as e4m3 + 1x128 scales (``wire_dtype``), dequantised on arrival.
     return MoETokenDispatcher(num_experts=ctx.shape.experts, ep_group=None, backend=name,
                               backend_options=_options(ctx, name, fp8, extra) or None,
-                              max_rows_per_rank=budget)
+                              max_rows_per_rank=budget,
+                              wire_dtype=torch.float8_e4m3fn if fp8 else None)
 
 
 def budget_rows(ctx: Ctx) -> int:
@@ -103,9 +103,10 @@ def _bench(ctx: Ctx, name: str, status: str, experts, expected, fp8: bool,
                    budget_rows=budget)
     if fp8:
         from ..registry import get_backend_class
-        if not getattr(get_backend_class(name), "supports_fp8", False):
+        if torch.float8_e4m3fn not in getattr(get_backend_class(name),
+                                              "supported_wire_dtypes", ()):
             return Row(label, "backend", status="skipped", fp8=True,
-                       reason="this backend has no FP8 dispatch")
+                       reason="this backend has no FP8 wire (wire_dtype) yet")
     disp, err = None, ""
     try:
         disp = make_dispatcher(ctx, name, fp8, options, budget)
