@@ -504,9 +504,9 @@ def test_warmup_call_count_is_agreed_across_ranks(gloo_pool):
     assert got[0] == got[1], got
     calls, timed = got[0]
     assert timed == 3
-    # The fast rank wants ~60 warm-up calls (fewer if sleeps overshoot), the slow one ~6:
-    # the max wins.
-    assert calls >= 3 + 20, got
+    # The fast rank wants ~60 warm-up calls (fewer when sleeps overshoot on a loaded
+    # machine, but at least 0.06 s / its real call time), the slow one ~6: the max wins.
+    assert calls >= 3 + 10, got
 
 
 def test_spread_and_noisy_phases():

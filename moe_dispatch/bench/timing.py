@@ -64,6 +64,7 @@ class Clock:
     """
 
     MAX_EXTRA_WARMUP = 5000  # calls; bounds the time-based warm-up of very short calls
+    MAX_WARMUP_ROUNDS = 8    # rounds of it (each paced by the calls before it)
 
     def __init__(self, device: torch.device, group=None, flush_l2: bool = True,
                  min_warmup_s: "float | None" = None):
@@ -128,10 +129,19 @@ class Clock:
                 call(0)
                 self.sync()
                 done = 1
-            extra = self.agree_max(self.extra_warmup((time.perf_counter() - t0) / done, done))
-            for i in range(done, done + extra):
-                call(i)
-                self.sync()  # the GPU works through the warm-up as it goes
+            # Rounds until every rank has warmed up for min_warmup_s: a round's count is paced
+            # by the calls so far, so calls that ran slower than the estimate (a loaded
+            # machine) get another round instead of a short warm-up. Each round's count is
+            # agreed, so every rank makes the same calls.
+            for _ in range(self.MAX_WARMUP_ROUNDS):
+                extra = self.agree_max(self.extra_warmup((time.perf_counter() - t0) / done,
+                                                         done))
+                if extra == 0:
+                    break
+                for i in range(done, done + extra):
+                    call(i)
+                    self.sync()  # the GPU works through the warm-up as it goes
+                done += extra
         if self.cuda:
             starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
             ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
