@@ -30,7 +30,7 @@ from ..kernels.fp8 import WIRE_DTYPES
 from ..permute import BudgetPlan, GroupPlan, budget_plan, group_plan, permute, unpermute
 from ..routing import pad_topk
 from ..protocol import BudgetCheck, DispatchInputError, DispatchResult, PendingCheck
-from .budget import BudgetShape, budget_options, fit_input, pad_rows, status_bits
+from .budget import BudgetShape, budget_input, budget_options, pad_rows, status_bits
 from .wire import fp8_receive, fp8_send
 
 
@@ -111,10 +111,7 @@ class AllGatherBackend(comm.CollectiveBackendBase):
     def _dispatch_budget(self, x_TH, idx_TK, probs_TK, check: PendingCheck) -> DispatchResult:
         R, L, B, me = self.R, self.L, self.budget, self.rank
         dev = x_TH.device
-        if self.shape is None:  # the first call: agree on H, K, T_cap (one host sync)
-            self.shape = BudgetShape.agree(check, self.group, dev, *idx_TK.shape,
-                                           x_TH.shape[1], self.token_cap)
-        inp = fit_input(self.shape, x_TH, idx_TK, probs_TK, check, x_TH.dtype, dev)
+        inp = budget_input(self, x_TH, idx_TK, probs_TK, check)
         K, Tc = self.shape.topk, self.shape.token_cap
         T = inp.x_TH.shape[0]
         # Ids travel as id + 1 (zero rows: no expert); the block's last row is the header.

@@ -36,7 +36,7 @@ from ..kernels.fp8 import WIRE_DTYPES
 from ..permute import BudgetPlan, GroupPlan, budget_plan, filled_rows, group_plan, permute, unpermute
 from ..routing import pad_topk
 from ..protocol import BudgetCheck, DispatchInputError, DispatchResult, PendingCheck
-from .budget import BudgetShape, budget_options, fit_input, pad_rows, status_bits
+from .budget import BudgetShape, budget_input, budget_options, pad_rows, status_bits
 from .wire import fp8_receive, fp8_send
 
 
@@ -149,10 +149,7 @@ class AllToAllBackend(comm.CollectiveBackendBase):
     def _dispatch_budget(self, x_TH, idx_TK, probs_TK, check: PendingCheck) -> DispatchResult:
         R, L, B = self.R, self.L, self.budget
         dev = x_TH.device
-        if self.shape is None:  # the first call: agree on H, K, T_cap (one host sync)
-            self.shape = BudgetShape.agree(check, self.group, dev, *idx_TK.shape,
-                                           x_TH.shape[1], self.token_cap)
-        inp = fit_input(self.shape, x_TH, idx_TK, probs_TK, check, x_TH.dtype, dev)
+        inp = budget_input(self, x_TH, idx_TK, probs_TK, check)
         K, C = self.shape.topk, self.shape.token_cap
         send_plan = self._send_plan(inp.idx_TK, C)
         # Ids travel as id + 1 in float32 (exact below 2**24), so a zero row (unused) is

@@ -113,6 +113,17 @@ def fit_input(shape: BudgetShape, x_TH, idx_TK, probs_TK, check: PendingCheck,
                                   code))
 
 
+def budget_input(backend, x_TH, idx_TK, probs_TK, check: PendingCheck) -> LocalInput:
+    """This call's input fitted to ``backend.shape``, agreed first (one host sync) on the
+    backend's first budget-mode call. ``backend``: a collective backend with ``shape``,
+    ``group`` and ``token_cap``."""
+    dev = x_TH.device
+    if backend.shape is None:
+        backend.shape = BudgetShape.agree(check, backend.group, dev, *idx_TK.shape,
+                                          x_TH.shape[1], backend.token_cap)
+    return fit_input(backend.shape, x_TH, idx_TK, probs_TK, check, x_TH.dtype, dev)
+
+
 def status_bits(dropped: torch.Tensor, tokens_dropped: torch.Tensor,
                 bad: torch.Tensor) -> torch.Tensor:
     """[1] int32 status from three 0-dim device flags (bool or int)."""
