@@ -81,6 +81,8 @@ class DispatchResult:
     fp8:                 with ``wire_dtype=float8_e4m3fn``: the rows' quantised form, an
                          ``moe_dispatch.backends.wire.Fp8Rows`` (``tokens_fp8`` [N, H] e4m3,
                          ``scales`` [N, H / 128] float32, made on first use); else None.
+    check:               budget mode: this rank's ``BudgetCheck`` (what ``raise_on_status``
+                         raises when the status says some input was bad); None otherwise.
 
     Budget mode (``BackendConfig.max_rows_per_rank = B``): N == B on every call. The real
     rows come first, grouped by local expert exactly as in the exact mode (so
@@ -97,6 +99,7 @@ class DispatchResult:
     handle: Any
     status: Optional[torch.Tensor] = None
     fp8: Any = None
+    check: Any = None
 
 
 # Status bits of a budget-mode dispatch (``DispatchResult.status``), one meaning everywhere.

@@ -18,7 +18,7 @@ if not torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) < 2:
 from fp8_workers import run_fp8_vs_plain  # noqa: E402
 from moe_dispatch.testing import make_case  # noqa: E402
 from test_fp8_wire import SCENARIOS, check_fp8  # noqa: E402
-from test_gpu_parity import _agree, _init, _shared_seed  # noqa: E402
+from test_gpu_parity import _agree, _init, _scenario, _shared_seed  # noqa: E402
 
 
 @pytest.mark.parametrize("backend", ["alltoall", "allgather"])
@@ -27,11 +27,7 @@ from test_gpu_parity import _agree, _init, _shared_seed  # noqa: E402
 def test_gpu_fp8_parity(backend, mode, scenario):
     rank, world = _init()
     seed = _shared_seed()
-    if scenario == "large_zipf":
-        tokens, case_kw, opts = (lambda R: [256 + 32 * r for r in range(R)],
-                                 dict(mask_frac=0.05, skew="zipf"), {})
-    else:
-        tokens, case_kw, opts = SCENARIOS[scenario]
+    tokens, case_kw, opts = _scenario(scenario, SCENARIOS)
     kw = dict(hidden=512, num_experts=8 * world, topk=4, seed=seed)
     kw.update(case_kw)
     case = make_case(world, tokens(world), **kw)

@@ -631,7 +631,7 @@ def check_errors_are_clear():
 
 def check_static_bad_input():
     """Static budget: bad ids on the last rank raise nothing in dispatch, combine or the
-    backward; every rank's status has STATUS_BAD_INPUT, the bad rank's ``budget_check``
+    backward; every rank's status has STATUS_BAD_INPUT, the bad rank's ``check``
     names its error, and the next call is right again."""
     from moe_dispatch.protocol import STATUS_BAD_INPUT
     rank, R = dist.get_rank(), dist.get_world_size()
@@ -649,7 +649,7 @@ def check_static_bad_input():
         _sync()
         if not int(res.status.item()) & STATUS_BAD_INPUT:
             errs.append(f"status {int(res.status.item())} lacks STATUS_BAD_INPUT")
-        mine = res.handle.budget_check.mine()
+        mine = res.check.mine()
         if (mine == "bad expert id") != (rank == R - 1):
             errs.append(f"budget_check says {mine!r}")
     except Exception as exc:  # noqa: BLE001 - nothing may raise in the budget mode

@@ -48,16 +48,21 @@ def _agree(ok: bool, msg: str):
     assert flag.item() == 0, msg or "another rank failed"
 
 
+def _scenario(name: str, scenarios=SCENARIOS):
+    """(tokens per rank as a function of world, case kwargs, dispatcher opts) of a CPU-suite
+    scenario, or of "large_zipf" (a few hundred skewed tokens per rank: GPU-sized)."""
+    if name == "large_zipf":
+        return (lambda R: [256 + 32 * r for r in range(R)],
+                dict(mask_frac=0.05, skew="zipf"), {})
+    return scenarios[name]
+
+
 @pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("scenario", list(SCENARIOS) + ["large_zipf"])
 def test_gpu_parity(backend, scenario):
     rank, world = _init()
     seed = _shared_seed()
-    if scenario == "large_zipf":
-        tokens, case_kw, opts = (lambda R: [256 + 32 * r for r in range(R)],
-                                 dict(mask_frac=0.05, skew="zipf"), {})
-    else:
-        tokens, case_kw, opts = SCENARIOS[scenario]
+    tokens, case_kw, opts = _scenario(scenario)
     # hidden 256: DeepEP V1 refuses rows under 512 bytes (wrong sums measured at H=64)
     kw = dict(hidden=256, num_experts=8 * world, topk=4, seed=seed)
     kw.update(case_kw)

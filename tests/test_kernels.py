@@ -464,7 +464,7 @@ def _bad_static_input(which, x, idx, p):
 def test_sim_static_bad_input_is_flagged_not_raised(which):
     """Static budget: one rank's bad input raises nothing in dispatch or combine (or the
     backward, which every rank runs); every rank's status says bad input, the bad rank's
-    ``budget_check`` names its error, and the next call is exact again."""
+    ``check`` names its error, and the next call is exact again."""
     from moe_dispatch.protocol import STATUS_BAD_INPUT, raise_on_status
     R, budget, bad_rank = 2, 24, 1
     case = make_case(R, [6, 5], hidden=8, num_experts=2 * R, topk=2, seed=11)
@@ -479,7 +479,7 @@ def test_sim_static_bad_input_is_flagged_not_raised(which):
         res = eng.dispatch(*args)
         eng.combine(res.tokens_NH * 2, res.handle).sum().backward()
         try:
-            raise_on_status(int(res.status.item()), [res.handle.budget_check])
+            raise_on_status(int(res.status.item()), [res.check])
             raised = None
         except DispatchInputError as exc:
             raised = str(exc)

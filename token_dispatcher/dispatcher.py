@@ -220,13 +220,11 @@ class MoETokenDispatcher(nn.Module):
                                               self.capacity_factor, self.capacity_policy)
         res = self.backend.dispatch(x_TH, idx_TK, probs_TK, check)
         handle = DispatchHandle(res.handle, tuple(hidden.shape), self.backend_name)
-        status = res.status if res.status is not None else getattr(res.handle, "status", None)
-        if self.max_rows_per_rank is not None and status is None:
+        if self.max_rows_per_rank is not None and res.status is None:
             raise RuntimeError(f"backend {self.backend_name!r} returned no status in the budget "
                                "mode (a backend bug)")
-        budget_check = getattr(res.handle, "budget_check", None)
         return DispatchOutput(res.tokens_NH, res.tokens_per_expert_L, res.probs_N, handle,
-                              status, budget_check, getattr(res, "fp8", None))
+                              res.status, res.check, res.fp8)
 
     def set_max_rows_per_rank(self, budget: Optional[int]) -> None:
         """Switch between the exact mode (None) and the budget mode with B rows, e.g. to rerun

@@ -28,8 +28,6 @@ import torch.nn.functional as F
 IMPLS = ("auto", "grouped_mm", "loop")
 log = logging.getLogger("token_dispatcher")
 _warned_no_api = False
-# Zero the unused rows of a budget-mode block (see ``_grouped``); a switch for experiments.
-MASK_UNUSED_ROWS = True
 
 
 def grouped_mm_fn():
@@ -180,11 +178,6 @@ class GroupedExperts(nn.Module):
             w1, w2, w3 = w1 * has_rows_L11, w2 * has_rows_L11, w3 * has_rows_L11
         x = x_NH.to(dt)
         h_NF = F.silu(gmm(x, w1, offs=offs_L)) * gmm(x, w3, offs=offs_L)
-        y_NH = gmm(h_NF, w2, offs=offs_L)
-        if tokens_per_expert_L.is_cuda and MASK_UNUSED_ROWS:
-            # Budget mode (counts on the device): grouped_mm leaves the rows past the last
-            # offset unwritten, so they hold whatever the memory held (NaN in a fresh CUDA
-            # graph pool): select zeros there, so nothing downstream can read a NaN.
-            used_N1 = (torch.arange(y_NH.shape[0], device=y_NH.device) < offs_L[-1:]).view(-1, 1)
-            y_NH = torch.where(used_N1, y_NH, 0)
-        return y_NH
+        # Budget mode: rows past the last offset are left unwritten by grouped_mm; combine
+        # and the backward never read them (their positions are in no slot's map).
+        return gmm(h_NF, w2, offs=offs_L)

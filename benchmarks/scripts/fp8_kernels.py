@@ -28,15 +28,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+from moe_dispatch.bench.kernels import add_shape_args, copy_bandwidth, rank0_routing  # noqa: E402
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--ranks", type=int, default=4, help="EP size the routing is drawn for")
-    ap.add_argument("--tokens", type=int, default=4096, help="tokens per rank")
-    ap.add_argument("--hidden", type=int, default=7168)
-    ap.add_argument("--topk", type=int, default=8)
-    ap.add_argument("--experts", type=int, default=256)
-    ap.add_argument("--pad", type=int, default=None, help="pad_multiple (default: none)")
+    add_shape_args(ap)
     ap.add_argument("--sweep", default="", help="BLOCK_G:num_warps tiles to time as well")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
@@ -57,17 +54,12 @@ def main(argv=None) -> int:
     def med(fn) -> float:  # seconds
         return do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e-3
 
-    copy_bw = _copy_bandwidth(med, dev)
+    copy_bw = copy_bandwidth(med, dev)
 
     R, T, E, K, H = args.ranks, args.tokens, args.experts, args.topk, args.hidden
     L, G, W = E // R, H // fp8.BLOCK, fp8.packed_width(H)
-    # DeepEP's draw: scores |randn| + 1, top-k; rank 0 receives every token with an expert in
-    # [0, L), once, carrying its K ids as local ids (-1 elsewhere).
-    idx = torch.topk(torch.randn(R * T, E, device=dev).abs() + 1, K, dim=-1).indices
-    lid = torch.where(idx < L, idx, -1)
-    lid = lid[(lid >= 0).any(1)].contiguous()
+    _, lid, counts = rank0_routing(R, T, E, K, dev)
     N = lid.shape[0]
-    counts = torch.bincount(lid[lid >= 0], minlength=L).tolist()
     plan = group_plan(lid, L, counts, args.pad)
     pos, filled = kernels.plan_maps(plan)
     M = plan.num_out_rows
@@ -149,14 +141,6 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
     return 0 if ok else 3
-
-
-def _copy_bandwidth(med, dev) -> float:
-    """Bytes per second of a 1 GiB device-to-device copy (read + write)."""
-    import torch
-    src = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
-    dst = torch.empty_like(src)
-    return 2 * src.numel() / med(lambda: dst.copy_(src))
 
 
 def _cpu(plan):

@@ -1,22 +1,21 @@
 """Gradients of a model whose MoE layers run as CUDA graphs, against the same model eager.
 
-``torchrun --standalone --nproc-per-node 1 benchmarks/scripts/graph_grad_check.py [mask=0|1]
-[layers=N] [batch=B]``: builds the ``recipes/gpu_small.yaml`` model (bf16 autocast, fp32
-weights) twice from one seed, runs three training steps' forward + backward on each (the
-graphed one captures at its first step), and prints per step the loss of each, the largest
-relative gradient difference over parameters, and how many gradient entries are not finite.
-``joint=1`` captures every layer up front (``capture_moe_graphs``, what moe-train does);
-without it the second model runs eagerly (the lazy per-layer capture that gave NaN gradients
-in session 5's calls 7-9 was removed).
-``mask`` switches ``token_dispatcher.experts.MASK_UNUSED_ROWS`` (zeroing the grouped GEMM's
-unused budget rows).
+``torchrun --standalone --nproc-per-node 1 benchmarks/scripts/graph_grad_check.py [joint=1]
+[both=1] [layers=N] [batch=B]``: builds the ``recipes/gpu_small.yaml`` model (bf16 autocast,
+fp32 weights) twice from one seed, runs three training steps' forward + backward on each, and
+prints per step the loss of each, the largest relative gradient difference over parameters,
+and how many gradient entries are not finite. ``joint=1`` captures every layer of the second
+model up front (``capture_moe_graphs``, what moe-train does); without it the second model runs
+eagerly, and ``both=1`` says so explicitly (the noise floor of two eager runs). Session 5's
+calls 7-10 ran an earlier form with a lazy per-layer capture and a ``mask=`` switch for
+zeroing the grouped GEMM's unused rows; both were removed (NaN gradients; no effect).
 """
 import sys
 
 import torch
 import torch.distributed as dist
 
-from token_dispatcher import MoETokenDispatcher, experts
+from token_dispatcher import MoETokenDispatcher
 from token_dispatcher.model import ModelConfig, MoETransformer, lm_loss
 
 
@@ -30,7 +29,6 @@ def build(cfg, budget, graph):
 
 def main():
     kw = dict(a.split("=") for a in sys.argv[1:])
-    experts.MASK_UNUSED_ROWS = kw.get("mask", "1") == "1"
     dist.init_process_group("nccl")
     torch.cuda.set_device(0)
     cfg = ModelConfig(hidden=512, layers=int(kw.get("layers", 4)), heads=8, seq_len=512,
@@ -79,7 +77,7 @@ def main():
             e = float((a - b)[fin].norm() / a.norm().clamp_min(1e-20))
             if e > worst:
                 worst, bad = e, n
-        print(f"mask={experts.MASK_UNUSED_ROWS} step {step}: loss eager {l0:.6f} graph {l1:.6f} "
+        print(f"step {step}: loss eager {l0:.6f} graph {l1:.6f} "
               f"status {s0} {s1} worst grad rel err {worst:.3g} ({bad}) nonfinite {nonfinite}",
               flush=True)
         with torch.no_grad():  # keep both models equal: same SGD step from the eager grads

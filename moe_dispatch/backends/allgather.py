@@ -29,7 +29,7 @@ from .. import comm
 from ..kernels.fp8 import WIRE_DTYPES
 from ..permute import BudgetPlan, GroupPlan, budget_plan, group_plan, permute, unpermute
 from ..routing import pad_topk
-from ..protocol import BudgetCheck, DispatchInputError, DispatchResult, PendingCheck
+from ..protocol import DispatchInputError, DispatchResult, PendingCheck
 from .budget import BudgetShape, budget_input, budget_options, pad_rows, status_bits
 from .wire import fp8_receive, fp8_send
 
@@ -47,14 +47,11 @@ class AllGatherHandle:
 @dataclass(frozen=True)
 class AllGatherBudgetHandle:
     """plan: the ``BudgetPlan`` of this rank's rows of the gathered [R * T_cap] tokens;
-    num_sent: rows this rank contributed (<= T_cap); num_tokens: the caller's T;
-    status: [1] int32 device ``STATUS_*`` bits; budget_check: raised by ``check_status``."""
+    num_sent: rows this rank contributed (<= T_cap); num_tokens: the caller's T."""
 
     plan: BudgetPlan
     num_sent: int
     num_tokens: int
-    status: torch.Tensor
-    budget_check: BudgetCheck
 
 
 class AllGatherBackend(comm.CollectiveBackendBase):
@@ -129,9 +126,9 @@ class AllGatherBackend(comm.CollectiveBackendBase):
         plan = budget_plan(lid_NK, L, B, self.cfg.pad_multiple)
         tokens, probs, fp8_rows = self._receive_rows(inp.x_TH, all_x, rows[:, K:], plan)
         status = status_bits(plan.dropped, heads[:, 1].amax(), heads[:, 0].amax())
-        handle = AllGatherBudgetHandle(plan, T, inp.num_tokens, status, inp.check)
+        handle = AllGatherBudgetHandle(plan, T, inp.num_tokens)
         return DispatchResult(tokens, plan.tokens_per_expert_L, probs, handle, status,
-                              fp8_rows)
+                              fp8_rows, inp.check)
 
     def _gather_rows(self, x_TH, rows: int) -> torch.Tensor:
         """Every rank's tokens, padded to ``rows`` each: in x's dtype (differentiable), or

@@ -35,7 +35,7 @@ from .. import comm
 from ..kernels.fp8 import WIRE_DTYPES
 from ..permute import BudgetPlan, GroupPlan, budget_plan, filled_rows, group_plan, permute, unpermute
 from ..routing import pad_topk
-from ..protocol import BudgetCheck, DispatchInputError, DispatchResult, PendingCheck
+from ..protocol import DispatchInputError, DispatchResult, PendingCheck
 from .budget import BudgetShape, budget_input, budget_options, pad_rows, status_bits
 from .wire import fp8_receive, fp8_send
 
@@ -65,15 +65,11 @@ class AllToAllBudgetHandle:
     send_plan:    [T_sent, R] grouping of the sent tokens into R blocks of C rows.
     plan:         the receiver's ``BudgetPlan`` of its R * C received rows into B rows.
     num_tokens:   the caller's T (rows past the sent ones come back as zeros).
-    status:       [1] int32 device ``STATUS_*`` bits.
-    budget_check: this rank's validation, raised by ``check_status``.
     """
 
     send_plan: BudgetPlan
     plan: BudgetPlan
     num_tokens: int
-    status: torch.Tensor
-    budget_check: BudgetCheck
 
 
 class AllToAllBackend(comm.CollectiveBackendBase):
@@ -172,9 +168,9 @@ class AllToAllBackend(comm.CollectiveBackendBase):
         tokens, probs, fp8_rows = self._receive_rows(inp.x_TH, recv_x, rows_meta[:, K:], plan,
                                                      send_plan, [C] * R, [C] * R)
         status = status_bits(plan.dropped, head[:, 1].amax(), head[:, 0].amax())
-        handle = AllToAllBudgetHandle(send_plan, plan, inp.num_tokens, status, inp.check)
+        handle = AllToAllBudgetHandle(send_plan, plan, inp.num_tokens)
         return DispatchResult(tokens, plan.tokens_per_expert_L, probs, handle, status,
-                              fp8_rows)
+                              fp8_rows, inp.check)
 
     def _send_rows(self, x_TH, send_plan, send_splits, recv_splits) -> torch.Tensor:
         """The tokens grouped by destination rank (``send_plan``) and all-to-all'd: the

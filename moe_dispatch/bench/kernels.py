@@ -23,14 +23,40 @@ import json
 import os
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_shape_args(ap: argparse.ArgumentParser) -> None:
+    """The workload flags shared by the kernel benches (DeepEP's shape by default)."""
     ap.add_argument("--ranks", type=int, default=4, help="EP size the routing is drawn for")
     ap.add_argument("--tokens", type=int, default=4096, help="tokens per rank")
     ap.add_argument("--hidden", type=int, default=7168)
     ap.add_argument("--topk", type=int, default=8)
     ap.add_argument("--experts", type=int, default=256)
     ap.add_argument("--pad", type=int, default=None, help="pad_multiple (default: none)")
+
+
+def copy_bandwidth(med, dev) -> float:
+    """Bytes per second (read + write) of a 1 GiB device-to-device copy, timed by ``med``."""
+    import torch
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / med(lambda: dst.copy_(src))
+
+
+def rank0_routing(R: int, T: int, E: int, K: int, dev):
+    """DeepEP's draw (scores |randn| + 1, top-k) over R ranks of T tokens, as rank 0 receives
+    it: every token with an expert in [0, L), once, carrying its K ids as local ids (-1
+    elsewhere). Returns (idx [R * T, K] the global ids drawn, lid [N, K] int64, per-expert
+    counts as host ints)."""
+    import torch
+    L = E // R
+    idx = torch.topk(torch.randn(R * T, E, device=dev).abs() + 1, K, dim=-1).indices
+    lid = torch.where(idx < L, idx, -1)
+    lid = lid[(lid >= 0).any(1)].contiguous()
+    return idx, lid, torch.bincount(lid[lid >= 0], minlength=L).tolist()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_shape_args(ap)
     ap.add_argument("--sweep", default="",
                     help="comma list of BLOCK_H:num_warps tile overrides to time as well, "
                          "e.g. 1024:4,2048:8 (MOE_DISPATCH_TRITON_BLOCK)")
@@ -51,22 +77,14 @@ def main(argv=None) -> int:
     def med(fn) -> float:  # seconds
         return do_bench(fn, warmup=25, rep=150, return_mode="median") * 1e-3
 
-    a = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
-    b = torch.empty_like(a)
-    copy_bw = 2 * a.numel() / med(lambda: b.copy_(a))
-    del a, b
+    copy_bw = copy_bandwidth(med, dev)
 
     R, T, E, K, H = args.ranks, args.tokens, args.experts, args.topk, args.hidden
     L = E // R
-    # DeepEP's draw: scores |randn| + 1, top-k; rank 0 receives every token with an expert in
-    # [0, L), once, carrying its K ids as local ids (-1 elsewhere).
-    idx = torch.topk(torch.randn(R * T, E, device=dev).abs() + 1, K, dim=-1).indices
-    lid = torch.where(idx < L, idx, -1)
-    lid = lid[(lid >= 0).any(1)].contiguous()
+    idx, lid, counts = rank0_routing(R, T, E, K, dev)
     N = lid.shape[0]
     x = torch.randn(N, H, device=dev, dtype=torch.bfloat16)
     probs = torch.rand(N, K, device=dev)
-    counts = torch.bincount(lid[lid >= 0], minlength=L).tolist()
     plan = group_plan(lid, L, counts, args.pad)
     M = plan.num_out_rows
     y = torch.randn(M, H, device=dev, dtype=torch.bfloat16)

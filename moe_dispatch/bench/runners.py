@@ -132,12 +132,9 @@ def _bench(ctx: Ctx, name: str, status: str, experts, expected, fp8: bool,
                     del out, y
             except Exception as exc:
                 errs.append(f"{type(exc).__name__}: {exc}")
-            ok, msg = agree(ctx, not errs, "; ".join(errs))
-            check = "passed" if ok else "FAILED"
-            if not ok:
-                ctx.log(f"[{label}] FAILED check: {msg}")
-                return Row(label, "backend", status="FAILED", check=check, reason=msg, fp8=fp8,
-                           budget_rows=budget)
+            check, failed = _agreed_check(ctx, label, errs, fp8=fp8, budget_rows=budget)
+            if failed is not None:
+                return failed
 
         def dispatch(i, _=None):
             st = sets[i % len(sets)]
@@ -319,12 +316,9 @@ def _bench_graph(ctx: Ctx, name: str, status: str, expected, budget: int) -> Row
                                                kept_rows=True)]
             except Exception as exc:
                 errs.append(f"{type(exc).__name__}: {exc}")
-            ok, msg = agree(ctx, not errs, "; ".join(errs))
-            check = "passed" if ok else "FAILED"
-            if not ok:
-                ctx.log(f"[{label}] FAILED check: {msg}")
-                return Row(label, "backend", status="FAILED", check=check, reason=msg,
-                           budget_rows=budget)
+            check, failed = _agreed_check(ctx, label, errs, budget_rows=budget)
+            if failed is not None:
+                return failed
 
         def combine_setup(i):
             load(i)
@@ -447,3 +441,14 @@ def _budget_dispatcher(ctx, name: str, label: str, budget: int):
     if not ok:
         return None, Row(label, "backend", status="error", reason=msg, budget_rows=budget)
     return disp, None
+
+
+def _agreed_check(ctx, label: str, errs: List[str], **row_kw):
+    """("passed", None), or ("FAILED", the row saying why) when any rank found errors
+    (every rank agrees, so all return the same)."""
+    ok, msg = agree(ctx, not errs, "; ".join(errs))
+    if ok:
+        return "passed", None
+    ctx.log(f"[{label}] FAILED check: {msg}")
+    return "FAILED", Row(label, "backend", status="FAILED", check="FAILED", reason=msg,
+                         **row_kw)

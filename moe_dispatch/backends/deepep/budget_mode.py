@@ -35,7 +35,6 @@ from typing import Any
 import torch
 
 from ...permute import BudgetPlan
-from ...protocol import BudgetCheck
 
 # Weight bits of a flag row's extra slot.
 FLAG_CODE_MASK = 3    # the sender's validation code (0 ok, 1 value error, 2 host error)
@@ -54,7 +53,6 @@ class V1BudgetHandle:
     num_tokens:   the caller's T (rows past T_sent come back as zeros).
     out_dtype:    dtype combine returns (the caller's hidden dtype).
     status:       [1] int32 device ``protocol.STATUS_*`` bits.
-    budget_check: this rank's validation, raised by ``check_status``.
     """
 
     comm_handle: Any
@@ -63,7 +61,6 @@ class V1BudgetHandle:
     num_tokens: int
     out_dtype: torch.dtype
     status: torch.Tensor
-    budget_check: BudgetCheck
 
 
 def num_worst_tokens(num_ranks: int, token_cap: int) -> int:

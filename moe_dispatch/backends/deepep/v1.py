@@ -314,8 +314,9 @@ class V1Backend(comm.CollectiveBackendBase):
             tokens = tokens.to(out_dtype)
         status = status_bits(plan.dropped, clipped, bad)
         handle = V1BudgetHandle(comm_handle, plan, inp.x_TH.shape[0], inp.num_tokens,
-                                out_dtype, status, inp.check)
-        return DispatchResult(tokens, plan.tokens_per_expert_L, probs, handle, status)
+                                out_dtype, status)
+        return DispatchResult(tokens, plan.tokens_per_expert_L, probs, handle, status,
+                              check=inp.check)
 
     def _agree_budget(self, x_TH, idx_TK, check: PendingCheck) -> None:
         """The budget mode's one host exchange (first call): H, K, T_cap on every rank;

@@ -67,7 +67,7 @@ from .buffer import (HybridCall, HybridCombine, HybridDispatch, HybridSettings,
                      hybrid_reason, is_legacy_api, load_hybrid_ep_buffer_class,
                      manager_for, new_box, overflow_flag, zero_unused_rows)
 from ...permute import budget_plan, group_plan, permute, unpermute
-from ...protocol import (BackendConfig, BudgetCheck, DispatchInputError, DispatchResult,
+from ...protocol import (BackendConfig, DispatchInputError, DispatchResult,
                          PendingCheck, check_wire_dtype)
 from ...routing import topk_to_dense
 
@@ -104,7 +104,6 @@ class HybridEPHandle:
     live_N:        [N] bool, rows the library wrote (sync-free dispatch: the rest is
                    uninitialised; zeroed, and given zero grads); None when all are.
     status:        budget mode: [1] int32 device ``protocol.STATUS_*`` bits; else None.
-    budget_check:  budget mode: this rank's validation, raised by ``check_status``.
     pad_to:        budget mode: the caller's T (combine's rows past ``num_tokens``, tokens
                    not sent over the token cap, come back as zeros); else None.
     """
@@ -118,7 +117,6 @@ class HybridEPHandle:
     routed_T: Optional[torch.Tensor] = None
     live_N: Optional[torch.Tensor] = None
     status: Optional[torch.Tensor] = None
-    budget_check: Optional[BudgetCheck] = None
     pad_to: Optional[int] = None
 
 
@@ -289,8 +287,8 @@ class HybridEPBackend(comm.CollectiveBackendBase):
         # The caller's dtype (a host error's placeholder has the first call's).
         dtype = inp.x_TH.dtype
         handle = HybridEPHandle(box.handle, None, inp.x_TH.shape[0], self.budget, dtype,
-                                flag, box.routed_T, live_N, status, inp.check, inp.num_tokens)
-        return DispatchResult(tokens.to(dtype), tpe, probs, handle, status)
+                                flag, box.routed_T, live_N, status, inp.num_tokens)
+        return DispatchResult(tokens.to(dtype), tpe, probs, handle, status, check=inp.check)
 
     def _agree_budget(self, x_TH, idx_TK, check: PendingCheck) -> None:
         """The budget mode's one host exchange (first call): H, K and the token cap on every
@@ -309,8 +307,9 @@ class HybridEPBackend(comm.CollectiveBackendBase):
         status = status_bits(plan.dropped, clipped, inp.code)
         dtype = inp.x_TH.dtype
         handle = HybridEPHandle(None, plan, inp.x_TH.shape[0], self.budget, dtype,
-                                status=status, budget_check=inp.check, pad_to=inp.num_tokens)
-        return DispatchResult(tokens.to(dtype), plan.tokens_per_expert_L, probs, handle, status)
+                                status=status, pad_to=inp.num_tokens)
+        return DispatchResult(tokens.to(dtype), plan.tokens_per_expert_L, probs, handle, status,
+                              check=inp.check)
 
     def _legacy(self) -> bool:
         buf = self.call.manager.buffer

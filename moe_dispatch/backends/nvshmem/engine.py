@@ -35,7 +35,7 @@ Two modes:
     Bad input raises nothing there: the bad rank takes part with no tokens (host error,
     or a hidden size / top-k that no longer fits) or with its bad ids masked (value
     error), its code rides in the meta row every rank reads anyway, so every rank sets
-    STATUS_BAD_INPUT, and the handle's ``budget_check`` lets ``check_status`` raise later
+    STATUS_BAD_INPUT, and the result's ``check`` lets ``check_status`` raise later
     on every rank. Dispatch and combine can then be captured in a CUDA graph.
 
 backend_options (all optional):
@@ -73,7 +73,7 @@ from __future__ import annotations
 
 import importlib
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -115,8 +115,6 @@ class NVSHMEMHandle:
     tokens_per_expert: [L] int64 (host tensor, or device tensor in static-budget mode).
     status:            static-budget mode: [1] int32 device tensor of STATUS_* bits (0 = all
                        rows delivered); None in the default mode (which raises instead).
-    budget_check:      static-budget mode: this rank's input validation
-                       (``protocol.BudgetCheck``), raised by ``check_status``; else None.
     """
 
     arena: Any
@@ -131,7 +129,6 @@ class NVSHMEMHandle:
     hidden: int
     tokens_per_expert: torch.Tensor
     status: Optional[torch.Tensor]
-    budget_check: Optional[BudgetCheck] = None
 
 
 # =============================================================================== device plan
@@ -244,9 +241,8 @@ class _Engine:
         box: dict = {}
         tokens, probs_M = _DispatchFn.apply(x_TH, probs_TK, idx_TK, check, self, box)
         h = box["handle"]
-        if budget_check is not None:
-            h = replace(h, budget_check=budget_check)
-        return DispatchResult(tokens, h.tokens_per_expert, probs_M, h, h.status)
+        return DispatchResult(tokens, h.tokens_per_expert, probs_M, h, h.status,
+                              check=budget_check)
 
     # ------------------------------------------------------------------ static budget
 
