@@ -98,6 +98,9 @@ def pytest_sessionfinish(session, exitstatus):
         json.dump(list(_seen.values()), f, default=str)
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
+    # Kernels defined in test modules (tests/) import by module name too.
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (os.path.dirname(os.path.abspath(__file__)), env.get("PYTHONPATH")) if p)
     proc = subprocess.run([sys.executable, "-c", _COMPILER, f.name], env=env,
                           capture_output=True, text=True)
     os.unlink(f.name)

@@ -31,6 +31,7 @@ from ..permute import BudgetPlan, GroupPlan, budget_plan, group_plan, permute, u
 from ..routing import pad_topk
 from ..protocol import DispatchInputError, DispatchResult, PendingCheck
 from .budget import BudgetShape, budget_input, budget_options, pad_rows, status_bits
+from .exact import HEAD, read_messages, route_message
 from .wire import fp8_receive, fp8_send
 
 
@@ -71,23 +72,19 @@ class AllGatherBackend(comm.CollectiveBackendBase):
         T, K = idx_TK.shape
         H = x_TH.shape[1]
         dev = x_TH.device
-        valid_TK = (idx_TK >= 0) & (idx_TK < E)
-        ekey = torch.where(valid_TK, idx_TK, E).reshape(-1)
-        counts_E = torch.zeros(E + 1, dtype=torch.long, device=dev)
-        counts_E.scatter_add_(0, ekey, torch.ones_like(ekey))
-        msg = torch.cat([comm.ints_on([T, K, H], dev),
-                         check.code(dev).view(1), counts_E[:E]])
-        # The single host sync of this dispatch.
-        table = comm.gather_ints(msg, self.group).tolist()
-        check.raise_if_failed([row[3] for row in table], me)
+        msg = route_message(idx_TK, check.code(dev), E, E, H, per_rank=False)
+        # The single host sync of this dispatch: every rank's [T, code, H, K, counts_E].
+        table, = read_messages(comm.gather_ints(msg, self.group))
+        check.raise_if_failed([row[1] for row in table], me)
         hiddens = [row[2] for row in table]
         if any(h != H for h in hiddens):
             raise DispatchInputError(f"dispatch: hidden size differs across EP ranks: {hiddens}")
         # Gathered rows must have one width; a narrower K is widened with -1 slots.
-        K = max(row[1] for row in table)
+        K = max(row[3] for row in table)
         idx_TK, probs_TK = pad_topk(idx_TK, probs_TK, K)
         t_max = max(row[0] for row in table)
-        tokens_per_expert = [sum(row[4 + me * L + l] for row in table) for l in range(L)]
+        first = HEAD + me * L
+        tokens_per_expert = [sum(c) for c in zip(*(row[first:first + L] for row in table))]
 
         pad = t_max - T
         meta = torch.cat([idx_TK.to(torch.float32), probs_TK], dim=1)

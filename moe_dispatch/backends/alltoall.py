@@ -37,6 +37,7 @@ from ..permute import BudgetPlan, GroupPlan, budget_plan, filled_rows, group_pla
 from ..routing import pad_topk
 from ..protocol import DispatchInputError, DispatchResult, PendingCheck
 from .budget import BudgetShape, budget_input, budget_options, pad_rows, status_bits
+from .exact import HEAD, read_messages, route_message
 from .wire import fp8_receive, fp8_send
 
 
@@ -89,37 +90,22 @@ class AllToAllBackend(comm.CollectiveBackendBase):
         T, K = idx_TK.shape
         dev = x_TH.device
         H = x_TH.shape[1]
-        # Expert key per slot: masked slots (and, until the error is raised after the count
-        # exchange, invalid ids) land in the spare bin E, whose rank is R (= E // L).
-        ekey_TK = torch.remainder(idx_TK.clamp(-1, E), E + 1)
-        rank_TK = torch.div(ekey_TK, L, rounding_mode="floor")
-        # mask_TR[t, r]: token t has at least one expert on rank r.
-        mask_TR = torch.zeros(T, R + 1, dtype=torch.bool, device=dev)
-        mask_TR.scatter_(1, rank_TK, True)
-        mask_TR = mask_TR[:, :R]
-        ekey = ekey_TK.reshape(-1)
-        counts_E = torch.zeros(E + 1, dtype=torch.long, device=dev)
-        counts_E.scatter_add_(0, ekey, torch.ones_like(ekey))
-        # One message per destination: [rows, per-local-expert rows..., error code, H, K].
-        msg_RC = torch.cat([
-            mask_TR.sum(0, dtype=torch.long).view(R, 1),
-            counts_E[:E].view(R, L),
-            check.code(dev).view(1, 1).expand(R, 1),
-            comm.ints_on([H, K], dev).view(1, 2).expand(R, 2),
-        ], dim=1)
+        # One message per destination: [rows, code, H, K, per-local-expert rows...].
+        msg_RC = route_message(idx_TK, check.code(dev), E, L, H, per_rank=True)
         recv_RC = comm.exchange_ints(msg_RC, self.group)
         # The single host sync of this dispatch.
-        sent, got = torch.stack([msg_RC.to(recv_RC.device), recv_RC]).tolist()
-        check.raise_if_failed([row[L + 1] for row in got], self.rank)
-        hiddens = [row[L + 2] for row in got]
+        sent, got = read_messages(msg_RC, recv_RC)
+        check.raise_if_failed([row[1] for row in got], self.rank)
+        hiddens = [row[2] for row in got]
         if any(h != H for h in hiddens):
             raise DispatchInputError(f"dispatch: hidden size differs across EP ranks: {hiddens}")
         # Metadata rows must have one width everywhere; a narrower K is widened with -1 slots.
-        K = max(row[L + 3] for row in got)
+        K = max(row[3] for row in got)
         idx_TK, probs_TK = pad_topk(idx_TK, probs_TK, K)
         send_splits = [row[0] for row in sent]
         recv_splits = [row[0] for row in got]
-        tokens_per_expert = [sum(row[1 + l] for row in got) for l in range(L)]
+        tokens_per_expert = [sum(c) for c in zip(*(row[HEAD:] for row in got))]
+        mask_TR = self._rank_mask(idx_TK)
 
         # The send buffer is a grouping of tokens by destination rank (rank-major, token
         # ascending): the same plan/permute machinery as the expert grouping, so the send
@@ -189,6 +175,15 @@ class AllToAllBackend(comm.CollectiveBackendBase):
         group = self.group
         return fp8_receive(x_TH, recv_x, probs_NK, plan, lambda g_NH: unpermute(
             comm.all_to_all_raw(g_NH, send_splits, recv_splits, group), send_plan))
+
+    def _rank_mask(self, idx_TK: torch.Tensor) -> torch.Tensor:
+        """[T, R] bool: token t has at least one (valid) expert on rank r."""
+        R, L, E = self.R, self.L, self.cfg.num_experts
+        rank_TK = torch.div(torch.remainder(idx_TK.clamp(-1, E), E + 1), L,
+                            rounding_mode="floor")
+        mask_TR = torch.zeros(idx_TK.shape[0], R + 1, dtype=torch.bool, device=idx_TK.device)
+        mask_TR.scatter_(1, rank_TK, True)
+        return mask_TR[:, :R]
 
     def _send_plan(self, idx_TK: torch.Tensor, C: int):
         """The grouping of the T <= C tokens into R blocks of C rows (token t's row in block r

@@ -60,6 +60,12 @@ def check_values(idx_TK: Optional[torch.Tensor], probs: torch.Tensor, num_expert
     return _check.check_values(idx_TK, probs, num_experts)
 
 
+def route_counts(idx_TK: torch.Tensor, code: torch.Tensor, msg: torch.Tensor, **kw) -> None:
+    """The exact mode's routing message in one launch; see ``moe_dispatch.kernels._route``."""
+    from . import _route
+    _route.route_counts(idx_TK, code, msg, **kw)
+
+
 # ------------------------------------------------------------------ plan
 
 

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
 from ._triton import _launch_lock
 
 BLOCK = 2048  # slots per program
@@ -100,8 +101,8 @@ def check_values(idx_TK: Optional[torch.Tensor], probs: torch.Tensor, num_expert
     one = programs == 1
     scratch = flag if one else _scratch_for(dev)
     with _launch_lock:
-        _check_kernel[(programs,)](idx_TK if idx_TK is not None else probs, probs,
-                                   idx_out if idx_out is not None else flag, flag, scratch,
-                                   n, num_experts, programs, HAS_IDX=idx_TK is not None,
-                                   ONE_PROGRAM=one, BLOCK=block, num_warps=4)
+        launch(_check_kernel, (programs,), idx_TK if idx_TK is not None else probs, probs,
+               idx_out if idx_out is not None else flag, flag, scratch, n, num_experts,
+               programs, HAS_IDX=idx_TK is not None, ONE_PROGRAM=one, BLOCK=block,
+               num_warps=4)
     return idx_out, flag

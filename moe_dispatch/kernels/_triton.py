@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
+
 # The interpreter (and first-call compilation) is not re-entrant across threads
 # (simulated ranks in tests).
 _launch_lock = threading.RLock()
@@ -207,7 +209,7 @@ def _launch(kernel, grid, *args, **kw):
     if grid[0] == 0 or (len(grid) > 1 and grid[1] == 0):
         return
     with _launch_lock:  # uncontended in real use; serializes simulated ranks' launches
-        kernel[grid](*args, **kw)
+        launch(kernel, grid, *args, **kw)
 
 
 # ----------------------------------------------------------------------------- local
