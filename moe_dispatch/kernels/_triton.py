@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..protocol import STATUS_BAD_INPUT, STATUS_ROWS_DROPPED, STATUS_TOKENS_DROPPED
+
 # The interpreter (and first-call compilation) is not re-entrant across threads
 # (simulated ranks in tests).
 _launch_lock = threading.RLock()
@@ -54,9 +56,9 @@ def _block_h(H: int, elem_size: int, exact: bool = False) -> tuple[int, int]:
 
 
 # Rank-dependent integers are not specialized, so every rank compiles the same variants.
-@triton.jit(do_not_specialize=["rank_shift", "num_src"])
+@triton.jit(do_not_specialize=["rank_shift", "num_src", "p_stride"])
 def _scatter_rows_kernel(src_ptr, src_table, rows_per_src, rank_shift, pos_ptr, out_ptr,
-                         pin_ptr, pin_table, pout_ptr, dst_table, H, num_src,
+                         pin_ptr, pin_table, pout_ptr, dst_table, H, num_src, p_stride,
                          K: tl.constexpr, PEER: tl.constexpr, WITH_PROBS: tl.constexpr,
                          BLOCK_H: tl.constexpr, INDIRECT: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
@@ -101,7 +103,7 @@ def _scatter_rows_kernel(src_ptr, src_table, rows_per_src, rank_shift, pos_ptr, 
             if PEER:
                 pbase = tl.load(pin_table + s).to(pout_ptr.dtype) + t * K
             else:
-                pbase = pin_ptr + v * K
+                pbase = pin_ptr + v * p_stride  # probs rows may be a strided view
             for k in tl.static_range(K):
                 p = tl.load(pos_ptr + v * K + k)
                 if p >= 0:
@@ -216,7 +218,8 @@ def _launch(kernel, grid, *args, **kw):
 def scatter_rows(x_VH: torch.Tensor, pos_VK: torch.Tensor, out_MH: torch.Tensor,
                  probs_VK: torch.Tensor | None = None,
                  probs_M: torch.Tensor | None = None) -> None:
-    """out[pos[v, k]] = x[v] for every pos >= 0; probs_M[pos[v, k]] = probs_VK[v, k]."""
+    """out[pos[v, k]] = x[v] for every pos >= 0; probs_M[pos[v, k]] = probs_VK[v, k]
+    (probs_VK: unit stride along K, any row stride)."""
     V, H = x_VH.shape
     K = pos_VK.shape[1]
     block, warps = _block_h(H, x_VH.element_size(), exact=True)
@@ -225,8 +228,8 @@ def scatter_rows(x_VH: torch.Tensor, pos_VK: torch.Tensor, out_MH: torch.Tensor,
     _launch(_scatter_rows_kernel, (V, max(1, triton.cdiv(H, block))),
             x_VH, pos_VK, 1, 0, pos_VK, out_MH,
             probs_VK if with_p else pos_VK, pos_VK, probs_M if with_p else out_MH, pos_VK, H, 1,
-            K=K, PEER=False, WITH_PROBS=with_p, BLOCK_H=block, INDIRECT=False,
-            num_warps=warps)
+            probs_VK.stride(0) if with_p else K, K=K, PEER=False, WITH_PROBS=with_p,
+            BLOCK_H=block, INDIRECT=False, num_warps=warps)
 
 
 def gather_reduce(y_MH: torch.Tensor, pos_VK: torch.Tensor, out_VH: torch.Tensor) -> None:
@@ -280,9 +283,8 @@ def peer_scatter_rows(src_table: torch.Tensor, rows_per_src: int, rank: int,
     _launch(_scatter_rows_kernel, (V, triton.cdiv(H, block)),
             out_MH, src_table, rows_per_src, rank, pos_VK, out_MH,
             pos_VK, pin_table if with_p else src_table, probs_M if with_p else out_MH,
-            dst_table if indirect else src_table, H, R,
-            K=K, PEER=True, WITH_PROBS=with_p, BLOCK_H=block, INDIRECT=indirect,
-            num_warps=warps)
+            dst_table if indirect else src_table, H, R, K, K=K, PEER=True, WITH_PROBS=with_p,
+            BLOCK_H=block, INDIRECT=indirect, num_warps=warps)
 
 
 def peer_gather_reduce(y_MH: torch.Tensor, pos_VK: torch.Tensor, dst_table: torch.Tensor,
@@ -329,45 +331,94 @@ def barrier(flag_table: torch.Tensor, rank: int, channel: int, status: torch.Ten
 
 # ----------------------------------------------------------------------------- layout
 #
-# The dispatch layout in two launches (replacing ~25 torch ops and a stable argsort):
-#   1. ``_layout_hist_kernel``: program (s, j) reads chunk j of rank s's staged expert ids
-#      straight from its buffer and counts the slots of each local expert (one-hot sums);
-#      programs (s, 0) also copy rank s's meta row into the host buffer.
+# The budget plan of a dispatch in two launches (replacing ~25 torch ops and a stable argsort):
+#   1. ``_layout_hist_kernel``: program (s, j) reads chunk j of source s's expert ids and
+#      counts the slots of each local expert (one-hot sums); in TABLE mode programs (s, 0)
+#      also copy rank s's meta row into the host buffer.
 #   2. ``_layout_pos_kernel``: every program reduces the [chunks, L] histogram (a few KB,
 #      from L2) to per-expert totals, padded block starts and its chunk's offsets, then walks
 #      its chunk again giving each slot its row: block start + earlier slots of the expert
-#      (a cumsum over the one-hot tile) -- the stable (expert, rank, token, slot) order.
-#      Program (0, 0) writes tokens_per_expert, the dropped flag and the status word.
+#      (a cumsum over the one-hot tile) -- the stable (expert, source, row, slot) order.
+#      Program (0, 0) writes tokens_per_expert, the dropped flag and the status word; with
+#      FILLED every program also writes its slice of the row mask.
+# Where the ids come from (constexpr TABLE):
+#   * TABLE (nvshmem): source s is rank s, whose staged int32 global ids sit at the address
+#     ``src[s]`` (a device pointer table); the slots of a source are contiguous.
+#   * otherwise: source s is block s of an id matrix (any int or float dtype, e.g. the
+#     received float32 metadata of ``alltoall`` / ``allgather``): slot i is element
+#     ``i % K`` of row ``i // K``, at ``src + s * blk_stride + row * row_stride + i % K``.
+#     With HEADER the row just past each block is a header ``[code, clipped, ...]`` whose
+#     nonzero fields become status bits.
+# Every id read has ``shift`` subtracted (global -> local id, and a wire encoding's +1);
+# slots whose result is outside [0, L) have no row here.
+
+# Status bits (``moe_dispatch.protocol.STATUS_*``); kernels read constexpr globals only.
+_ROWS_DROPPED = tl.constexpr(STATUS_ROWS_DROPPED)
+_TOKENS_DROPPED = tl.constexpr(STATUS_TOKENS_DROPPED)
+_BAD_INPUT = tl.constexpr(STATUS_BAD_INPUT)
 
 
-@triton.jit(do_not_specialize=["slots_per_src", "chunk", "e0"])
-def _layout_hist_kernel(idx_table, meta_table, host_ptr, hist_ptr, slots_per_src, chunk, e0,
-                        L: tl.constexpr, L_P2: tl.constexpr, NCP: tl.constexpr,
-                        BLOCK_S: tl.constexpr):
+@triton.jit
+def _layout_lids(src, s, i, ok, K, row_stride, blk_stride, shift, TABLE: tl.constexpr):
+    """[BLOCK_S] int32 local expert ids of the flat slots ``i`` of source ``s`` (-1 where
+    not ``ok``); see the comment above for the two addressings."""
+    if TABLE:
+        base = tl.load(src + s).to(tl.pointer_type(tl.int32))
+        ids = tl.load(base + i, mask=ok, other=0)
+    else:
+        row = i // K
+        ids = tl.load(src + s.to(tl.int64) * blk_stride + row * row_stride + (i - row * K),
+                      mask=ok, other=0)
+    return tl.where(ok, ids.to(tl.int32) - shift, -1)
+
+
+@triton.jit(do_not_specialize=["slots_per_src", "chunk", "shift", "K", "row_stride",
+                               "blk_stride"])
+def _layout_hist_kernel(src, meta_table, host_ptr, hist_ptr, slots_per_src, chunk, shift, K,
+                        row_stride, blk_stride, L: tl.constexpr, L_P2: tl.constexpr,
+                        NCP: tl.constexpr, BLOCK_S: tl.constexpr, TABLE: tl.constexpr):
     s = tl.program_id(0)
     j = tl.program_id(1)
-    if j == 0:
-        m = tl.arange(0, 16)
-        mbase = tl.load(meta_table + s).to(tl.pointer_type(tl.int64))
-        tl.store(host_ptr + s * 16 + m, tl.load(mbase + m))
-    base = tl.load(idx_table + s).to(tl.pointer_type(tl.int32))
+    if TABLE:
+        if j == 0:
+            m = tl.arange(0, 16)
+            mbase = tl.load(meta_table + s).to(tl.pointer_type(tl.int64))
+            tl.store(host_ptr + s * 16 + m, tl.load(mbase + m))
     experts = tl.arange(0, L_P2)
     hist = tl.zeros([L_P2], dtype=tl.int32)
     start = j.to(tl.int64) * chunk
     for off in range(0, chunk, BLOCK_S):
         i = start + off + tl.arange(0, BLOCK_S)
-        ok = i < slots_per_src
-        lid = tl.load(base + i, mask=ok, other=-1) - e0
-        hit = (lid[:, None] == experts[None, :]) & ok[:, None] & (experts[None, :] < L)
+        lid = _layout_lids(src, s, i, i < slots_per_src, K, row_stride, blk_stride, shift,
+                           TABLE)
+        hit = (lid[:, None] == experts[None, :]) & (experts[None, :] < L)
         hist += tl.sum(hit.to(tl.int32), axis=0)
     tl.store(hist_ptr + (s * NCP + j) * L_P2 + experts, hist)
 
 
-@triton.jit(do_not_specialize=["slots_per_src", "chunk", "e0", "budget", "pad"])
-def _layout_pos_kernel(idx_table, hist_ptr, pos_ptr, host_ptr, status_ptr, slots_per_src,
-                       chunk, e0, budget, pad, R: tl.constexpr, L: tl.constexpr,
-                       L_P2: tl.constexpr, NCP: tl.constexpr, NC_P2: tl.constexpr,
-                       BLOCK_S: tl.constexpr):
+@triton.jit
+def _layout_status(src, dropped, rows, row_stride, blk_stride, R: tl.constexpr,
+                   R_P2: tl.constexpr, HEADER: tl.constexpr):
+    """int32 status bits: rows dropped here, plus (HEADER) the OR over the R blocks'
+    headers of "clipped" (field 1) and "bad input" (field 0). R_P2: a power of 2 >= R."""
+    bits = dropped.to(tl.int32) * _ROWS_DROPPED
+    if HEADER:
+        rs = tl.arange(0, R_P2)
+        hdr = src + rs.to(tl.int64) * blk_stride + rows * row_stride
+        code = tl.max(tl.load(hdr, mask=rs < R, other=0).to(tl.float32), axis=0)
+        clipped = tl.max(tl.load(hdr + 1, mask=rs < R, other=0).to(tl.float32), axis=0)
+        bits += (clipped != 0).to(tl.int32) * _TOKENS_DROPPED
+        bits += (code != 0).to(tl.int32) * _BAD_INPUT
+    return bits
+
+
+@triton.jit(do_not_specialize=["slots_per_src", "chunk", "shift", "budget", "pad", "K",
+                               "row_stride", "blk_stride", "m_chunk"])
+def _layout_pos_kernel(src, hist_ptr, pos_ptr, tpe_ptr, drop_ptr, status_ptr, filled_ptr,
+                       slots_per_src, chunk, shift, budget, pad, K, row_stride, blk_stride,
+                       m_chunk, R: tl.constexpr, L: tl.constexpr, L_P2: tl.constexpr,
+                       NCP: tl.constexpr, NC_P2: tl.constexpr, BLOCK_S: tl.constexpr,
+                       TABLE: tl.constexpr, HEADER: tl.constexpr, FILLED: tl.constexpr):
     s = tl.program_id(0)
     j = tl.program_id(1)
     g = s * NCP + j
@@ -384,33 +435,63 @@ def _layout_pos_kernel(idx_table, hist_ptr, pos_ptr, host_ptr, status_ptr, slots
     budget64 = budget.to(tl.int64)
     if g == 0:
         tpe = tl.minimum(padded.to(tl.int64), tl.maximum(budget64 - pstart.to(tl.int64), 0))
-        tl.store(host_ptr + R * 16 + experts, tpe, mask=experts < L)
-        tl.store(host_ptr + R * 16 + L,
-                 (tl.sum(padded, axis=0).to(tl.int64) > budget64).to(tl.int64))
-        tl.store(host_ptr + R * 16 + L + 1, tl.load(status_ptr).to(tl.int64))
+        dropped = tl.sum(padded, axis=0).to(tl.int64) > budget64
+        if TABLE:
+            # The host buffer: R meta rows, tokens_per_expert, dropped, this rank's status.
+            host = tpe_ptr + R * 16
+            tl.store(host + experts, tpe, mask=experts < L)
+            tl.store(host + L, dropped.to(tl.int64))
+            tl.store(host + L + 1, tl.load(status_ptr).to(tl.int64))
+        else:
+            tl.store(tpe_ptr + experts, tpe, mask=experts < L)
+            tl.store(drop_ptr, dropped.to(tl.int8))
+            if HEADER:
+                # NC_P2 >= R: the header tile's width.
+                tl.store(status_ptr, _layout_status(src, dropped, slots_per_src // K,
+                                                    row_stride, blk_stride, R, NC_P2, HEADER))
     running = pstart + before
-    base = tl.load(idx_table + s).to(tl.pointer_type(tl.int32))
     start = j.to(tl.int64) * chunk
     out_base = s.to(tl.int64) * slots_per_src
     for off in range(0, chunk, BLOCK_S):
         i = start + off + tl.arange(0, BLOCK_S)
         ok = i < slots_per_src
-        lid = tl.load(base + i, mask=ok, other=-1) - e0
-        hit = ((lid[:, None] == experts[None, :]) & ok[:, None]
-               & (experts[None, :] < L)).to(tl.int32)
+        lid = _layout_lids(src, s, i, ok, K, row_stride, blk_stride, shift, TABLE)
+        hit = ((lid[:, None] == experts[None, :]) & (experts[None, :] < L)).to(tl.int32)
         before_in = tl.cumsum(hit, axis=0) - hit  # earlier slots of the same expert
         pos = tl.sum(hit * (running[None, :] + before_in), axis=1).to(tl.int64)
         mine = tl.sum(hit, axis=1) > 0
         pos = tl.where(mine, tl.where(pos < budget64, pos, -2), -1)
         tl.store(pos_ptr + out_base + i, pos, mask=ok)
         running += tl.sum(hit, axis=0)
+    if FILLED:
+        # Row m (< budget) is real iff pstart[e] <= m < pstart[e] + c[e] for some expert e.
+        real_end = pstart + c
+        mstart = g.to(tl.int64) * m_chunk
+        for off in range(0, m_chunk, BLOCK_S):
+            m = mstart + off + tl.arange(0, BLOCK_S)
+            real = (m[:, None] >= pstart[None, :]) & (m[:, None] < real_end[None, :])
+            f = tl.max(real.to(tl.int32), axis=1)
+            tl.store(filled_ptr + m, f.to(tl.uint8), mask=m < budget64)
+
+
+def _layout_tiles(num_src: int, slots_per_src: int, num_local: int, block: int | None,
+                  chunks_per_src: int | None):
+    """(L_P2, BLOCK_S, chunks per source, chunk length) of the layout kernels."""
+    L_P2 = triton.next_power_of_2(max(num_local, 1))
+    block = block or max(16, min(1024, 8192 // L_P2))
+    # Enough chunks to spread the walk over the GPU, few enough that every program can
+    # reduce the whole [chunks, L] histogram from L2 in one register tile.
+    max_chunks = max(num_src, min(256, 8192 // L_P2))
+    ncp = chunks_per_src or max(1, min(triton.cdiv(max(slots_per_src, 1), block),
+                                       max_chunks // num_src))
+    return L_P2, block, ncp, _round_to(triton.cdiv(max(slots_per_src, 1), ncp), block)
 
 
 def layout_plan(idx_table: torch.Tensor, meta_table: torch.Tensor, status: torch.Tensor,
                 slots_per_src: int, e0: int, num_local: int, pad: int, budget: int,
                 pos_out: torch.Tensor, host_out: torch.Tensor, block: int | None = None,
                 chunks_per_src: int | None = None, scratch=None) -> None:
-    """Fused dispatch layout over every rank's staged ids (see the comment above).
+    """Fused dispatch layout over every rank's staged ids (TABLE mode, see above).
 
     idx_table:     [R] int64 addresses of each rank's staged ids ([slots_per_src] int32).
     meta_table:    [R] int64 addresses of each rank's meta row ([16] int64).
@@ -422,27 +503,66 @@ def layout_plan(idx_table: torch.Tensor, meta_table: torch.Tensor, status: torch
                    histogram (written and read within this call).
     block, chunks_per_src: tiling overrides (tests use them to cross chunk boundaries).
     """
-    R = idx_table.shape[0]
-    L = num_local
-    L_P2 = triton.next_power_of_2(max(L, 1))
-    block = block or max(16, min(1024, 8192 // L_P2))
-    # Enough chunks to spread the walk over the GPU, few enough that every program can
-    # reduce the whole [chunks, L] histogram from L2 in one register tile.
-    max_chunks = max(R, min(256, 8192 // L_P2))
-    ncp = chunks_per_src or max(1, min(triton.cdiv(max(slots_per_src, 1), block),
-                                       max_chunks // R))
-    chunk = _round_to(triton.cdiv(max(slots_per_src, 1), ncp), block)
-    nc_p2 = triton.next_power_of_2(R * ncp)
+    R, L = idx_table.shape[0], num_local
+    L_P2, block, ncp, chunk = _layout_tiles(R, slots_per_src, L, block, chunks_per_src)
     # scratch(numel) -> int32 workspace the caller may keep between calls (saves a launch).
     hist = scratch(R * ncp * L_P2) if scratch is not None else \
         torch.empty(R * ncp * L_P2, dtype=torch.int32, device=pos_out.device)
+    strides = (1, 1, 0)  # K, row_stride, blk_stride: unused by TABLE mode
     with _launch_lock:
         _layout_hist_kernel[(R, ncp)](idx_table, meta_table, host_out, hist, slots_per_src,
-                                      chunk, e0, L=L, L_P2=L_P2, NCP=ncp, BLOCK_S=block,
-                                      num_warps=4)
-        _layout_pos_kernel[(R, ncp)](idx_table, hist, pos_out, host_out, status, slots_per_src,
-                                     chunk, e0, budget, max(int(pad), 1), R=R, L=L, L_P2=L_P2,
-                                     NCP=ncp, NC_P2=nc_p2, BLOCK_S=block, num_warps=8)
+                                      chunk, e0, *strides, L=L, L_P2=L_P2, NCP=ncp,
+                                      BLOCK_S=block, TABLE=True, num_warps=4)
+        _layout_pos_kernel[(R, ncp)](idx_table, hist, pos_out, host_out, host_out, status,
+                                     host_out, slots_per_src, chunk, e0, budget,
+                                     max(int(pad), 1), *strides, 0, R=R, L=L, L_P2=L_P2, NCP=ncp,
+                                     NC_P2=triton.next_power_of_2(R * ncp), BLOCK_S=block,
+                                     TABLE=True, HEADER=False, FILLED=False, num_warps=8)
+
+
+def budget_layout(blocks: torch.Tensor, topk: int, rows: int, num_local: int, budget: int,
+                  pad: int, shift: int, header: bool, pos_out: torch.Tensor,
+                  filled_out: torch.Tensor, tpe_out: torch.Tensor, dropped_out: torch.Tensor,
+                  status_out: torch.Tensor | None, block: int | None = None,
+                  chunks_per_src: int | None = None) -> None:
+    """The budget plan of blocks of ids (matrix mode, see above): two launches.
+
+    blocks:      [R, rows (+ 1 with ``header``), >= topk] ids, any dtype, unit stride along
+                 the last dim: slot k of input row n = r * rows + c is ``blocks[r, c, k]``
+                 (k < topk), a global id that becomes local id ``id - shift``; results
+                 outside [0, L) are slots with no row here.
+    topk, rows:  K and C.
+    num_local:   L.
+    budget:      B, rows of the plan; rows at or past B are dropped (pos -2).
+    pad:         each expert's rows start at a multiple of this (1 = none).
+    shift:       subtracted from every id read.
+    header:      row C of each block is ``[code, clipped, ...]``; their nonzero fields become
+                 ``STATUS_BAD_INPUT`` / ``STATUS_TOKENS_DROPPED`` in ``status_out``.
+    pos_out:     [R * C * K] int64: the output row of each slot, -1 none, -2 dropped.
+    filled_out:  [B] uint8: 1 on rows some slot writes.
+    tpe_out:     [L] int64: rows per expert (padding included) clipped to B.
+    dropped_out: [] bool: the padded total exceeds B.
+    status_out:  [1] int32 (with ``header``): ``STATUS_ROWS_DROPPED`` when dropped, plus
+                 the headers' bits; None without ``header``.
+    block, chunks_per_src: tiling overrides (tests use them to cross chunk boundaries).
+    """
+    R, K, C, L = blocks.shape[0], topk, rows, num_local
+    slots = C * K
+    L_P2, block, ncp, chunk = _layout_tiles(R, slots, L, block, chunks_per_src)
+    hist = torch.empty(R * ncp * L_P2, dtype=torch.int32, device=pos_out.device)
+    strides = (max(K, 1), blocks.stride(1), blocks.stride(0))
+    m_chunk = _round_to(triton.cdiv(max(budget, 1), R * ncp), block)
+    dropped = dropped_out.view(torch.int8)
+    with _launch_lock:
+        _layout_hist_kernel[(R, ncp)](blocks, hist, hist, hist, slots, chunk, shift,
+                                      *strides, L=L, L_P2=L_P2, NCP=ncp, BLOCK_S=block,
+                                      TABLE=False, num_warps=4)
+        _layout_pos_kernel[(R, ncp)](blocks, hist, pos_out, tpe_out, dropped,
+                                     status_out if header else dropped, filled_out, slots,
+                                     chunk, shift, budget, max(int(pad), 1), *strides, m_chunk,
+                                     R=R, L=L, L_P2=L_P2, NCP=ncp,
+                                     NC_P2=triton.next_power_of_2(R * ncp), BLOCK_S=block,
+                                     TABLE=False, HEADER=header, FILLED=True, num_warps=8)
 
 
 def _round_to(x: int, m: int) -> int:
