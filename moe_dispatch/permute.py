@@ -119,11 +119,29 @@ def budget_plan(lid_NK: torch.Tensor, num_local_experts: int, budget: int,
     budget:            B, rows of the output; rows that would land at or past B are dropped
                        (their pos is -2, ``dropped`` is set), never written out of bounds.
     pad_multiple:      round each expert's rows up to a multiple of this with zero rows.
-    Plain torch ops on the device of ``lid_NK`` (a stable sort and a few scans).
+    Plain torch ops on the device of ``lid_NK`` (a stable sort and a few scans); on CUDA
+    with triton two counting-sort launches instead (``triton_budget_plan``), same plan.
     """
+    from . import kernels
+    if kernels.use_triton(lid_NK):
+        return triton_budget_plan(lid_NK, num_local_experts, budget, pad_multiple)
     pos, tpe, dropped = budget_positions(lid_NK, num_local_experts, budget, pad_multiple)
     N, K = lid_NK.shape
     return BudgetPlan(pos, filled_rows(pos, budget), budget, N, K, tpe, dropped)
+
+
+def triton_budget_plan(lid_NK: torch.Tensor, num_local_experts: int, budget: int,
+                       pad_multiple: Optional[int] = None, block: Optional[int] = None,
+                       chunks: Optional[int] = None) -> BudgetPlan:
+    """``budget_plan`` through the Triton counting sort (``kernels.budget_arrays``): the same
+    plan in two launches. Arguments as ``budget_plan``; ``block`` / ``chunks`` override the
+    kernels' tiling (tests)."""
+    from . import kernels
+    N, K = lid_NK.shape
+    pos, filled, tpe, dropped, _ = kernels.budget_arrays(
+        lid_NK.unsqueeze(0), K, N, num_local_experts, budget, max(int(pad_multiple or 1), 1),
+        block=block, chunks=chunks)
+    return BudgetPlan(pos, filled, budget, N, K, tpe, dropped)
 
 
 def budget_positions(lid_NK: torch.Tensor, num_local_experts: int, budget: int,

@@ -41,10 +41,11 @@ def test_loop_matches_per_row_reference(counts):
     for t in list(ex.parameters()) + [x, p]:
         t.grad = None
     y_ref = _reference(ex, x, c, p)
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    # float32 in another summation order (fresh random data: 1e-5 failed once in ~1000)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
     (y_ref * g).sum().backward()
     for a, b in zip(got, _grads(ex, x, p)):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def _cpu_grouped_mm_works():

@@ -10,7 +10,11 @@ benchmarks/scripts/budget_ep1.py --json OUT.json``). For each backend and preset
     in the call (nothing waits for the GPU); ``wall_us`` the time per call of a loop of
     calls ended by one sync (the larger of host and GPU time, as a training step sees it);
   * the whole MoE layer (router, dispatch, grouped experts, combine; forward + backward):
-    eager against ``layer.capture_layers`` (captured forward + backward graphs).
+    eager against ``layer.capture_layers`` (captured forward + backward graphs);
+  * kernels: the GPU operations (kernels, memsets, copies) one budget dispatch launches,
+    eager and in one replay of its CUDA graph (torch.profiler). ``--count-kernels`` prints
+    only these, with their names (``torchrun --standalone --nproc-per-node 1
+    benchmarks/scripts/budget_ep1.py --count-kernels --backends alltoall,allgather``).
 Numbers are medians over repeats; every repeat's value is in the JSON.
 """
 from __future__ import annotations
@@ -126,6 +130,21 @@ def time_dispatch(backend, T, H, K, E, dev, g, iters, repeats):
     return out
 
 
+def count_kernels(backend, T, H, K, E, dev, g):
+    """The GPU operations of one budget-mode dispatch: {"eager": names, "graph": names}
+    (one eager call, one replay of the captured dispatch)."""
+    from moe_dispatch.bench.launch import device_ops
+    d = MoETokenDispatcher(E, backend=backend, max_rows_per_rank=budget_for(T, K))
+    x = torch.randn(T, H, device=dev, dtype=torch.bfloat16, generator=g)
+    idx, p = routing(T, E, K, dev, g)
+
+    def disp():
+        d.dispatch(x, topk_idx=idx, topk_probs=p)
+    with torch.no_grad():
+        disp()  # the first call agrees the shapes (one host sync) and compiles
+        return {"eager": device_ops(disp), "graph": device_ops(graphed(disp))}
+
+
 def time_layer(backend, T, H, K, E, dev, g, iters, repeats):
     B = budget_for(T, K)
     x = torch.randn(T, H, device=dev, dtype=torch.bfloat16, generator=g).requires_grad_(True)
@@ -164,6 +183,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", default=None)
     ap.add_argument("--no-layer", action="store_true", help="skip the whole-layer timing")
+    ap.add_argument("--count-kernels", action="store_true",
+                    help="only count (and name) the GPU operations of one budget dispatch")
     a = ap.parse_args()
     dist.init_process_group("nccl")
     dev = torch.device("cuda", 0)
@@ -176,6 +197,11 @@ def main():
         for be in a.backends.split(","):
             row = {"preset": preset, "backend": be}
             try:
+                row["kernels"] = count_kernels(be, T, H, K, E, dev, g)
+                if a.count_kernels:
+                    report["rows"].append(row)
+                    print(kernel_summary(row), flush=True)
+                    continue
                 row["check"] = check(be, T, H, K, E, dev, g)
                 row["dispatch"] = time_dispatch(be, T, H, K, E, dev, g, a.iters, a.repeats)
                 row["layer"] = {} if a.no_layer else time_layer(be, T, min(H, 2048), K, E, dev, g, a.iters // 2,
@@ -188,6 +214,14 @@ def main():
         with open(a.json, "w") as f:
             json.dump(report, f, indent=1)
     dist.destroy_process_group()
+
+
+def kernel_summary(row) -> str:
+    lines = [f"{row['preset']:>5} {row['backend']:<9} GPU operations per budget dispatch: "
+             + ", ".join(f"{way} {len(ops)}" for way, ops in row["kernels"].items())]
+    for way, ops in row["kernels"].items():
+        lines.append(f"  {way}: " + ", ".join(ops))
+    return "\n".join(lines)
 
 
 def summary(row) -> str:
@@ -204,6 +238,8 @@ def summary(row) -> str:
                      f"{med(t['combine'], 1):7.1f} us")
     for way, t in row["layer"].items():
         parts.append(f"  layer {way:<7} fwd+bwd host/wall {med(t, 0):8.1f}/{med(t, 1):8.1f} us")
+    parts.append("  GPU operations per budget dispatch: " + ", ".join(
+        f"{way} {len(ops)}" for way, ops in row["kernels"].items()))
     return head + " " + "\n".join(parts)
 
 

@@ -12,7 +12,8 @@ Budget mode (``max_rows_per_rank=B``): no host sync after the first call. Every 
 gathers ``T_cap`` token rows from each rank (agreed at the first call, or
 ``backend_options["max_tokens_per_rank"]``); each rank's metadata block ends in a header
 row (its validation code, whether it clipped tokens), and the B-row plan is built on the
-device (``permute.budget_plan``).
+device (``budget.pack_meta`` / ``budget.receive_plan``: on CUDA one fused launch packs the
+block, two plan the gathered ones).
 
 FP8 wire (``wire_dtype=torch.float8_e4m3fn``, both modes): the gather moves each token's
 packed e4m3 row + scales (quantised once) and the permute dequantises
@@ -27,10 +28,10 @@ import torch
 
 from .. import comm
 from ..kernels.fp8 import WIRE_DTYPES
-from ..permute import BudgetPlan, GroupPlan, budget_plan, group_plan, permute, unpermute
+from ..permute import BudgetPlan, GroupPlan, group_plan, permute, unpermute
 from ..routing import pad_topk
 from ..protocol import DispatchInputError, DispatchResult, PendingCheck
-from .budget import BudgetShape, budget_input, budget_options, pad_rows, status_bits
+from .budget import BudgetShape, budget_input, budget_options, pack_meta, pad_rows, receive_plan
 from .exact import HEAD, read_messages, route_message
 from .wire import fp8_receive, fp8_send
 
@@ -104,26 +105,15 @@ class AllGatherBackend(comm.CollectiveBackendBase):
 
     def _dispatch_budget(self, x_TH, idx_TK, probs_TK, check: PendingCheck) -> DispatchResult:
         R, L, B, me = self.R, self.L, self.budget, self.rank
-        dev = x_TH.device
         inp = budget_input(self, x_TH, idx_TK, probs_TK, check)
         K, Tc = self.shape.topk, self.shape.token_cap
-        T = inp.x_TH.shape[0]
-        # Ids travel as id + 1 (zero rows: no expert); the block's last row is the header.
-        meta = torch.cat([(inp.idx_TK + 1).to(torch.float32), inp.probs_TK], dim=1)
-        head = torch.stack([inp.code.to(torch.float32),
-                            torch.full((), float(inp.clipped), device=dev)])
-        meta = torch.cat([pad_rows(meta, Tc), torch.nn.functional.pad(head, (0, 2 * K - 2))
-                          .view(1, 2 * K)])
+        # One block of T_cap metadata rows (token t on row t) ending in the header row.
+        _, meta = pack_meta(inp, Tc)
         all_x = self._gather_rows(inp.x_TH, Tc)
-        all_meta = comm.all_gather(meta, self.group).view(R, Tc + 1, 2 * K)
-        heads = all_meta[:, Tc, :2].detach()
-        rows = all_meta[:, :Tc].reshape(R * Tc, 2 * K)
-        gid = rows[:, :K].detach().to(torch.long) - 1
-        lid_NK = torch.where((gid >= me * L) & (gid < (me + 1) * L), gid - me * L, -1)
-        plan = budget_plan(lid_NK, L, B, self.cfg.pad_multiple)
-        tokens, probs, fp8_rows = self._receive_rows(inp.x_TH, all_x, rows[:, K:], plan)
-        status = status_bits(plan.dropped, heads[:, 1].amax(), heads[:, 0].amax())
-        handle = AllGatherBudgetHandle(plan, T, inp.num_tokens)
+        all_meta = comm.all_gather(meta.view(Tc + 1, 2 * K), self.group).view(R, Tc + 1, 2 * K)
+        plan, probs_NK, status = receive_plan(all_meta, K, me * L, L, B, self.cfg.pad_multiple)
+        tokens, probs, fp8_rows = self._receive_rows(inp.x_TH, all_x, probs_NK, plan)
+        handle = AllGatherBudgetHandle(plan, inp.x_TH.shape[0], inp.num_tokens)
         return DispatchResult(tokens, plan.tokens_per_expert_L, probs, handle, status,
                               fp8_rows, inp.check)
 

@@ -16,7 +16,8 @@ and known to all; unused rows carry no routing. The receiver's B-row plan then k
 exactly the rows the exact mode would put first. Each block's last metadata row is a
 header (the sender's validation code, whether it clipped tokens), so bad input reaches
 every rank with the data. The receiver plans its B rows on the device
-(``permute.budget_plan``). Bytes on the wire: R * C rows per rank, against the exact
+(``budget.pack_meta`` / ``budget.receive_plan``: on CUDA one fused launch packs the blocks,
+two plan them). Bytes on the wire: R * C rows per rank, against the exact
 mode's actual rows: the price of knowing every size in advance.
 
 FP8 wire (``wire_dtype=torch.float8_e4m3fn``, both modes): each token is quantised once, its
@@ -33,10 +34,11 @@ import torch
 
 from .. import comm
 from ..kernels.fp8 import WIRE_DTYPES
-from ..permute import BudgetPlan, GroupPlan, budget_plan, filled_rows, group_plan, permute, unpermute
+from ..permute import BudgetPlan, GroupPlan, group_plan, permute, unpermute
 from ..routing import pad_topk
 from ..protocol import DispatchInputError, DispatchResult, PendingCheck
-from .budget import BudgetShape, budget_input, budget_options, pad_rows, status_bits
+from .budget import (BudgetShape, budget_input, budget_options, pack_meta, pad_rows,
+                     receive_plan)
 from .exact import HEAD, read_messages, route_message
 from .wire import fp8_receive, fp8_send
 
@@ -130,30 +132,18 @@ class AllToAllBackend(comm.CollectiveBackendBase):
 
     def _dispatch_budget(self, x_TH, idx_TK, probs_TK, check: PendingCheck) -> DispatchResult:
         R, L, B = self.R, self.L, self.budget
-        dev = x_TH.device
         inp = budget_input(self, x_TH, idx_TK, probs_TK, check)
         K, C = self.shape.topk, self.shape.token_cap
-        send_plan = self._send_plan(inp.idx_TK, C)
-        # Ids travel as id + 1 in float32 (exact below 2**24), so a zero row (unused) is
-        # "no expert"; each block ends in a header row [code, clipped, 0...].
-        meta_TK2 = torch.cat([(inp.idx_TK + 1).to(torch.float32), inp.probs_TK], dim=1)
-        meta_SK2, _ = permute(meta_TK2, None, send_plan)
-        head_R2 = torch.stack([inp.code.to(torch.float32).expand(R),
-                               torch.full((R,), float(inp.clipped), device=dev)], 1)
-        head_RK2 = torch.nn.functional.pad(head_R2, (0, 2 * K - 2))
-        send_meta = torch.cat([meta_SK2.view(R, C, 2 * K), head_RK2.view(R, 1, 2 * K)], 1)
+        # The send plan (token t's row in each destination's block of C rows) and the
+        # metadata blocks, each ending in its header row (budget.pack_meta).
+        send_plan, send_meta = pack_meta(inp, C, self.cfg.num_experts, L)
         recv_x = self._send_rows(inp.x_TH, send_plan, [C] * R, [C] * R)
         recv_meta = comm.all_to_all(send_meta.view(R * (C + 1), 2 * K), [C + 1] * R,
                                     [C + 1] * R, self.group).view(R, C + 1, 2 * K)
-        head = recv_meta[:, C, :2].detach()
-        rows_meta = recv_meta[:, :C].reshape(R * C, 2 * K)
-        gid_NK = rows_meta[:, :K].detach().to(torch.long) - 1
-        lid_NK = gid_NK - self.rank * L
-        lid_NK = torch.where((gid_NK >= 0) & (lid_NK >= 0) & (lid_NK < L), lid_NK, -1)
-        plan = budget_plan(lid_NK, L, B, self.cfg.pad_multiple)
-        tokens, probs, fp8_rows = self._receive_rows(inp.x_TH, recv_x, rows_meta[:, K:], plan,
+        plan, probs_NK, status = receive_plan(recv_meta, K, self.rank * L, L, B,
+                                              self.cfg.pad_multiple)
+        tokens, probs, fp8_rows = self._receive_rows(inp.x_TH, recv_x, probs_NK, plan,
                                                      send_plan, [C] * R, [C] * R)
-        status = status_bits(plan.dropped, head[:, 1].amax(), head[:, 0].amax())
         handle = AllToAllBudgetHandle(send_plan, plan, inp.num_tokens)
         return DispatchResult(tokens, plan.tokens_per_expert_L, probs, handle, status,
                               fp8_rows, inp.check)
@@ -184,23 +174,6 @@ class AllToAllBackend(comm.CollectiveBackendBase):
         mask_TR = torch.zeros(idx_TK.shape[0], R + 1, dtype=torch.bool, device=idx_TK.device)
         mask_TR.scatter_(1, rank_TK, True)
         return mask_TR[:, :R]
-
-    def _send_plan(self, idx_TK: torch.Tensor, C: int):
-        """The grouping of the T <= C tokens into R blocks of C rows (token t's row in block r
-        is its rank among the tokens going to r)."""
-        R, L, E = self.R, self.L, self.cfg.num_experts
-        T = idx_TK.shape[0]
-        dev = idx_TK.device
-        rank_TK = torch.div(torch.remainder(idx_TK.clamp(-1, E), E + 1), L,
-                            rounding_mode="floor")
-        mask_TR = torch.zeros(T, R + 1, dtype=torch.bool, device=dev)
-        mask_TR.scatter_(1, rank_TK, True)
-        mask_TR = mask_TR[:, :R]
-        row_TR = torch.cumsum(mask_TR.to(torch.long), 0) - 1
-        base_R = torch.arange(R, device=dev) * C
-        pos_TR = torch.where(mask_TR, base_R + row_TR, -1)
-        return BudgetPlan(pos_TR, filled_rows(pos_TR, R * C), R * C, T, R, mask_TR.sum(0),
-                          torch.zeros((), dtype=torch.bool, device=dev))
 
     def combine(self, y_NH: torch.Tensor, handle) -> torch.Tensor:
         if isinstance(handle, AllToAllBudgetHandle):

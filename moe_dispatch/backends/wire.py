@@ -67,7 +67,7 @@ def _dequant_permute(recv_NB: torch.Tensor, probs_NK: Optional[torch.Tensor], pl
         probs = None
         if probs_NK is not None:
             probs = torch.empty(M, dtype=torch.float32, device=dev)
-            probs_NK = probs_NK.contiguous()
+            probs_NK = kernels.unit_stride_rows(probs_NK)
         _fp8.scatter(recv_NB, H, pos_NK, out_MH=tokens, probs_NK=probs_NK, probs_M=probs,
                      filled_M=filled_M)
 

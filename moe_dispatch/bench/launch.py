@@ -22,6 +22,21 @@ import statistics
 import time
 
 
+def device_ops(fn) -> list:
+    """Names of the GPU operations (kernels, memsets, copies) one call of ``fn`` runs, in
+    start order: torch.profiler with CUDA activity around the call. ``fn`` may be a CUDA
+    graph's replay (the profiler reports a graph's kernels one by one), so this also
+    counts what a captured step launches."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    gpu = [e for e in prof.events() if str(getattr(e, "device_type", "")).endswith("CUDA")]
+    return [e.name for e in sorted(gpu, key=lambda e: e.time_range.start)]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--iters", type=int, default=300, help="calls per round")

@@ -6,6 +6,12 @@ the reference and the CPU path. The kernels here compute exactly what that code 
 * ``plan_arrays(lid_NK, L, ...)``: a stable counting sort (one or two launches) that
   writes the inverse map ``pos_NK`` and the padding mask ``filled_M`` directly, instead of
   a stable argsort and an index_copy (``moe_dispatch.permute`` wraps it in a plan).
+* ``budget_arrays(blocks, K, C, L, B, ...)``: the same for the sync-free budget plan (two
+  launches, every count on the device), reading ids of any dtype straight from blocks of
+  received metadata, with the budget mode's status word alongside.
+* ``pack_meta(...)`` (``_pack``): the budget mode's send side of ``alltoall`` /
+  ``allgather`` in one launch: each token's row in each destination block, and the
+  metadata rows (ids, probs, one header row per block) written straight into the wire.
 * ``permute(x_NH, probs_NK, plan)``: each input row is read once and written to each of
   its output slots (a scatter through the inverse map ``pos_NK``), its probs alongside;
   padding rows are zeros with prob 0.
@@ -106,6 +112,112 @@ def plan_arrays(lid_NK: torch.Tensor, num_local_experts: int,
     return pos_NK, filled, [int(c) for c in counts]
 
 
+def budget_arrays(blocks: torch.Tensor, topk: int, rows: int, num_local_experts: int,
+                  budget: int, pad: int, shift: int = 0, header: bool = False,
+                  block: Optional[int] = None, chunks: Optional[int] = None):
+    """The maps of a budget plan (``moe_dispatch.permute.BudgetPlan``) in two launches,
+    straight from blocks of ids, without a host sync (the caller builds the plan: this
+    package never imports ``permute``).
+
+    blocks:            [R, C (+ 1 with ``header``), >= K] ids, any dtype (int64 local ids,
+                       received float32 metadata, ...), any strides: slot k of input row
+                       n = r * C + c is ``blocks[r, c, k]`` for k < K. Id ``v`` is local
+                       expert ``v - shift``; outside [0, L): no row here.
+    topk, rows:        K and C.
+    num_local_experts: L.
+    budget:            B, the plan's rows; rows at or past B are dropped (pos -2).
+    pad:               the padding multiple (1 = none).
+    shift:             subtracted from every id (global -> local, a wire encoding's +1).
+    header:            row C of each block holds ``[code, clipped, ...]`` (the budget-mode
+                       metadata's header row); folded into the status.
+    block, chunks:     tiling overrides for tests (see ``_triton.budget_layout``).
+    Returns (pos_NK [R*C, K] int64, filled_M [B] uint8, tokens_per_expert_L [L] int64,
+    dropped [] bool, status [1] int32 with ``header`` else None).
+    """
+    R, K, C = blocks.shape[0], topk, rows
+    dev = blocks.device
+    if K > 1 and blocks.stride(2) != 1:
+        if header:
+            raise ValueError("budget_arrays: a header needs ids with unit stride along K")
+        blocks = blocks.contiguous()
+    pos_NK = torch.empty(R * C, K, dtype=torch.int64, device=dev)
+    filled_M = torch.empty(budget, dtype=torch.uint8, device=dev)
+    tpe_L = torch.empty(num_local_experts, dtype=torch.int64, device=dev)
+    dropped = torch.empty((), dtype=torch.bool, device=dev)
+    status = torch.empty(1, dtype=torch.int32, device=dev) if header else None
+    _k().budget_layout(blocks, K, C, num_local_experts, budget, pad, shift, header, pos_NK,
+                       filled_M, tpe_L, dropped, status, block=block, chunks_per_src=chunks)
+    return pos_NK, filled_M, tpe_L, dropped, status
+
+
+class _PackMeta(torch.autograd.Function):
+    """Differentiable w.r.t. the probs: a token's probs appear in each block it is sent to,
+    so their gradient is the sum over those rows (in block order, float32), as the torch
+    reference's permute backward computes it."""
+
+    @staticmethod
+    def forward(ctx, probs_TK, idx_TK, code, clipped, num_experts, num_local, num_blocks,
+                rows, plan_out, tiles):
+        from . import _pack
+        K = idx_TK.shape[1]
+        meta_RCW = torch.empty(num_blocks, rows + 1, 2 * K, dtype=torch.float32,
+                               device=idx_TK.device)
+        _pack.pack_meta(idx_TK, probs_TK, code, clipped, num_experts, num_local, rows,
+                        meta_RCW, plan_out, *tiles)
+        ctx.pos_TR = None if plan_out is None else plan_out[0]
+        ctx.probs_like = (probs_TK.shape, probs_TK.dtype)
+        return meta_RCW
+
+    @staticmethod
+    def backward(ctx, g_meta):
+        (T, K), dtype = ctx.probs_like
+        R, C = g_meta.shape[0], g_meta.shape[1] - 1
+        if ctx.pos_TR is None:  # one block, token t on row t
+            g_p = g_meta[0, :T, K:]
+        else:
+            g_p = reduce_rows(g_meta[:, :C, K:].reshape(R * C, K).float(), ctx.pos_TR)
+        return g_p.to(dtype), None, None, None, None, None, None, None, None, None
+
+
+def pack_meta(idx_TK: torch.Tensor, probs_TK: torch.Tensor, code: torch.Tensor, clipped: bool,
+              num_experts: int, num_local_experts: int, num_blocks: int, rows: int,
+              per_rank: bool, block_t: Optional[int] = None, block_c: Optional[int] = None):
+    """The budget mode's send side in one launch (``_pack``; the torch reference is
+    ``moe_dispatch.backends.budget``): metadata blocks ready for the wire, and for an
+    all-to-all the send plan's maps. No host sync.
+
+    idx_TK:            [T, K] int64 global expert ids (-1 = masked), T <= rows.
+    probs_TK:          [T, K] float32 probs (differentiable: the result carries their
+                       gradient).
+    code:              0-dim int device tensor, this rank's validation code.
+    clipped:           this rank clipped tokens over the token capacity.
+    num_experts:       E.   num_local_experts: L (expert e lives on rank e // L).
+    num_blocks, rows:  R blocks of C token rows.
+    per_rank:          True (``alltoall``, R = E / L): block r holds the tokens with an
+                       expert on rank r, in token order. False (``allgather``, R = 1): one
+                       block, token t on row t.
+    block_t, block_c:  tiling overrides for tests.
+    Returns (meta_RCW [R, C + 1, 2K] float32: rows ``[id + 1, probs]``, zeros past the
+    tokens, a header row ``[code, clipped, 0...]`` per block; plan maps or None): the maps
+    (per_rank) are (pos_TR [T, R] int64 row of token t in the R * C send rows, -1 = not
+    sent there; filled_S [R * C] uint8; counts_R [R] int64 tokens per block; dropped []
+    bool, always False).
+    """
+    T, K = idx_TK.shape
+    dev = idx_TK.device
+    idx_TK = idx_TK if idx_TK.is_contiguous() else idx_TK.contiguous()
+    probs_TK = probs_TK if probs_TK.is_contiguous() else probs_TK.contiguous()
+    maps = None
+    if per_rank:
+        maps = (torch.empty(T, num_blocks, dtype=torch.int64, device=dev),
+                torch.empty(num_blocks * rows, dtype=torch.uint8, device=dev),
+                torch.empty(num_blocks, dtype=torch.int64, device=dev),
+                torch.empty((), dtype=torch.bool, device=dev))
+    meta = _PackMeta.apply(probs_TK, idx_TK, code, clipped, num_experts, num_local_experts,
+                           num_blocks, rows, maps, (block_t, block_c))
+    return meta, maps
+
+
 # ------------------------------------------------------------------ plan inverse maps
 
 _maps_cache: dict = {}
@@ -161,7 +273,8 @@ def permute_rows(x_NH: torch.Tensor, pos_NK: torch.Tensor, num_out_rows: int,
     pos_NK:       [N, K] int64 output row of each slot, -1 = no row.
     num_out_rows: M.
     filled_M:     [M] uint8, 0 on rows no slot writes (they are zeroed, probs too), or None.
-    probs_NK:     [N, K] probs of the slots (any float dtype, read as float32), or None.
+    probs_NK:     [N, K] probs of the slots (any float dtype, read as float32; any row
+                  stride, e.g. columns of received metadata rows), or None.
     out_MH, probs_out_M: [M, H] (dtype of x) / [M] float32 outputs, e.g. poisoned buffers
                   in tests; otherwise allocated.
     Returns (out_MH, probs_M float32 or None). Two launches at most (scatter, zero fill);
@@ -179,12 +292,20 @@ def permute_rows(x_NH: torch.Tensor, pos_NK: torch.Tensor, num_out_rows: int,
         probs_M = probs_out_M if probs_out_M is not None else torch.empty(
             num_out_rows, dtype=torch.float32, device=x_NH.device)
         # The kernel converts to float32 itself (exactly as .float() would).
-        if not probs_NK.is_contiguous():
-            probs_NK = probs_NK.contiguous()
+        probs_NK = unit_stride_rows(probs_NK)
     _k().scatter_rows(x_NH, pos_NK, out_MH, probs_NK, probs_M)
     if filled_M is not None:  # padding rows (and their probs) become zeros
         _k().zero_unfilled(out_MH, filled_M, probs_M)
     return out_MH, probs_M
+
+
+def unit_stride_rows(t_NK: torch.Tensor) -> torch.Tensor:
+    """``t_NK`` itself when its rows are unit-stride along K (the row stride is free: the
+    kernels take it), else a contiguous copy; so a view such as the probs columns of
+    received metadata rows costs no copy launch."""
+    if t_NK.shape[1] > 1 and t_NK.stride(1) != 1:
+        return t_NK.contiguous()
+    return t_NK
 
 
 def reduce_rows(y_MH: torch.Tensor, pos_NK: torch.Tensor,

@@ -80,9 +80,9 @@ def _quant_kernel(x_ptr, q_ptr, s_ptr, G, x_stride, q_stride, s_stride,
     tl.store(s_ptr + t * s_stride + g, scale, mask=gmask)
 
 
-@triton.jit(do_not_specialize=["G"])
+@triton.jit(do_not_specialize=["G", "p_stride"])
 def _scatter_fp8_kernel(src_ptr, ssrc_ptr, src_stride, ssrc_stride, pos_ptr, out_ptr, q_ptr,
-                        s_ptr, pin_ptr, pout_ptr, H, G,
+                        s_ptr, pin_ptr, pout_ptr, H, G, p_stride,
                         K: tl.constexpr, DEQ: tl.constexpr, RAW: tl.constexpr,
                         WITH_PROBS: tl.constexpr, OUT_KIND: tl.constexpr, SOFT: tl.constexpr,
                         BLOCK_G: tl.constexpr):
@@ -123,7 +123,7 @@ def _scatter_fp8_kernel(src_ptr, ssrc_ptr, src_stride, ssrc_stride, pos_ptr, out
             for k in tl.static_range(K):
                 p = tl.load(pos_ptr + v * K + k)
                 if p >= 0:
-                    tl.store(pout_ptr + p, tl.load(pin_ptr + v * K + k).to(tl.float32))
+                    tl.store(pout_ptr + p, tl.load(pin_ptr + v * p_stride + k).to(tl.float32))
 
 
 def _tile(G: int) -> tuple[int, int]:
@@ -167,7 +167,8 @@ def scatter(src_NB: torch.Tensor, H: int, pos_NK: torch.Tensor, *,
     """Scatter packed wire rows src_NB ([N, H + 4 * H / 128] uint8, contiguous) to the rows
     ``pos_NK`` names (-1 / -2: none): dequantised into out_MH (bf16, fp16 or float32) and/or
     raw into q_MH (uint8 view of e4m3) + s_MG (float32); probs_NK -> probs_M (float32)
-    alongside. With filled_M ([M] uint8), rows no slot writes become zeros (probs too)."""
+    alongside (unit stride along K, any row stride). With filled_M ([M] uint8), rows no
+    slot writes become zeros (probs too)."""
     N, K = pos_NK.shape
     G = H // 128
     deq, raw = out_MH is not None, q_MH is not None
@@ -178,7 +179,7 @@ def scatter(src_NB: torch.Tensor, H: int, pos_NK: torch.Tensor, *,
             src_NB, src_NB.view(torch.float32), src_NB.stride(0), src_NB.stride(0) // 4,
             pos_NK, any_out, q_MH if raw else any_out, s_MG if raw else src_NB,
             probs_NK if with_p else pos_NK, probs_M if with_p else src_NB, H, G,
-            K=K, DEQ=deq, RAW=raw, WITH_PROBS=with_p,
+            probs_NK.stride(0) if with_p else K, K=K, DEQ=deq, RAW=raw, WITH_PROBS=with_p,
             OUT_KIND=_KIND[out_MH.dtype] if deq else 0,
             SOFT=_soft() if soft is None else soft, BLOCK_G=bg, num_warps=warps)
     if filled_M is not None:

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..protocol import STATUS_BAD_INPUT, STATUS_ROWS_DROPPED, STATUS_TOKENS_DROPPED
 from ._launch import launch
 
 # The interpreter (and first-call compilation) is not re-entrant across threads
@@ -56,9 +57,9 @@ def _block_h(H: int, elem_size: int, exact: bool = False) -> tuple[int, int]:
 
 
 # Rank-dependent integers are not specialized, so every rank compiles the same variants.
-@triton.jit(do_not_specialize=["rank_shift", "num_src"])
+@triton.jit(do_not_specialize=["rank_shift", "num_src", "p_stride"])
 def _scatter_rows_kernel(src_ptr, src_table, rows_per_src, rank_shift, pos_ptr, out_ptr,
-                         pin_ptr, pin_table, pout_ptr, dst_table, H, num_src,
+                         pin_ptr, pin_table, pout_ptr, dst_table, H, num_src, p_stride,
                          K: tl.constexpr, PEER: tl.constexpr, WITH_PROBS: tl.constexpr,
                          BLOCK_H: tl.constexpr, INDIRECT: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
@@ -103,7 +104,7 @@ def _scatter_rows_kernel(src_ptr, src_table, rows_per_src, rank_shift, pos_ptr, 
             if PEER:
                 pbase = tl.load(pin_table + s).to(pout_ptr.dtype) + t * K
             else:
-                pbase = pin_ptr + v * K
+                pbase = pin_ptr + v * p_stride  # probs rows may be a strided view
             for k in tl.static_range(K):
                 p = tl.load(pos_ptr + v * K + k)
                 if p >= 0:
@@ -218,7 +219,8 @@ def _launch(kernel, grid, *args, **kw):
 def scatter_rows(x_VH: torch.Tensor, pos_VK: torch.Tensor, out_MH: torch.Tensor,
                  probs_VK: torch.Tensor | None = None,
                  probs_M: torch.Tensor | None = None) -> None:
-    """out[pos[v, k]] = x[v] for every pos >= 0; probs_M[pos[v, k]] = probs_VK[v, k]."""
+    """out[pos[v, k]] = x[v] for every pos >= 0; probs_M[pos[v, k]] = probs_VK[v, k]
+    (probs_VK: unit stride along K, any row stride)."""
     V, H = x_VH.shape
     K = pos_VK.shape[1]
     block, warps = _block_h(H, x_VH.element_size(), exact=True)
@@ -227,8 +229,8 @@ def scatter_rows(x_VH: torch.Tensor, pos_VK: torch.Tensor, out_MH: torch.Tensor,
     _launch(_scatter_rows_kernel, (V, max(1, triton.cdiv(H, block))),
             x_VH, pos_VK, 1, 0, pos_VK, out_MH,
             probs_VK if with_p else pos_VK, pos_VK, probs_M if with_p else out_MH, pos_VK, H, 1,
-            K=K, PEER=False, WITH_PROBS=with_p, BLOCK_H=block, INDIRECT=False,
-            num_warps=warps)
+            probs_VK.stride(0) if with_p else K, K=K, PEER=False, WITH_PROBS=with_p,
+            BLOCK_H=block, INDIRECT=False, num_warps=warps)
 
 
 def gather_reduce(y_MH: torch.Tensor, pos_VK: torch.Tensor, out_VH: torch.Tensor) -> None:
@@ -282,9 +284,8 @@ def peer_scatter_rows(src_table: torch.Tensor, rows_per_src: int, rank: int,
     _launch(_scatter_rows_kernel, (V, triton.cdiv(H, block)),
             out_MH, src_table, rows_per_src, rank, pos_VK, out_MH,
             pos_VK, pin_table if with_p else src_table, probs_M if with_p else out_MH,
-            dst_table if indirect else src_table, H, R,
-            K=K, PEER=True, WITH_PROBS=with_p, BLOCK_H=block, INDIRECT=indirect,
-            num_warps=warps)
+            dst_table if indirect else src_table, H, R, K, K=K, PEER=True, WITH_PROBS=with_p,
+            BLOCK_H=block, INDIRECT=indirect, num_warps=warps)
 
 
 def peer_gather_reduce(y_MH: torch.Tensor, pos_VK: torch.Tensor, dst_table: torch.Tensor,
@@ -326,50 +327,99 @@ def barrier(flag_table: torch.Tensor, rank: int, channel: int, status: torch.Ten
     R = flag_table.shape[0]
     kernel = _barrier_kernel
     # No launch lock here: simulated ranks spin concurrently.
-    kernel[(1,)](flag_table, rank, channel, status, R=R, MAX_SPIN=max_spin, num_warps=1)
+    launch(kernel, (1,), flag_table, rank, channel, status, R=R, MAX_SPIN=max_spin, num_warps=1)
 
 
 # ----------------------------------------------------------------------------- layout
 #
-# The dispatch layout in two launches (replacing ~25 torch ops and a stable argsort):
-#   1. ``_layout_hist_kernel``: program (s, j) reads chunk j of rank s's staged expert ids
-#      straight from its buffer and counts the slots of each local expert (one-hot sums);
-#      programs (s, 0) also copy rank s's meta row into the host buffer.
+# The budget plan of a dispatch in two launches (replacing ~25 torch ops and a stable argsort):
+#   1. ``_layout_hist_kernel``: program (s, j) reads chunk j of source s's expert ids and
+#      counts the slots of each local expert (one-hot sums); in TABLE mode programs (s, 0)
+#      also copy rank s's meta row into the host buffer.
 #   2. ``_layout_pos_kernel``: every program reduces the [chunks, L] histogram (a few KB,
 #      from L2) to per-expert totals, padded block starts and its chunk's offsets, then walks
 #      its chunk again giving each slot its row: block start + earlier slots of the expert
-#      (a cumsum over the one-hot tile) -- the stable (expert, rank, token, slot) order.
-#      Program (0, 0) writes tokens_per_expert, the dropped flag and the status word.
+#      (a cumsum over the one-hot tile) -- the stable (expert, source, row, slot) order.
+#      Program (0, 0) writes tokens_per_expert, the dropped flag and the status word; with
+#      FILLED every program also writes its slice of the row mask.
+# Where the ids come from (constexpr TABLE):
+#   * TABLE (nvshmem): source s is rank s, whose staged int32 global ids sit at the address
+#     ``src[s]`` (a device pointer table); the slots of a source are contiguous.
+#   * otherwise: source s is block s of an id matrix (any int or float dtype, e.g. the
+#     received float32 metadata of ``alltoall`` / ``allgather``): slot i is element
+#     ``i % K`` of row ``i // K``, at ``src + s * blk_stride + row * row_stride + i % K``.
+#     With HEADER the row just past each block is a header ``[code, clipped, ...]`` whose
+#     nonzero fields become status bits.
+# Every id read has ``shift`` subtracted (global -> local id, and a wire encoding's +1);
+# slots whose result is outside [0, L) have no row here.
+
+# Status bits (``moe_dispatch.protocol.STATUS_*``); kernels read constexpr globals only.
+_ROWS_DROPPED = tl.constexpr(STATUS_ROWS_DROPPED)
+_TOKENS_DROPPED = tl.constexpr(STATUS_TOKENS_DROPPED)
+_BAD_INPUT = tl.constexpr(STATUS_BAD_INPUT)
 
 
-@triton.jit(do_not_specialize=["slots_per_src", "chunk", "e0"])
-def _layout_hist_kernel(idx_table, meta_table, host_ptr, hist_ptr, slots_per_src, chunk, e0,
-                        L: tl.constexpr, L_P2: tl.constexpr, NCP: tl.constexpr,
-                        BLOCK_S: tl.constexpr):
+@triton.jit
+def _layout_lids(src, s, i, ok, K, row_stride, blk_stride, shift, TABLE: tl.constexpr):
+    """[BLOCK_S] int32 local expert ids of the flat slots ``i`` of source ``s`` (-1 where
+    not ``ok``); see the comment above for the two addressings."""
+    if TABLE:
+        base = tl.load(src + s).to(tl.pointer_type(tl.int32))
+        ids = tl.load(base + i, mask=ok, other=0)
+    else:
+        row = i // K
+        ids = tl.load(src + s.to(tl.int64) * blk_stride + row * row_stride + (i - row * K),
+                      mask=ok, other=0)
+    return tl.where(ok, ids.to(tl.int32) - shift, -1)
+
+
+@triton.jit(do_not_specialize=["slots_per_src", "chunk", "shift", "K", "row_stride",
+                               "blk_stride"])
+def _layout_hist_kernel(src, meta_table, host_ptr, hist_ptr, slots_per_src, chunk, shift, K,
+                        row_stride, blk_stride, L: tl.constexpr, L_P2: tl.constexpr,
+                        NCP: tl.constexpr, BLOCK_S: tl.constexpr, TABLE: tl.constexpr):
     s = tl.program_id(0)
     j = tl.program_id(1)
-    if j == 0:
-        m = tl.arange(0, 16)
-        mbase = tl.load(meta_table + s).to(tl.pointer_type(tl.int64))
-        tl.store(host_ptr + s * 16 + m, tl.load(mbase + m))
-    base = tl.load(idx_table + s).to(tl.pointer_type(tl.int32))
+    if TABLE:
+        if j == 0:
+            m = tl.arange(0, 16)
+            mbase = tl.load(meta_table + s).to(tl.pointer_type(tl.int64))
+            tl.store(host_ptr + s * 16 + m, tl.load(mbase + m))
     experts = tl.arange(0, L_P2)
     hist = tl.zeros([L_P2], dtype=tl.int32)
     start = j.to(tl.int64) * chunk
     for off in range(0, chunk, BLOCK_S):
         i = start + off + tl.arange(0, BLOCK_S)
-        ok = i < slots_per_src
-        lid = tl.load(base + i, mask=ok, other=-1) - e0
-        hit = (lid[:, None] == experts[None, :]) & ok[:, None] & (experts[None, :] < L)
+        lid = _layout_lids(src, s, i, i < slots_per_src, K, row_stride, blk_stride, shift,
+                           TABLE)
+        hit = (lid[:, None] == experts[None, :]) & (experts[None, :] < L)
         hist += tl.sum(hit.to(tl.int32), axis=0)
     tl.store(hist_ptr + (s * NCP + j) * L_P2 + experts, hist)
 
 
-@triton.jit(do_not_specialize=["slots_per_src", "chunk", "e0", "budget", "pad"])
-def _layout_pos_kernel(idx_table, hist_ptr, pos_ptr, host_ptr, status_ptr, slots_per_src,
-                       chunk, e0, budget, pad, R: tl.constexpr, L: tl.constexpr,
-                       L_P2: tl.constexpr, NCP: tl.constexpr, NC_P2: tl.constexpr,
-                       BLOCK_S: tl.constexpr):
+@triton.jit
+def _layout_status(src, dropped, rows, row_stride, blk_stride, R: tl.constexpr,
+                   R_P2: tl.constexpr, HEADER: tl.constexpr):
+    """int32 status bits: rows dropped here, plus (HEADER) the OR over the R blocks'
+    headers of "clipped" (field 1) and "bad input" (field 0). R_P2: a power of 2 >= R."""
+    bits = dropped.to(tl.int32) * _ROWS_DROPPED
+    if HEADER:
+        rs = tl.arange(0, R_P2)
+        hdr = src + rs.to(tl.int64) * blk_stride + rows * row_stride
+        code = tl.max(tl.load(hdr, mask=rs < R, other=0).to(tl.float32), axis=0)
+        clipped = tl.max(tl.load(hdr + 1, mask=rs < R, other=0).to(tl.float32), axis=0)
+        bits += (clipped != 0).to(tl.int32) * _TOKENS_DROPPED
+        bits += (code != 0).to(tl.int32) * _BAD_INPUT
+    return bits
+
+
+@triton.jit(do_not_specialize=["slots_per_src", "chunk", "shift", "budget", "pad", "K",
+                               "row_stride", "blk_stride", "m_chunk"])
+def _layout_pos_kernel(src, hist_ptr, pos_ptr, tpe_ptr, drop_ptr, status_ptr, filled_ptr,
+                       slots_per_src, chunk, shift, budget, pad, K, row_stride, blk_stride,
+                       m_chunk, R: tl.constexpr, L: tl.constexpr, L_P2: tl.constexpr,
+                       NCP: tl.constexpr, NC_P2: tl.constexpr, BLOCK_S: tl.constexpr,
+                       TABLE: tl.constexpr, HEADER: tl.constexpr, FILLED: tl.constexpr):
     s = tl.program_id(0)
     j = tl.program_id(1)
     g = s * NCP + j
@@ -386,33 +436,63 @@ def _layout_pos_kernel(idx_table, hist_ptr, pos_ptr, host_ptr, status_ptr, slots
     budget64 = budget.to(tl.int64)
     if g == 0:
         tpe = tl.minimum(padded.to(tl.int64), tl.maximum(budget64 - pstart.to(tl.int64), 0))
-        tl.store(host_ptr + R * 16 + experts, tpe, mask=experts < L)
-        tl.store(host_ptr + R * 16 + L,
-                 (tl.sum(padded, axis=0).to(tl.int64) > budget64).to(tl.int64))
-        tl.store(host_ptr + R * 16 + L + 1, tl.load(status_ptr).to(tl.int64))
+        dropped = tl.sum(padded, axis=0).to(tl.int64) > budget64
+        if TABLE:
+            # The host buffer: R meta rows, tokens_per_expert, dropped, this rank's status.
+            host = tpe_ptr + R * 16
+            tl.store(host + experts, tpe, mask=experts < L)
+            tl.store(host + L, dropped.to(tl.int64))
+            tl.store(host + L + 1, tl.load(status_ptr).to(tl.int64))
+        else:
+            tl.store(tpe_ptr + experts, tpe, mask=experts < L)
+            tl.store(drop_ptr, dropped.to(tl.int8))
+            if HEADER:
+                # NC_P2 >= R: the header tile's width.
+                tl.store(status_ptr, _layout_status(src, dropped, slots_per_src // K,
+                                                    row_stride, blk_stride, R, NC_P2, HEADER))
     running = pstart + before
-    base = tl.load(idx_table + s).to(tl.pointer_type(tl.int32))
     start = j.to(tl.int64) * chunk
     out_base = s.to(tl.int64) * slots_per_src
     for off in range(0, chunk, BLOCK_S):
         i = start + off + tl.arange(0, BLOCK_S)
         ok = i < slots_per_src
-        lid = tl.load(base + i, mask=ok, other=-1) - e0
-        hit = ((lid[:, None] == experts[None, :]) & ok[:, None]
-               & (experts[None, :] < L)).to(tl.int32)
+        lid = _layout_lids(src, s, i, ok, K, row_stride, blk_stride, shift, TABLE)
+        hit = ((lid[:, None] == experts[None, :]) & (experts[None, :] < L)).to(tl.int32)
         before_in = tl.cumsum(hit, axis=0) - hit  # earlier slots of the same expert
         pos = tl.sum(hit * (running[None, :] + before_in), axis=1).to(tl.int64)
         mine = tl.sum(hit, axis=1) > 0
         pos = tl.where(mine, tl.where(pos < budget64, pos, -2), -1)
         tl.store(pos_ptr + out_base + i, pos, mask=ok)
         running += tl.sum(hit, axis=0)
+    if FILLED:
+        # Row m (< budget) is real iff pstart[e] <= m < pstart[e] + c[e] for some expert e.
+        real_end = pstart + c
+        mstart = g.to(tl.int64) * m_chunk
+        for off in range(0, m_chunk, BLOCK_S):
+            m = mstart + off + tl.arange(0, BLOCK_S)
+            real = (m[:, None] >= pstart[None, :]) & (m[:, None] < real_end[None, :])
+            f = tl.max(real.to(tl.int32), axis=1)
+            tl.store(filled_ptr + m, f.to(tl.uint8), mask=m < budget64)
+
+
+def _layout_tiles(num_src: int, slots_per_src: int, num_local: int, block: int | None,
+                  chunks_per_src: int | None):
+    """(L_P2, BLOCK_S, chunks per source, chunk length) of the layout kernels."""
+    L_P2 = triton.next_power_of_2(max(num_local, 1))
+    block = block or max(16, min(1024, 8192 // L_P2))
+    # Enough chunks to spread the walk over the GPU, few enough that every program can
+    # reduce the whole [chunks, L] histogram from L2 in one register tile.
+    max_chunks = max(num_src, min(256, 8192 // L_P2))
+    ncp = chunks_per_src or max(1, min(triton.cdiv(max(slots_per_src, 1), block),
+                                       max_chunks // num_src))
+    return L_P2, block, ncp, _round_to(triton.cdiv(max(slots_per_src, 1), ncp), block)
 
 
 def layout_plan(idx_table: torch.Tensor, meta_table: torch.Tensor, status: torch.Tensor,
                 slots_per_src: int, e0: int, num_local: int, pad: int, budget: int,
                 pos_out: torch.Tensor, host_out: torch.Tensor, block: int | None = None,
                 chunks_per_src: int | None = None, scratch=None) -> None:
-    """Fused dispatch layout over every rank's staged ids (see the comment above).
+    """Fused dispatch layout over every rank's staged ids (TABLE mode, see above).
 
     idx_table:     [R] int64 addresses of each rank's staged ids ([slots_per_src] int32).
     meta_table:    [R] int64 addresses of each rank's meta row ([16] int64).
@@ -424,27 +504,62 @@ def layout_plan(idx_table: torch.Tensor, meta_table: torch.Tensor, status: torch
                    histogram (written and read within this call).
     block, chunks_per_src: tiling overrides (tests use them to cross chunk boundaries).
     """
-    R = idx_table.shape[0]
-    L = num_local
-    L_P2 = triton.next_power_of_2(max(L, 1))
-    block = block or max(16, min(1024, 8192 // L_P2))
-    # Enough chunks to spread the walk over the GPU, few enough that every program can
-    # reduce the whole [chunks, L] histogram from L2 in one register tile.
-    max_chunks = max(R, min(256, 8192 // L_P2))
-    ncp = chunks_per_src or max(1, min(triton.cdiv(max(slots_per_src, 1), block),
-                                       max_chunks // R))
-    chunk = _round_to(triton.cdiv(max(slots_per_src, 1), ncp), block)
-    nc_p2 = triton.next_power_of_2(R * ncp)
+    R, L = idx_table.shape[0], num_local
+    L_P2, block, ncp, chunk = _layout_tiles(R, slots_per_src, L, block, chunks_per_src)
     # scratch(numel) -> int32 workspace the caller may keep between calls (saves a launch).
     hist = scratch(R * ncp * L_P2) if scratch is not None else \
         torch.empty(R * ncp * L_P2, dtype=torch.int32, device=pos_out.device)
+    strides = (1, 1, 0)  # K, row_stride, blk_stride: unused by TABLE mode
     with _launch_lock:
-        _layout_hist_kernel[(R, ncp)](idx_table, meta_table, host_out, hist, slots_per_src,
-                                      chunk, e0, L=L, L_P2=L_P2, NCP=ncp, BLOCK_S=block,
-                                      num_warps=4)
-        _layout_pos_kernel[(R, ncp)](idx_table, hist, pos_out, host_out, status, slots_per_src,
-                                     chunk, e0, budget, max(int(pad), 1), R=R, L=L, L_P2=L_P2,
-                                     NCP=ncp, NC_P2=nc_p2, BLOCK_S=block, num_warps=8)
+        launch(_layout_hist_kernel, (R, ncp), idx_table, meta_table, host_out, hist, slots_per_src,
+               chunk, e0, *strides, L=L, L_P2=L_P2, NCP=ncp, BLOCK_S=block, TABLE=True,
+               num_warps=4)
+        launch(_layout_pos_kernel, (R, ncp), idx_table, hist, pos_out, host_out, host_out, status,
+               host_out, slots_per_src, chunk, e0, budget, max(int(pad), 1), *strides, 0, R=R, L=L,
+               L_P2=L_P2, NCP=ncp, NC_P2=triton.next_power_of_2(R * ncp), BLOCK_S=block,
+               TABLE=True, HEADER=False, FILLED=False, num_warps=8)
+
+
+def budget_layout(blocks: torch.Tensor, topk: int, rows: int, num_local: int, budget: int,
+                  pad: int, shift: int, header: bool, pos_out: torch.Tensor,
+                  filled_out: torch.Tensor, tpe_out: torch.Tensor, dropped_out: torch.Tensor,
+                  status_out: torch.Tensor | None, block: int | None = None,
+                  chunks_per_src: int | None = None) -> None:
+    """The budget plan of blocks of ids (matrix mode, see above): two launches.
+
+    blocks:      [R, rows (+ 1 with ``header``), >= topk] ids, any dtype, unit stride along
+                 the last dim: slot k of input row n = r * rows + c is ``blocks[r, c, k]``
+                 (k < topk), a global id that becomes local id ``id - shift``; results
+                 outside [0, L) are slots with no row here.
+    topk, rows:  K and C.
+    num_local:   L.
+    budget:      B, rows of the plan; rows at or past B are dropped (pos -2).
+    pad:         each expert's rows start at a multiple of this (1 = none).
+    shift:       subtracted from every id read.
+    header:      row C of each block is ``[code, clipped, ...]``; their nonzero fields become
+                 ``STATUS_BAD_INPUT`` / ``STATUS_TOKENS_DROPPED`` in ``status_out``.
+    pos_out:     [R * C * K] int64: the output row of each slot, -1 none, -2 dropped.
+    filled_out:  [B] uint8: 1 on rows some slot writes.
+    tpe_out:     [L] int64: rows per expert (padding included) clipped to B.
+    dropped_out: [] bool: the padded total exceeds B.
+    status_out:  [1] int32 (with ``header``): ``STATUS_ROWS_DROPPED`` when dropped, plus
+                 the headers' bits; None without ``header``.
+    block, chunks_per_src: tiling overrides (tests use them to cross chunk boundaries).
+    """
+    R, K, C, L = blocks.shape[0], topk, rows, num_local
+    slots = C * K
+    L_P2, block, ncp, chunk = _layout_tiles(R, slots, L, block, chunks_per_src)
+    hist = torch.empty(R * ncp * L_P2, dtype=torch.int32, device=pos_out.device)
+    strides = (max(K, 1), blocks.stride(1), blocks.stride(0))
+    m_chunk = _round_to(triton.cdiv(max(budget, 1), R * ncp), block)
+    dropped = dropped_out.view(torch.int8)
+    with _launch_lock:
+        launch(_layout_hist_kernel, (R, ncp), blocks, hist, hist, hist, slots, chunk, shift,
+               *strides, L=L, L_P2=L_P2, NCP=ncp, BLOCK_S=block, TABLE=False, num_warps=4)
+        launch(_layout_pos_kernel, (R, ncp), blocks, hist, pos_out, tpe_out, dropped, status_out if
+               header else dropped, filled_out, slots, chunk, shift, budget, max(int(pad), 1),
+               *strides, m_chunk, R=R, L=L, L_P2=L_P2, NCP=ncp, NC_P2=triton.next_power_of_2(R *
+               ncp), BLOCK_S=block, TABLE=False, HEADER=header, FILLED=True, num_warps=8)
 
 
 def _round_to(x: int, m: int) -> int:
@@ -511,11 +626,10 @@ def stage(x_TH: torch.Tensor, idx_TK: torch.Tensor, probs_TK: torch.Tensor, T_st
     grid = (T_cap, triton.cdiv(H, block))
     indirect = src_table is not None
     with _launch_lock:
-        _stage_kernel[grid](x_TH, idx_TK, probs_TK, x_out, idx_out, probs_out, meta_out, code,
-                            src_table if indirect else meta_out, T_st, H, K, K_out,
-                            num_tokens, row_bytes,
-                            K_P2=triton.next_power_of_2(max(K_out, 1)), BLOCK_H=block,
-                            INDIRECT=indirect, num_warps=warps)
+        launch(_stage_kernel, grid, x_TH, idx_TK, probs_TK, x_out, idx_out, probs_out, meta_out,
+               code, src_table if indirect else meta_out, T_st, H, K, K_out, num_tokens, row_bytes,
+               K_P2=triton.next_power_of_2(max(K_out, 1)), BLOCK_H=block, INDIRECT=indirect,
+               num_warps=warps)
 
 
 @triton.jit(do_not_specialize=["T", "T_eff", "K", "E", "L", "T_cap"])
@@ -560,10 +674,9 @@ def token_maps(idx_TK: torch.Tensor, T_eff: int, num_experts: int, num_local: in
     block = 64
     indirect = io_table is not None
     with _launch_lock:
-        _token_maps_kernel[(triton.cdiv(T, block),)](
-            idx_TK, valid_TK.view(torch.int8), pos_TR, io_table if indirect else pos_TR,
-            T, T_eff, K, num_experts, num_local, T_cap, R=R, R_P2=r_p2, K_P2=k_p2,
-            BLOCK_T=block, INDIRECT=indirect, num_warps=4)
+        launch(_token_maps_kernel, (triton.cdiv(T, block),), idx_TK, valid_TK.view(torch.int8),
+               pos_TR, io_table if indirect else pos_TR, T, T_eff, K, num_experts, num_local,
+               T_cap, R=R, R_P2=r_p2, K_P2=k_p2, BLOCK_T=block, INDIRECT=indirect, num_warps=4)
 
 
 # ----------------------------------------------------------------------------- local plan
@@ -685,10 +798,10 @@ def local_plan(lid_NK: torch.Tensor, num_local: int, pad: int,
     m_chunk = _round_to(triton.cdiv(max(m_alloc, 1), nc), block)
     with _launch_lock:
         if not self_hist:
-            _plan_hist_kernel[(nc,)](lid_NK, buf, S, chunk, S + L, L=L, L_P2=L_P2,
-                                     BLOCK_S=block, num_warps=4)
-        _plan_pos_kernel[(nc,)](lid_NK, buf, filled_M if with_f else buf, S, chunk, S + L,
-                                max(int(pad), 1), m_alloc, m_chunk, L=L, L_P2=L_P2, NC=nc,
-                                NC_P2=triton.next_power_of_2(nc), SELF_HIST=self_hist,
-                                FILLED=with_f, BLOCK_S=block, num_warps=8)
+            launch(_plan_hist_kernel, (nc,), lid_NK, buf, S, chunk, S + L, L=L, L_P2=L_P2,
+                   BLOCK_S=block, num_warps=4)
+        launch(_plan_pos_kernel, (nc,), lid_NK, buf, filled_M if with_f else buf, S, chunk, S + L,
+               max(int(pad), 1), m_alloc, m_chunk, L=L, L_P2=L_P2, NC=nc,
+               NC_P2=triton.next_power_of_2(nc), SELF_HIST=self_hist, FILLED=with_f, BLOCK_S=block,
+               num_warps=8)
     return buf

@@ -1,0 +1,141 @@
+"""Triton kernel of the budget mode's send side (``alltoall`` / ``allgather``).
+
+The wire format (``moe_dispatch.backends.budget``): R blocks of C metadata rows plus one
+header row each, ``[R, C + 1, 2K]`` float32. Row c of block r is a token's
+``[id + 1 (K, as float32; 0 = masked), probs (K)]`` -- for ``alltoall`` the c-th token
+(in token order) with an expert on rank r, for ``allgather`` (one block) token c -- and
+zeros past the tokens; the header row is ``[code, clipped, 0, ...]``.
+
+``_pack_meta_kernel`` writes all of it in one launch (the torch reference takes ~25 ops:
+a scatter of rank masks, a cumsum, a permute of the rows, the header's stack / pad / cat).
+Program j owns rows [j * BLOCK_T, (j + 1) * BLOCK_T) of every block and the tokens of the
+same index range (T <= C). It first counts, per rank, the tokens going there in all and
+before its tile (re-reading the ids from L2: one launch instead of a histogram pass), then
+gives each of its tokens its row in each destination block (the stable order, as a cumsum
+over the tile) and writes the rows, the zeros past each block's tokens and, for ``alltoall``,
+the send plan (``pos_TR``, the row mask, the counts).
+
+Imported only when a kernel is launched (triton is optional).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import launch
+
+from ._triton import _launch_lock
+
+
+@triton.jit
+def _dest_ranks(idx_ptr, t, T, E, L, K: tl.constexpr, R_P2: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """[BLOCK, R_P2] int32: 1 where token t (< T) has an expert on rank r (0 <= id < E)."""
+    rs = tl.arange(0, R_P2)
+    tm = t < T
+    has = tl.zeros([BLOCK, R_P2], dtype=tl.int32)
+    for k in tl.static_range(K):
+        ids = tl.load(idx_ptr + t * K + k, mask=tm, other=-1)
+        rank = tl.where((ids >= 0) & (ids < E), ids // L, -1)
+        has = tl.maximum(has, (rank[:, None] == rs[None, :]).to(tl.int32))
+    return has
+
+
+@triton.jit(do_not_specialize=["T", "C", "E", "L", "clipped"])
+def _pack_meta_kernel(idx_ptr, probs_ptr, code_ptr, meta_ptr, pos_ptr, filled_ptr,
+                      counts_ptr, drop_ptr, T, C, E, L, clipped, R: tl.constexpr,
+                      R_P2: tl.constexpr, K: tl.constexpr, W_P2: tl.constexpr,
+                      BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, EVERY: tl.constexpr):
+    j = tl.program_id(0)
+    rs = tl.arange(0, R_P2)
+    t0 = j.to(tl.int64) * BLOCK_T
+    t = t0 + tl.arange(0, BLOCK_T)
+    if EVERY:  # allgather: one block, token t on row t
+        counts = tl.where(rs == 0, T, 0)
+        has = ((t[:, None] < T) & (rs[None, :] == 0)).to(tl.int32)
+        row_TR = tl.zeros([BLOCK_T, R_P2], dtype=tl.int64) + t[:, None]
+    else:
+        counts = tl.zeros([R_P2], dtype=tl.int32)
+        before = tl.zeros([R_P2], dtype=tl.int32)
+        for c0 in range(0, T, BLOCK_C):
+            tc = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+            hc = _dest_ranks(idx_ptr, tc, T, E, L, K, R_P2, BLOCK_C)
+            counts += tl.sum(hc, axis=0)
+            before += tl.sum(tl.where(tc[:, None] < t0, hc, 0), axis=0)
+        has = _dest_ranks(idx_ptr, t, T, E, L, K, R_P2, BLOCK_T)
+        # Row of token t in block r: the tokens going to r before it (the stable order).
+        row_TR = (before[None, :] + tl.cumsum(has, axis=0) - has).to(tl.int64)
+        pos_TR = tl.where(has > 0, rs[None, :].to(tl.int64) * C + row_TR, -1)
+        tl.store(pos_ptr + t[:, None] * R + rs[None, :], pos_TR,
+                 mask=(t[:, None] < T) & (rs[None, :] < R))
+    # This tile's metadata rows: [id + 1 as float32 (0 = masked) | probs].
+    cols = tl.arange(0, W_P2)
+    tm = t < T
+    ids = tl.load(idx_ptr + t[:, None] * K + cols[None, :],
+                  mask=tm[:, None] & (cols[None, :] < K), other=-1)
+    probs = tl.load(probs_ptr + t[:, None] * K + (cols[None, :] - K),
+                    mask=tm[:, None] & (cols[None, :] >= K) & (cols[None, :] < 2 * K),
+                    other=0.0)
+    vals = tl.where(cols[None, :] < K, (ids + 1).to(tl.float32), probs.to(tl.float32))
+    wmask = cols[None, :] < 2 * K
+    rows = t  # this program's rows of every block
+    for r in range(R):
+        block = meta_ptr + r * (C + 1).to(tl.int64) * (2 * K)
+        sel = rs[None, :] == r
+        has_r = tl.sum(tl.where(sel, has, 0), axis=1) > 0
+        row_r = tl.sum(tl.where(sel, row_TR, 0), axis=1)
+        tl.store(block + row_r[:, None] * (2 * K) + cols[None, :], vals,
+                 mask=has_r[:, None] & wmask)
+        # Rows past the block's tokens travel as zeros ("no expert").
+        count_r = tl.sum(tl.where(rs == r, counts, 0), axis=0)
+        unused = (rows >= count_r) & (rows < C)
+        tl.store(block + rows[:, None] * (2 * K) + cols[None, :],
+                 tl.zeros([BLOCK_T, W_P2], dtype=tl.float32), mask=unused[:, None] & wmask)
+        if not EVERY:
+            tl.store(filled_ptr + r * C + rows, (rows < count_r).to(tl.uint8), mask=rows < C)
+    if j == 0:
+        # One header row per block: [code, clipped, 0, ...].
+        code = tl.load(code_ptr).to(tl.float32)
+        head = tl.where(cols == 0, code, tl.where(cols == 1, clipped.to(tl.float32), 0.0))
+        hrow = meta_ptr + (rs[:, None].to(tl.int64) * (C + 1) + C) * (2 * K) + cols[None, :]
+        tl.store(hrow, tl.zeros([R_P2, W_P2], dtype=tl.float32) + head[None, :],
+                 mask=(rs[:, None] < R) & wmask)
+        if not EVERY:
+            tl.store(counts_ptr + rs, counts.to(tl.int64), mask=rs < R)
+            tl.store(drop_ptr, tl.full([], 0, tl.int8))
+
+
+def pack_meta(idx_TK: torch.Tensor, probs_TK: torch.Tensor, code: torch.Tensor, clipped: bool,
+              num_experts: int, num_local: int, rows: int, meta_RCW: torch.Tensor,
+              plan_out=None, block_t: int | None = None, block_c: int | None = None) -> None:
+    """One launch: the budget mode's metadata blocks (see the module doc).
+
+    idx_TK:      [T, K] int64 global expert ids (-1 masked; ids outside [0, E) go nowhere),
+                 contiguous, T <= rows.
+    probs_TK:    [T, K] float32 probs, contiguous.
+    code:        0-dim int device tensor, this rank's validation code (header field 0).
+    clipped:     whether this rank clipped tokens (header field 1).
+    num_experts, num_local: E and L (expert e is on rank e // L).
+    rows:        C, token rows per block.
+    meta_RCW:    [R, C + 1, 2K] float32 output, every element written.
+    plan_out:    ``alltoall`` (one block per rank, R = E // L): (pos_TR [T, R] int64,
+                 filled_S [R * C] uint8, counts_R [R] int64, dropped [] bool), the send plan's
+                 maps, all written. None: ``allgather`` (one block, every token in order).
+    block_t, block_c: tiling overrides (tests use them to cross tile boundaries).
+    """
+    T, K = idx_TK.shape
+    R = meta_RCW.shape[0]
+    C = rows
+    r_p2 = triton.next_power_of_2(R)
+    block_t = block_t or 64
+    # The counting tile: big (few serial L2 round trips), within a register budget.
+    block_c = block_c or min(2048, max(64, 8192 // r_p2))
+    every = plan_out is None
+    pos, filled, counts, dropped = (meta_RCW,) * 4 if every else plan_out
+    with _launch_lock:
+        launch(_pack_meta_kernel, (max(1, triton.cdiv(C, block_t)),), idx_TK, probs_TK, code,
+               meta_RCW, pos, filled, counts, dropped if every else dropped.view(torch.int8), T, C,
+               num_experts, num_local, int(clipped), R=R, R_P2=r_p2, K=K,
+               W_P2=triton.next_power_of_2(2 * K), BLOCK_T=block_t, BLOCK_C=block_c, EVERY=every,
+               num_warps=4)
