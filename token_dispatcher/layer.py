@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .experts import GroupedExperts
+from .layer_graph import CUDA_GRAPHS, GraphKit, capture_graphed
 from .router import RouterOutput, TopKRouter
 
 
@@ -104,19 +105,27 @@ class MoELayer(nn.Module):
 
     def graphable(self) -> nn.Module:
         """This layer as tensors in, tensors out (output, aux_loss, z_loss,
-        tokens_per_expert_E, status): the module ``capture_layers`` captures."""
+        tokens_per_expert_E, status): the module ``capture_layers`` captures (its
+        parameters are this layer's)."""
         return _LayerAsTensors(self)
 
     def drop_cuda_graph(self) -> None:
-        """Forget the captured graphs (e.g. after the budget changed) and run eagerly."""
+        """Forget the captured graphs (e.g. after the budget changed) and run eagerly. The
+        parameters' ``.grad`` tensors stay (eager backwards add into them as autograd
+        does)."""
         self.__dict__["_graphed"] = None
         self.cuda_graph = False
 
     def forward(self, x: torch.Tensor) -> MoEOutput:
-        """x: [..., H] (e.g. [B, S, H] or [T, H]). Returns ``MoEOutput``."""
-        if self.cuda_graph and self._graphed is not None and x.is_cuda and \
+        """x: [..., H] (e.g. [B, S, H] or [T, H]). Returns ``MoEOutput``.
+
+        With captured graphs and ``cuda_graph`` on, a training forward with grad enabled on
+        the graphs' device (CUDA; a CPU stand-in in tests) replays them; anything else
+        (eval, no_grad, another device) runs eagerly."""
+        g = self._graphed
+        if self.cuda_graph and g is not None and x.device.type == g.device_type and \
                 torch.is_grad_enabled() and self.training:
-            out, aux, z, tpe, status = self._graphed(x)
+            out, aux, z, tpe, status = g(x)
             return MoEOutput(out, aux, z, tpe, status)
         return self._eager(x)
 
@@ -161,9 +170,10 @@ class MoELayer(nn.Module):
 
 
 class _LayerAsTensors(nn.Module):
-    """An ``MoELayer`` as tensors in, tensors out: the form CUDA-graph capture takes
-    (``torch.cuda.make_graphed_callables`` captures forward and backward, and needs the
-    module's parameters to give their gradients)."""
+    """An ``MoELayer`` as tensors in, tensors out: the form the graph capture takes
+    (``layer_graph.capture_graphed``: one input ``x``; the outputs output, aux_loss, z_loss,
+    tokens_per_expert_E, status, of which the float ones that require grad get gradients;
+    the layer's parameters get theirs added into ``.grad`` by the backward graph)."""
 
     def __init__(self, layer: MoELayer):
         super().__init__()
@@ -174,34 +184,48 @@ class _LayerAsTensors(nn.Module):
         return m.output, m.aux_loss, m.z_loss, m.tokens_per_expert_E, m.status
 
 
-def capture_layers(layers, samples) -> None:
+def capture_layers(layers, samples, *, graphs: GraphKit = CUDA_GRAPHS) -> None:
     """Capture several ``MoELayer`` s' forward + backward as CUDA graphs in one call (one
-    memory pool, captured in forward order, their backwards in reverse), before they run;
-    each layer then replays its graphs while ``cuda_graph`` is on.
+    memory pool, forwards captured in call order, their backwards in reverse), before they
+    run; each layer then replays its graphs while ``cuda_graph`` is on.
 
-    Up front and all together, as ``torch.cuda.make_graphed_callables`` is meant to be used:
-    capturing each layer lazily inside a running forward was measured on an H200 to give NaN
-    gradients in the first layer of four (BENCHMARKS.md, session 5); this way the gradients
-    equal the eager ones within bf16 noise. Inputs and outputs are static buffers: a layer's
-    outputs are overwritten by its next replay.
+    Up front and all together: capturing each layer lazily inside a running forward was
+    measured on an H200 to give NaN gradients in the first layer of four (BENCHMARKS.md,
+    session 5). The replay takes only ``x`` through autograd; the backward graph adds the
+    parameters' gradients into their ``.grad`` itself (``layer_graph``), so after this call:
+      * every parameter of these layers that requires grad has a ``.grad`` (zeros: capture
+        leaves nothing in them), and that tensor is the buffer the graphs add into. Zero it
+        in place (``zero_grad(set_to_none=False)``); setting it to None or replacing it
+        makes the next backward raise (never a silently lost gradient). Gradients
+        accumulate over several backwards as eagerly;
+      * inputs and outputs are static buffers: a layer's outputs are overwritten by its next
+        replay; call the layers in the captured order (forwards, then backwards reversed)
+        with one forward in flight per layer.
 
     layers:  the layers, in the order the model calls them.
     samples: one tensor per layer shaped (and typed, and requiring grad) like the input it
              will be called with; the graphs copy each call's input into a static copy.
+    graphs:  how graphs are made (``layer_graph.CUDA_GRAPHS``; tests pass a CPU stand-in).
     Call it under the autocast the model runs in (with ``cache_enabled=False``)."""
     for layer, x in zip(layers, samples):
         layer._check_capturable()
-        dev = x.device.type
-        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        impl = layer.experts.resolved_impl(torch.empty(0, layer.hidden, dtype=dt, device=x.device))
-        if impl != "grouped_mm":
-            raise RuntimeError(
-                f"MoELayer: CUDA-graph capture needs grouped_mm experts (bf16 rows on CUDA); "
-                f"these rows ({dt}) would run the per-expert loop, which reads the counts on "
-                "the host: train in bf16")
+        if graphs.device_type == "cuda":  # a stand-in "graph" reruns Python: any experts do
+            _check_grouped(layer, x)
     mods = tuple(layer.graphable() for layer in layers)
-    graphed = torch.cuda.make_graphed_callables(mods, tuple((x,) for x in samples),
-                                                num_warmup_iters=3)
-    for layer, g in zip(layers, graphed):
-        layer.__dict__["_graphed"] = g
+    calls = capture_graphed(mods, samples, graphs, warmup_iters=3)
+    for layer, call in zip(layers, calls):
+        layer.__dict__["_graphed"] = call
         layer.cuda_graph = True
+
+
+def _check_grouped(layer: MoELayer, x: torch.Tensor) -> None:
+    """Raise unless ``layer``'s experts run one grouped GEMM for rows like ``x``'s (the
+    per-expert loop reads the counts on the host, which a CUDA graph cannot hold)."""
+    dev = x.device.type
+    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    impl = layer.experts.resolved_impl(torch.empty(0, layer.hidden, dtype=dt, device=x.device))
+    if impl != "grouped_mm":
+        raise RuntimeError(
+            f"MoELayer: CUDA-graph capture needs grouped_mm experts (bf16 rows on CUDA); "
+            f"these rows ({dt}) would run the per-expert loop, which reads the counts on "
+            "the host: train in bf16")

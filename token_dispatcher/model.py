@@ -208,11 +208,16 @@ class MoETransformer(nn.Module):
     def moe_layers(self):
         return [b.moe for b in self.blocks]
 
-    def capture_moe_graphs(self, tokens_BS: torch.Tensor) -> None:
-        """Capture every MoE layer's forward + backward as CUDA graphs (``capture_layers``),
-        for inputs shaped like this batch's; call it under the autocast the model trains in
-        (with ``cache_enabled=False``). A forward without grad first finds each layer's input
-        shape and dtype (and lets the budget mode agree its sizes)."""
+    def capture_moe_graphs(self, tokens_BS: torch.Tensor, graphs=None) -> None:
+        """Capture every MoE layer's forward + backward as CUDA graphs (``capture_layers``:
+        afterwards their parameters' ``.grad`` are fixed buffers the graphs add into; zero
+        them in place), for inputs shaped like this batch's; call it under the autocast the
+        model trains in (with ``cache_enabled=False``). A forward without grad first finds
+        each layer's input shape and dtype (and lets the budget mode agree its sizes).
+
+        tokens_BS: [B, S] int64, a batch shaped like the training batches.
+        graphs:    ``layer_graph.GraphKit`` (None: CUDA graphs; tests pass a CPU stand-in).
+        """
         from .layer import capture_layers
         seen = []
         hooks = [m.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
@@ -225,7 +230,8 @@ class MoETransformer(nn.Module):
                 h.remove()
         samples = [torch.randn(x.shape, dtype=x.dtype, device=x.device).requires_grad_(True)
                    for x in seen]
-        capture_layers(self.moe_layers(), samples)
+        kw = {} if graphs is None else {"graphs": graphs}
+        capture_layers(self.moe_layers(), samples, **kw)
 
 
 def lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:

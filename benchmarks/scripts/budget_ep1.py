@@ -10,7 +10,9 @@ benchmarks/scripts/budget_ep1.py --json OUT.json``). For each backend and preset
     in the call (nothing waits for the GPU); ``wall_us`` the time per call of a loop of
     calls ended by one sync (the larger of host and GPU time, as a training step sees it);
   * the whole MoE layer (router, dispatch, grouped experts, combine; forward + backward):
-    eager against ``layer.capture_layers`` (captured forward + backward graphs);
+    eager against ``layer.capture_layers`` (captured forward + backward graphs; the backward
+    graph adds the parameters' gradients into ``.grad``: ``token_dispatcher/layer_graph.py``).
+    The gradients accumulate over the timed calls (never zeroed), in place in both ways;
   * kernels: the GPU operations (kernels, memsets, copies) one budget dispatch launches,
     eager and in one replay of its CUDA graph (torch.profiler). ``--count-kernels`` prints
     only these, with their names (``torchrun --standalone --nproc-per-node 1
@@ -163,11 +165,15 @@ def time_layer(backend, T, H, K, E, dev, g, iters, repeats):
             m = layer(x)
             m.output.backward(g_TH)
         step()
-        ways[mode] = step
+        ways[mode] = (layer, step)
     out = {k: [] for k in ways}
     for _ in range(repeats):
-        for k, step in ways.items():
+        for k, (_, step) in ways.items():
             out[k].append(host_and_wall(step, iters))
+    graphed = ways["graph"][0]._graphed
+    if graphed is None or graphed.live.calls != 1 + repeats * iters:
+        # A silently eager "graph" row would pass for a graph's time.
+        raise RuntimeError("the captured layer did not replay its graphs on every call")
     return out
 
 

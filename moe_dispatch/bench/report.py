@@ -146,9 +146,9 @@ def table(result: dict) -> str:
     if any(r["name"].endswith("-layer-graph") and r["status"] == "ok" for r in result["rows"]):
         lines.append("")
         lines.append("NOTE: the *-layer-graph rows run MoELayer captured as CUDA graphs "
-                     "(enable_cuda_graph), which is EXPERIMENTAL: gradient correctness under "
-                     "capture is being investigated "
-                     "(BENCHMARKS.md, session 5). The *-layer-eager/-graph rows run "
+                     "(capture_layers), which is EXPERIMENTAL: a time, not a check (the "
+                     "gradients are compared with eager by "
+                     "benchmarks/scripts/graph_grad_check.py). The *-layer-eager/-graph rows run "
                      "token_dispatcher's MoELayer (its router included), so compare them with "
                      "each other, not with the other layer column.")
     spread_lines = noisy(result["rows"])

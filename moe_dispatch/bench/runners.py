@@ -343,9 +343,9 @@ def _bench_graph(ctx: Ctx, name: str, status: str, expected, budget: int) -> Row
                    budget_rows=budget)
 
 
-LAYER_GRAPH_NOTE = ("MoELayer's CUDA graphs (enable_cuda_graph) are EXPERIMENTAL: gradient "
-                    "correctness under capture is being investigated (BENCHMARKS.md, "
-                    "session 5); a time, not a verified training path")
+LAYER_GRAPH_NOTE = ("MoELayer's CUDA graphs (capture_layers) are EXPERIMENTAL: a time, not "
+                    "a check; their gradients are compared with eager by "
+                    "benchmarks/scripts/graph_grad_check.py")
 
 
 def _moe_layer(ctx: Ctx, disp, experts):
@@ -403,7 +403,9 @@ def _bench_layer(ctx: Ctx, name: str, status: str, experts, budget: int, graph: 
         def setup(i):
             if "status" in box:  # the previous step's status, before a replay overwrites it
                 seen.bitwise_or_(box.pop("status"))
-            layer.zero_grad(set_to_none=True)
+            # The captured backward adds into the .grad tensors it was captured with:
+            # zero them in place there (set to None, the next backward would raise).
+            layer.zero_grad(set_to_none=not graph)
             return sets[i % len(sets)].x_TH.detach().requires_grad_()
 
         def step(i, x):

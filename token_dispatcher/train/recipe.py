@@ -45,6 +45,8 @@ class TrainConfig:
     cuda_graph:       capture every MoE layer's forward + backward as CUDA graphs before the
                       first step (and again after the budget grows) and replay them (needs
                       CUDA, bf16 and ``max_rows_per_rank``: only the budget mode is sync-free).
+                      The backward graphs add the MoE parameters' gradients into their
+                      ``.grad`` (``layer_graph``); the loop zeroes those in place.
     """
 
     steps: int = 200
