@@ -275,3 +275,31 @@ def test_fused_dispatch_step_matches_reference(monkeypatch, backend, B, pad, wir
         got = outs[True][k]
         assert got.dtype == ref.dtype and torch.equal(got, ref), (seed, k, got, ref)
     assert bool(int(outs[True]["status"]) & STATUS_ROWS_DROPPED) == (B == 16), seed
+
+
+# ------------------------------------------------------------------ shapes of larger groups
+
+
+@needs_triton
+@pytest.mark.parametrize("R", [2, 4, 8, 16, 64])
+def test_pack_meta_default_tiles_every_group_size(R):
+    """The default tiles at the EP sizes a multi-GPU run uses (on a GPU: they compile;
+    Triton 3.6 once failed to lower a 2-D scan of [64, 2] at R = 2)."""
+    seed = _seed()
+    g = torch.Generator().manual_seed(seed)
+    L, K, T, C = 2, 4, 100, 128
+    inp = _inp(T, K, R * L, g, 0, False, mask=0.1)
+    ref_plan, ref = budget.pack_meta(inp, C, R * L, L, fused=False)
+    plan, meta = budget.pack_meta(inp, C, R * L, L, fused=True)
+    assert torch.equal(meta.detach().cpu(), ref.detach().cpu()), seed
+    _same_plan(plan, ref_plan, seed)
+
+
+@needs_triton
+@pytest.mark.parametrize("L", [1, 2, 8, 32, 256])
+def test_budget_plan_default_tiles_every_width(L):
+    seed = _seed()
+    g = torch.Generator().manual_seed(seed)
+    lid = _ids(300, 4, L, g, 0.1, False)
+    ref = budget_plan(lid, L, 1024, 8)
+    _same_plan(triton_budget_plan(lid.to(DEV), L, 1024, 8), ref, seed)

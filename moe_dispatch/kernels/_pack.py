@@ -53,8 +53,8 @@ def _pack_meta_kernel(idx_ptr, probs_ptr, code_ptr, meta_ptr, pos_ptr, filled_pt
     t = t0 + tl.arange(0, BLOCK_T)
     if EVERY:  # allgather: one block, token t on row t
         counts = tl.where(rs == 0, T, 0)
+        before = tl.zeros([R_P2], dtype=tl.int32)
         has = ((t[:, None] < T) & (rs[None, :] == 0)).to(tl.int32)
-        row_TR = tl.zeros([BLOCK_T, R_P2], dtype=tl.int64) + t[:, None]
     else:
         counts = tl.zeros([R_P2], dtype=tl.int32)
         before = tl.zeros([R_P2], dtype=tl.int32)
@@ -64,11 +64,6 @@ def _pack_meta_kernel(idx_ptr, probs_ptr, code_ptr, meta_ptr, pos_ptr, filled_pt
             counts += tl.sum(hc, axis=0)
             before += tl.sum(tl.where(tc[:, None] < t0, hc, 0), axis=0)
         has = _dest_ranks(idx_ptr, t, T, E, L, K, R_P2, BLOCK_T)
-        # Row of token t in block r: the tokens going to r before it (the stable order).
-        row_TR = (before[None, :] + tl.cumsum(has, axis=0) - has).to(tl.int64)
-        pos_TR = tl.where(has > 0, rs[None, :].to(tl.int64) * C + row_TR, -1)
-        tl.store(pos_ptr + t[:, None] * R + rs[None, :], pos_TR,
-                 mask=(t[:, None] < T) & (rs[None, :] < R))
     # This tile's metadata rows: [id + 1 as float32 (0 = masked) | probs].
     cols = tl.arange(0, W_P2)
     tm = t < T
@@ -82,11 +77,17 @@ def _pack_meta_kernel(idx_ptr, probs_ptr, code_ptr, meta_ptr, pos_ptr, filled_pt
     rows = t  # this program's rows of every block
     for r in range(R):
         block = meta_ptr + r * (C + 1).to(tl.int64) * (2 * K)
-        sel = rs[None, :] == r
-        has_r = tl.sum(tl.where(sel, has, 0), axis=1) > 0
-        row_r = tl.sum(tl.where(sel, row_TR, 0), axis=1)
+        has_r = tl.sum(tl.where(rs[None, :] == r, has, 0), axis=1)
+        if EVERY:
+            row_r = t
+        else:
+            # Row of token t in block r: the tokens going to r before it (the stable order).
+            # A 1-D scan per rank: Triton 3.6 fails to lower a 2-D one of [64, 2] (R = 2).
+            before_r = tl.sum(tl.where(rs == r, before, 0), axis=0)
+            row_r = (before_r + tl.cumsum(has_r, axis=0) - has_r).to(tl.int64)
+            tl.store(pos_ptr + t * R + r, tl.where(has_r > 0, r * C + row_r, -1), mask=tm)
         tl.store(block + row_r[:, None] * (2 * K) + cols[None, :], vals,
-                 mask=has_r[:, None] & wmask)
+                 mask=(has_r > 0)[:, None] & wmask)
         # Rows past the block's tokens travel as zeros ("no expert").
         count_r = tl.sum(tl.where(rs == r, counts, 0), axis=0)
         unused = (rows >= count_r) & (rows < C)
