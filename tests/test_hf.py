@@ -12,7 +12,8 @@ import torch
 
 pytest.importorskip("transformers")
 
-from hf_workers import FAMILIES, reference_model, tiny_config  # noqa: E402
+from hf_workers import (FAMILIES, NOISE_FLOOR, check_dtype_parity, reference_model,  # noqa: E402
+                        tiny_config)
 from token_dispatcher.train import (DataConfig, Recipe, RecipeError, TrainConfig,  # noqa: E402
                                     load_recipe, main)
 from token_dispatcher.train.recipe import ModelSection  # noqa: E402
@@ -47,6 +48,46 @@ def test_ep_model_equals_transformers_model(gloo_pool, family, backend, world):
         assert experts and all(r["grad_norms"][n] > 0 for n in experts)
     # Every rank has its own batch: the losses differ, so tokens really crossed ranks.
     assert len({round(r["loss_value"], 9) for r in res}) == world
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_ep_model_within_the_dtypes_noise(gloo_pool, family, dtype):
+    """What tests/test_gpu_hf.py checks on GPUs, on 2 gloo ranks: in bf16 (and fp32) the EP
+    model's errors against the float64 model are those of the unsharded model in that dtype."""
+    res = gloo_pool(2).run("hf_workers", "dtype_parity", family, "alltoall", 41, dtype, "cpu")
+    for rank, r in enumerate(res):
+        assert check_dtype_parity(r, family, 2, NOISE_FLOOR[dtype]) == [], rank
+        assert r["errors"]["logits"][1] > 0  # the noise the bound is made of is real
+    assert res[0]["loss_value"] != res[1]["loss_value"]
+
+
+def test_autocast_moves_rows_in_the_autocast_dtype():
+    """Under autocast the block's fp32 input is dispatched (and the experts run) in bf16, as
+    MoELayer does; the block returns its input's dtype, as the transformers experts do."""
+    from token_dispatcher.hf import apply_expert_parallel, ep_experts
+    ref = reference_model("qwen3_moe", 4, torch.float32)
+    ep = reference_model("qwen3_moe", 4, torch.float32)
+    apply_expert_parallel(ep)
+    seen, outputs = [], []
+    blocks = [mod for _, mod in ep_experts(ep)]
+    disp = blocks[0].dispatcher  # one dispatcher serves every block
+    real = disp.dispatch
+
+    def dispatch(hidden, **kw):
+        seen.append(hidden.dtype)
+        return real(hidden, **kw)
+    disp.dispatch = dispatch
+    for mod in blocks:
+        mod.register_forward_hook(lambda m, a, out: outputs.append(out.dtype))
+    ids = torch.randint(0, 96, (2, 12))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = ep(ids, labels=ids).loss, ref(ids, labels=ids).loss
+    assert len(seen) == len(blocks) and set(seen) == {torch.bfloat16}
+    assert set(outputs) == {torch.float32}
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=0)
+    got.backward()
+    assert all(p.grad is not None for p in ep.parameters())
 
 
 def test_grouped_mm_impl_equals_loop():
@@ -155,17 +196,38 @@ def test_training_ep2_equals_ep1_and_resumes(gloo_pool, tmp_path, family):
     assert _losses(resumed[0]).tolist() == _losses(rows2[0]).tolist()
 
 
-def test_shipped_hf_recipe_trains_from_the_cli(tmp_path):
+@pytest.mark.parametrize("recipe,extra", [
+    ("tiny_hf_cpu.yaml", []),
+    # The GPU recipe with its bf16 autocast, on the CPU: the model and the HF path's
+    # autocast rows (its GPU run is the lead's, see the README).
+    ("tiny_hf_gpu.yaml", ["--set", "device=cpu"]),
+])
+def test_shipped_hf_recipe_trains_from_the_cli(tmp_path, recipe, extra):
     # One rank runs in this process (no spawn: a fresh process would import transformers
     # again); the 2-rank runs are the pool tests above.
     out = tmp_path / "run"
-    rc = main([os.path.join(ROOT, "recipes", "tiny_hf_cpu.yaml"), "--steps", "2", "--out",
+    rc = main([os.path.join(ROOT, "recipes", recipe), "--steps", "2", "--out",
                str(out), "--nproc", "1", "--ep", "1", "--set", "model.hidden=32",
-               "--set", "model.seq_len=16", "--set", "train.log_every=1", "--no-progress"])
+               "--set", "model.seq_len=16", "--set", "train.log_every=1", "--no-progress",
+               *extra])
     assert rc == 0
     rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["loss"] == r["loss"] for r in rows)  # not NaN
     assert (out / "plot.png").is_file() and (out / "checkpoint" / "latest.json").is_file()
+
+
+def test_gpu_hf_recipe_is_the_cpu_one_on_gpus():
+    """tiny_hf_gpu.yaml: CUDA, bf16, one rank by default, EP over every rank, a model a bit
+    larger than the CPU recipe's, and its hidden size fits the FP8 wire."""
+    gpu = load_recipe(os.path.join(ROOT, "recipes", "tiny_hf_gpu.yaml"))
+    cpu = load_recipe(os.path.join(ROOT, "recipes", "tiny_hf_cpu.yaml"))
+    assert (gpu.device, gpu.nproc, gpu.ep, gpu.train.precision) == ("cuda", 1, None, "bf16")
+    assert gpu.model.hf == cpu.model.hf == "qwen3_moe"
+    assert gpu.model.hidden > cpu.model.hidden and gpu.model.layers >= cpu.model.layers
+    assert gpu.model.hidden % 128 == 0 and gpu.model.num_experts % 8 == 0
+    fp8 = load_recipe(os.path.join(ROOT, "recipes", "tiny_hf_gpu.yaml"), {"wire_dtype": "fp8"})
+    assert fp8.wire_dtype == "fp8"
 
 
 def _write(tmp_path, text):

@@ -107,10 +107,18 @@ class EPExperts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
-        out = self.dispatcher.dispatch(hidden_states, topk_idx=top_k_index,
-                                       topk_probs=top_k_weights)
+        """hidden_states [T, H], top_k_index [T, K] int, top_k_weights [T, K] -> [T, H] in
+        hidden_states' dtype (as the transformers experts return it)."""
+        x_TH = hidden_states
+        dev = x_TH.device.type
+        if torch.is_autocast_enabled(dev):
+            # The block's input stays fp32 under autocast (fp32 residual stream); move and
+            # compute the rows in the autocast dtype, as MoELayer does: half the bytes, and
+            # "auto" then picks the grouped GEMM for bf16 on CUDA.
+            x_TH = x_TH.to(torch.get_autocast_dtype(dev))
+        out = self.dispatcher.dispatch(x_TH, topk_idx=top_k_index, topk_probs=top_k_weights)
         y_NH = self.run_local(out.tokens, out.tokens_per_expert, out.probs)
-        return self.dispatcher.combine(y_NH, out.handle)
+        return self.dispatcher.combine(y_NH, out.handle).to(hidden_states.dtype)
 
     def resolved_impl(self, x_NH: torch.Tensor) -> str:
         """The implementation ``run_local`` uses for rows like ``x_NH``."""
