@@ -37,7 +37,8 @@ def _dest_ranks(idx_ptr, t, T, E, L, K: tl.constexpr, R_P2: tl.constexpr,
     has = tl.zeros([BLOCK, R_P2], dtype=tl.int32)
     for k in tl.static_range(K):
         ids = tl.load(idx_ptr + t * K + k, mask=tm, other=-1)
-        rank = tl.where((ids >= 0) & (ids < E), ids // L, -1)
+        # int32 division (valid ids are < E < 2**31): int64 division is emulated, ~5x slower.
+        rank = tl.where((ids >= 0) & (ids < E), ids.to(tl.int32) // L, -1)
         has = tl.maximum(has, (rank[:, None] == rs[None, :]).to(tl.int32))
     return has
 
@@ -129,9 +130,12 @@ def pack_meta(idx_TK: torch.Tensor, probs_TK: torch.Tensor, code: torch.Tensor, 
     R = meta_RCW.shape[0]
     C = rows
     r_p2 = triton.next_power_of_2(R)
-    block_t = block_t or 64
+    # Every program re-counts all T tokens (from L2) to place its tile: keep them few
+    # (<= ~16); each program's own writes are small (metadata rows of 2K floats).
+    block_t = block_t or max(64, min(512, triton.next_power_of_2(triton.cdiv(max(C, 1), 16))))
     # The counting tile: big (few serial L2 round trips), within a register budget.
-    block_c = block_c or min(2048, max(64, 8192 // r_p2))
+    # No wider than the tokens: masked lanes cost as much as real ones.
+    block_c = block_c or min(2048, max(64, 8192 // r_p2), max(16, triton.next_power_of_2(T)))
     every = plan_out is None
     pos, filled, counts, dropped = (meta_RCW,) * 4 if every else plan_out
     with _launch_lock:

@@ -1,0 +1,129 @@
+"""Host time of a CUDA-graphed MoE layer's forward + backward, with the GPU idle at each call.
+
+    torchrun --standalone --nproc-per-node 1 benchmarks/scripts/layer_graph_host.py \
+        [--backends alltoall,allgather,nvshmem] [--tokens 128] [--hidden 2048] [--iters 50]
+
+A loop of calls ended by one sync measures the host only while the GPU keeps up: a layer
+whose GPU time is longer than its host time fills the launch queue, and the host then
+waits inside a launch (that wait is GPU time, not host work). Here the device is synced
+before every call and the host clock read around the call alone, so the figure is the
+host's own work: eager (``MoELayer`` without capture) and captured (``capture_layers``),
+and, for the captured layer, its parts: the layer's forward, the output's ``backward`` call,
+and the bare graph replays (forward then backward, as captured). Medians over ``--iters``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+from token_dispatcher import MoETokenDispatcher
+from token_dispatcher.layer import MoELayer, capture_layers
+
+
+def idle_host_us(fn, iters):
+    """Median host µs of ``fn()`` with the device idle when it starts."""
+    out = []
+    for _ in range(iters):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1e6)
+    torch.cuda.synchronize()
+    return statistics.median(out)
+
+
+def raw_replays(call, iters):
+    """Median host µs of the bare forward and backward graph replays, in the order the
+    graphs were captured for (forward, then backward), the device idle before each."""
+    fwd, bwd = [], []
+    for _ in range(iters):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        call.fwd_replay()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        call.bwd_replay()
+        t3 = time.perf_counter()
+        fwd.append((t1 - t0) * 1e6)
+        bwd.append((t3 - t2) * 1e6)
+    torch.cuda.synchronize()
+    return {"graph_fwd_replay": statistics.median(fwd),
+            "graph_bwd_replay": statistics.median(bwd)}
+
+
+def build(backend, T, H, K, E, F, dev, graph):
+    B = -(-int(1.25 * T * K) // 256) * 256
+    torch.manual_seed(0)
+    d = MoETokenDispatcher(E, backend=backend, max_rows_per_rank=B)
+    layer = MoELayer(H, F, E, K, dispatcher=d).to(dev, torch.bfloat16)
+    x = torch.randn(T, H, device=dev, dtype=torch.bfloat16).requires_grad_(True)
+    if graph:
+        for p in layer.parameters():
+            p.grad = torch.zeros_like(p)
+        capture_layers([layer], [x.detach().clone().requires_grad_(True)])
+    return layer, x
+
+
+def measure(backend, T, H, K, E, F, dev, iters):
+    row = {}
+    g_TH = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
+    for mode in ("eager", "graph"):
+        layer, x = build(backend, T, H, K, E, F, dev, mode == "graph")
+
+        def step():
+            layer(x).output.backward(g_TH)
+        for _ in range(5):
+            step()
+        row[f"{mode}_fwd_bwd"] = idle_host_us(step, iters)
+        if mode == "graph":
+            row["graph_forward"] = idle_host_us(lambda: layer(x), iters)
+            box = {}
+
+            def fwd_then_time_bwd():
+                box["m"] = layer(x)
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                box["m"].output.backward(g_TH)
+                box["us"] = (time.perf_counter() - t0) * 1e6
+            bwd = []
+            for _ in range(iters):
+                fwd_then_time_bwd()
+                bwd.append(box["us"])
+            row["graph_backward"] = statistics.median(bwd)
+            row.update(raw_replays(layer._graphed, iters))
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--backends", default="alltoall,allgather,nvshmem")
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--topk", type=int, default=8)
+    ap.add_argument("--experts", type=int, default=256)
+    ap.add_argument("--ffn", type=int, default=512)
+    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    dist.init_process_group("nccl")
+    dev = torch.device("cuda", 0)
+    torch.cuda.set_device(dev)
+    rows = {}
+    for be in a.backends.split(","):
+        rows[be] = measure(be, a.tokens, a.hidden, a.topk, a.experts, a.ffn, dev, a.iters)
+        print(be, " ".join(f"{k}={v:.1f}" for k, v in rows[be].items()), flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(dev), "args": vars(a),
+                       "host_us_median": rows}, f, indent=1)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
