@@ -9,7 +9,9 @@ waits inside a launch (that wait is GPU time, not host work). Here the device is
 before every call and the host clock read around the call alone, so the figure is the
 host's own work: eager (``MoELayer`` without capture) and captured (``capture_layers``),
 and, for the captured layer, its parts: the layer's forward, the output's ``backward`` call,
-and the bare graph replays (forward then backward, as captured). Medians over ``--iters``.
+and the bare graph replays (forward then backward, as captured). ``--stack N``: N captured
+layers in sequence under one ``backward`` call (as in a model) against one layer: the
+marginal host cost of a layer. Medians over ``--iters``.
 """
 from __future__ import annotations
 
@@ -100,6 +102,33 @@ def measure(backend, T, H, K, E, F, dev, iters):
     return row
 
 
+def stack_per_layer(backend, n, T, H, K, E, F, dev, iters):
+    """Host µs of one forward + backward through ``n`` captured layers in sequence (one
+    ``backward`` call, as in a model), for n and for 1: the marginal cost of a layer."""
+    out = {}
+    g_TH = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
+    for count in (1, n):
+        layers = []
+        for _ in range(count):
+            layer, x = build(backend, T, H, K, E, F, dev, False)
+            layers.append(layer)
+        for layer in layers:
+            for p in layer.parameters():
+                p.grad = torch.zeros_like(p)
+        capture_layers(layers, [x.detach().clone().requires_grad_(True) for _ in layers])
+
+        def step():
+            h = x
+            for layer in layers:
+                h = layer(h).output
+            h.backward(g_TH)
+        for _ in range(5):
+            step()
+        out[count] = idle_host_us(step, iters)
+    return {f"stack{n}_fwd_bwd": out[n], "stack1_fwd_bwd": out[1],
+            "marginal_per_layer": (out[n] - out[1]) / (n - 1)}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--backends", default="alltoall,allgather,nvshmem")
@@ -109,6 +138,7 @@ def main():
     ap.add_argument("--experts", type=int, default=256)
     ap.add_argument("--ffn", type=int, default=512)
     ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--stack", type=int, default=0, help="also N captured layers in sequence")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     dist.init_process_group("nccl")
@@ -117,6 +147,9 @@ def main():
     rows = {}
     for be in a.backends.split(","):
         rows[be] = measure(be, a.tokens, a.hidden, a.topk, a.experts, a.ffn, dev, a.iters)
+        if a.stack > 1:
+            rows[be].update(stack_per_layer(be, a.stack, a.tokens, a.hidden, a.topk,
+                                            a.experts, a.ffn, dev, a.iters))
         print(be, " ".join(f"{k}={v:.1f}" for k, v in rows[be].items()), flush=True)
     if a.json:
         with open(a.json, "w") as f:
