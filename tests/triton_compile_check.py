@@ -97,7 +97,9 @@ def pytest_sessionfinish(session, exitstatus):
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(list(_seen.values()), f, default=str)
     env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
+    # "0", not unset: test modules that define kernels import triton_mode, which turns the
+    # interpreter on (setdefault) on a machine without a GPU.
+    env["TRITON_INTERPRET"] = "0"
     # Kernels defined in test modules (tests/) import by module name too.
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (os.path.dirname(os.path.abspath(__file__)), env.get("PYTHONPATH")) if p)
