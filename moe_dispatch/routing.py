@@ -70,6 +70,20 @@ def pad_topk(idx_TK: torch.Tensor, probs_TK: torch.Tensor, K: int):
     return idx, probs
 
 
+def rank_mask(idx_TK: torch.Tensor, num_experts: int, num_local: int) -> torch.Tensor:
+    """[T, R] bool, R = E / L: token t has at least one expert on rank r (expert e lives on
+    rank e // L). Masked (-1) and out-of-range ids count nowhere.
+
+    idx_TK: [T, K] integer global expert ids.  num_experts: E.  num_local: L."""
+    E, L = num_experts, num_local
+    R = E // L
+    # Masked and out-of-range ids land in the spare column R, cut below.
+    rank_TK = torch.div(torch.remainder(idx_TK.clamp(-1, E), E + 1), L, rounding_mode="floor")
+    mask_TR = torch.zeros(idx_TK.shape[0], R + 1, dtype=torch.bool, device=idx_TK.device)
+    mask_TR.scatter_(1, rank_TK, True)
+    return mask_TR[:, :R]
+
+
 def expert_capacity(num_tokens: int, topk: int, num_experts: int, capacity_factor: float) -> int:
     """Rows each expert may take from one rank: ceil(T * K / E * capacity_factor)."""
     return int(math.ceil(num_tokens * topk / num_experts * capacity_factor))

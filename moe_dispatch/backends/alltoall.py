@@ -35,7 +35,7 @@ import torch
 from .. import comm
 from ..kernels.fp8 import WIRE_DTYPES
 from ..permute import BudgetPlan, GroupPlan, group_plan, permute, unpermute
-from ..routing import pad_topk
+from ..routing import pad_topk, rank_mask
 from ..protocol import DispatchInputError, DispatchResult, PendingCheck
 from .budget import (BudgetShape, budget_input, budget_options, pack_meta, pad_rows,
                      receive_plan)
@@ -107,7 +107,7 @@ class AllToAllBackend(comm.CollectiveBackendBase):
         send_splits = [row[0] for row in sent]
         recv_splits = [row[0] for row in got]
         tokens_per_expert = [sum(c) for c in zip(*(row[HEAD:] for row in got))]
-        mask_TR = self._rank_mask(idx_TK)
+        mask_TR = rank_mask(idx_TK, E, L)
 
         # The send buffer is a grouping of tokens by destination rank (rank-major, token
         # ascending): the same plan/permute machinery as the expert grouping, so the send
@@ -165,15 +165,6 @@ class AllToAllBackend(comm.CollectiveBackendBase):
         group = self.group
         return fp8_receive(x_TH, recv_x, probs_NK, plan, lambda g_NH: unpermute(
             comm.all_to_all_raw(g_NH, send_splits, recv_splits, group), send_plan))
-
-    def _rank_mask(self, idx_TK: torch.Tensor) -> torch.Tensor:
-        """[T, R] bool: token t has at least one (valid) expert on rank r."""
-        R, L, E = self.R, self.L, self.cfg.num_experts
-        rank_TK = torch.div(torch.remainder(idx_TK.clamp(-1, E), E + 1), L,
-                            rounding_mode="floor")
-        mask_TR = torch.zeros(idx_TK.shape[0], R + 1, dtype=torch.bool, device=idx_TK.device)
-        mask_TR.scatter_(1, rank_TK, True)
-        return mask_TR[:, :R]
 
     def combine(self, y_NH: torch.Tensor, handle) -> torch.Tensor:
         if isinstance(handle, AllToAllBudgetHandle):

@@ -27,6 +27,7 @@ import torch
 
 from .. import comm, kernels
 from ..permute import BudgetPlan, budget_plan, filled_rows, permute
+from ..routing import rank_mask
 from ..protocol import (STATUS_BAD_INPUT, STATUS_ROWS_DROPPED, STATUS_TOKENS_DROPPED,
                         BudgetCheck, DispatchInputError, PendingCheck)
 
@@ -188,11 +189,7 @@ def _send_plan(idx_TK: torch.Tensor, E: int, L: int, C: int) -> BudgetPlan:
     """The torch reference of the send plan: the T <= C tokens grouped into R = E / L
     blocks of C rows (token t's row in block r is its rank among the tokens going to r)."""
     R, T, dev = E // L, idx_TK.shape[0], idx_TK.device
-    # Masked (and out-of-range) ids land in the spare column R, cut below.
-    rank_TK = torch.div(torch.remainder(idx_TK.clamp(-1, E), E + 1), L, rounding_mode="floor")
-    mask_TR = torch.zeros(T, R + 1, dtype=torch.bool, device=dev)
-    mask_TR.scatter_(1, rank_TK, True)
-    mask_TR = mask_TR[:, :R]
+    mask_TR = rank_mask(idx_TK, E, L)
     row_TR = torch.cumsum(mask_TR.to(torch.long), 0) - 1
     pos_TR = torch.where(mask_TR, torch.arange(R, device=dev) * C + row_TR, -1)
     return BudgetPlan(pos_TR, filled_rows(pos_TR, R * C), R * C, T, R, mask_TR.sum(0),

@@ -18,6 +18,7 @@ from typing import List
 import torch
 
 from .. import kernels
+from ..routing import rank_mask
 
 HEAD = 4  # a, code, H, K
 
@@ -49,10 +50,7 @@ def route_message(idx_TK: torch.Tensor, code: torch.Tensor, num_experts: int,
     counts = torch.zeros(E + 1, dtype=torch.long, device=dev)
     counts.scatter_add_(0, key, torch.ones_like(key))
     if per_rank:
-        rank_TK = torch.where(ok_TK, torch.div(idx_TK, L, rounding_mode="floor"), rows)
-        mask_TR = torch.zeros(T, rows + 1, dtype=torch.bool, device=dev)
-        mask_TR.scatter_(1, rank_TK, True)
-        first = mask_TR[:, :rows].sum(0, dtype=torch.long)
+        first = rank_mask(idx_TK, E, L).sum(0, dtype=torch.long)
     else:
         first = torch.full((rows,), T, dtype=torch.long, device=dev)
     head = torch.stack([first, code.to(dev).expand(rows),
@@ -63,26 +61,18 @@ def route_message(idx_TK: torch.Tensor, code: torch.Tensor, num_experts: int,
 
 
 def read_messages(*tables: torch.Tensor) -> List[list]:
-    """The tables as host lists, in one device-to-host copy (the dispatch's host sync).
-    Tables that are the same tensor (a group of one exchanges nothing) are read once."""
-    unique = []
-    for t in tables:
-        if not any(t is u for u in unique):
-            unique.append(t)
+    """The tables as host lists (rows of lists for 2-D tables), in one device-to-host copy:
+    the dispatch's host sync. A table passed twice (a group of one exchanges nothing, so the
+    received table is the sent one) is read once."""
+    unique = list({id(t): t for t in tables}.values())
     if len({u.device for u in unique}) == 1:
-        flat = torch.cat([u.reshape(-1) for u in unique]).tolist() if len(unique) > 1 \
-            else unique[0].reshape(-1).tolist()
+        flat = (torch.cat([u.reshape(-1) for u in unique]) if len(unique) > 1
+                else unique[0].reshape(-1)).tolist()
     else:  # e.g. gloo's tables on the CPU beside a CUDA message
         flat = [v for u in unique for v in u.reshape(-1).tolist()]
-    out, offs = [], {}
-    start = 0
+    rows, start = {}, 0
     for u in unique:
-        offs[id(u)] = start
+        vals, w = flat[start:start + u.numel()], u.shape[-1]
         start += u.numel()
-    for t in tables:
-        s = offs[id(t)]
-        vals = flat[s:s + t.numel()]
-        width = t.shape[-1]
-        out.append([vals[i:i + width] for i in range(0, len(vals), width)] if t.dim() > 1
-                   else vals)
-    return out
+        rows[id(u)] = [vals[i:i + w] for i in range(0, len(vals), w)] if u.dim() > 1 else vals
+    return [rows[id(t)] for t in tables]
