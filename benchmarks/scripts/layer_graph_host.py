@@ -11,11 +11,15 @@ host's own work: eager (``MoELayer`` without capture) and captured (``capture_la
 and, for the captured layer, its parts: the layer's forward, the output's ``backward`` call,
 and the bare graph replays (forward then backward, as captured). ``--stack N``: N captured
 layers in sequence under one ``backward`` call (as in a model) against one layer: the
-marginal host cost of a layer. Medians over ``--iters``.
+marginal host cost of a layer. Medians over ``--iters``. ``--profile``: the N-layer step
+(or one layer) under cProfile as well, its functions by own time (where the host time goes).
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
 import json
 import statistics
 import time
@@ -36,6 +40,21 @@ def idle_host_us(fn, iters):
         fn()
         out.append((time.perf_counter() - t0) * 1e6)
     torch.cuda.synchronize()
+    return statistics.median(out)
+
+
+def gpu_us(fn, iters):
+    """Median device µs of ``fn()`` (CUDA events around it, device idle before): compared
+    with the host figure it shows whether the host could have been waiting on the GPU."""
+    out = []
+    for _ in range(iters):
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        out.append(start.elapsed_time(end) * 1e3)
     return statistics.median(out)
 
 
@@ -102,7 +121,21 @@ def measure(backend, T, H, K, E, F, dev, iters):
     return row
 
 
-def stack_per_layer(backend, n, T, H, K, E, F, dev, iters):
+def profiled(fn, iters, top=30) -> str:
+    """``fn`` under cProfile (device idle before each call): functions by own time."""
+    prof = cProfile.Profile()
+    for _ in range(iters):
+        torch.cuda.synchronize()
+        prof.enable()
+        fn()
+        prof.disable()
+    torch.cuda.synchronize()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+    return buf.getvalue()
+
+
+def stack_per_layer(backend, n, T, H, K, E, F, dev, iters, profile=False):
     """Host µs of one forward + backward through ``n`` captured layers in sequence (one
     ``backward`` call, as in a model), for n and for 1: the marginal cost of a layer."""
     out = {}
@@ -125,7 +158,11 @@ def stack_per_layer(backend, n, T, H, K, E, F, dev, iters):
         for _ in range(5):
             step()
         out[count] = idle_host_us(step, iters)
+        out[f"gpu{count}"] = gpu_us(step, iters)
+        if profile and count == n:
+            print(profiled(step, iters), flush=True)
     return {f"stack{n}_fwd_bwd": out[n], "stack1_fwd_bwd": out[1],
+            f"stack{n}_gpu": out[f"gpu{n}"], "stack1_gpu": out["gpu1"],
             "marginal_per_layer": (out[n] - out[1]) / (n - 1)}
 
 
@@ -139,6 +176,7 @@ def main():
     ap.add_argument("--ffn", type=int, default=512)
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--stack", type=int, default=0, help="also N captured layers in sequence")
+    ap.add_argument("--profile", action="store_true", help="cProfile the N-layer step")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     dist.init_process_group("nccl")
@@ -149,7 +187,7 @@ def main():
         rows[be] = measure(be, a.tokens, a.hidden, a.topk, a.experts, a.ffn, dev, a.iters)
         if a.stack > 1:
             rows[be].update(stack_per_layer(be, a.stack, a.tokens, a.hidden, a.topk,
-                                            a.experts, a.ffn, dev, a.iters))
+                                            a.experts, a.ffn, dev, a.iters, a.profile))
         print(be, " ".join(f"{k}={v:.1f}" for k, v in rows[be].items()), flush=True)
     if a.json:
         with open(a.json, "w") as f:
