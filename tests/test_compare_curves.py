@@ -106,3 +106,34 @@ def test_reads_a_real_moe_train_metrics_file():
     res = cc.compare({"a": curve, "b": curve}, last=50)
     assert res["runs"]["b"]["all"]["max_abs"] == 0.0
     assert res["runs"]["a"]["median_tokens_per_s"] > 0
+
+
+def test_groups_compare_mean_curves_and_report_the_baseline_spread(tmp_path, capsys):
+    # Two baseline runs at BASE * (1 -/+ 4 %) average to BASE; the other group sits 1 % above.
+    lo = [b * 0.96 for b in BASE]
+    hi = [b * 1.04 for b in BASE]
+    other = [b * 1.01 for b in BASE]
+    files = [_write(tmp_path / n / "metrics.jsonl", v)
+             for n, v in (("a", lo), ("b", hi), ("c", other), ("d", other))]
+    out_json = tmp_path / "cmp.json"
+    rc = cc.main(files + ["--groups", "2,2", "--labels", "bf16,fp8", "--tol", "0.02",
+                          "--json", str(out_json)])
+    assert rc == 0
+    res = json.loads(out_json.read_text())
+    assert res["loss"]["bf16"] == pytest.approx(BASE)
+    assert res["runs"]["fp8"]["all"]["max_abs"] == pytest.approx(0.01)
+    # Each baseline run lies 4 % from the baseline mean.
+    assert res["baseline_spread"]["bf16#0"]["all"]["max_abs"] == pytest.approx(0.04)
+    assert res["groups"] == {"bf16": 2, "fp8": 2}
+    assert "runs of bf16 against their mean" in capsys.readouterr().out
+    # A group 3 % off fails a 2 % tolerance.
+    far = [_write(tmp_path / f"e{i}" / "metrics.jsonl", [b * 1.03 for b in BASE])
+           for i in range(2)]
+    assert cc.main(files[:2] + far + ["--groups", "2,2", "--tol", "0.02"]) == 1
+
+
+def test_groups_must_cover_the_files(tmp_path, capsys):
+    files = [_write(tmp_path / n / "metrics.jsonl", BASE) for n in "abc"]
+    with pytest.raises(SystemExit):
+        cc.main(files + ["--groups", "2,2"])
+    assert "--groups" in capsys.readouterr().err

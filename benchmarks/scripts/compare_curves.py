@@ -1,7 +1,7 @@
 """Compare the loss curves of two or more ``moe-train`` runs (their ``metrics.jsonl``).
 
     python benchmarks/scripts/compare_curves.py BASE/metrics.jsonl OTHER/metrics.jsonl ... \
-        [--labels bf16,fp8] [--last 100] [--tol 0.02] [--json OUT.json]
+        [--labels bf16,fp8] [--last 100] [--tol 0.02] [--json OUT.json] [--groups 3,3]
 
 The first file is the baseline. Printed: the loss of every run at each step all runs logged,
 each other run's relative difference from the baseline there, ``(loss - base) / base``;
@@ -11,6 +11,12 @@ final loss and the median tokens/s. ``--json`` writes all of it. ``--tol X``: a 
 run, whether it stays within X (relative) of the baseline at every common step; the exit
 code is 1 when one does not (2: unreadable input). A rerun of the baseline's command as a
 third file shows the run-to-run spread the other runs' differences compare with.
+
+``--groups N1,N2,...``: the files are repeated runs, taken in consecutive groups of those
+sizes (the first group the baseline); each group is compared as one curve, its per-step
+mean loss (median tokens/s), labelled by ``--labels`` (one name per group). Printed as well:
+how far each run of the baseline group lies from that group's mean (the spread a single run
+has, against which the groups' difference reads).
 """
 from __future__ import annotations
 
@@ -59,6 +65,29 @@ def median_tokens_per_s(curve: Curve) -> Optional[float]:
     rows = [curve[s] for s in (steps[1:] if len(steps) > 1 else steps)]
     vals = [float(r["tokens_per_s"]) for r in rows if r.get("tokens_per_s") is not None]
     return statistics.median(vals) if vals else None
+
+
+def mean_curve(runs: List[Curve]) -> Curve:
+    """One curve from repeated runs: at every step all of them logged, the mean loss and
+    the median tokens/s (None where no run has it)."""
+    steps = sorted(set.intersection(*(set(c) for c in runs)))
+    if not steps:
+        raise ValueError("the runs of a group have no logged step in common")
+    out: Curve = {}
+    for s in steps:
+        tps = [float(c[s]["tokens_per_s"]) for c in runs
+               if c[s].get("tokens_per_s") is not None]
+        out[s] = dict(step=s, loss=sum(float(c[s]["loss"]) for c in runs) / len(runs),
+                      tokens_per_s=statistics.median(tps) if tps else None)
+    return out
+
+
+def group_spread(runs: Dict[str, Curve], last: int) -> dict:
+    """Each run of a group against the group's mean curve: label -> {all, last} stats of
+    the relative difference (as ``compare``'s runs)."""
+    labels = list(runs)
+    res = compare({"mean": mean_curve(list(runs.values())), **runs}, last)
+    return {k: {"all": res["runs"][k]["all"], "last": res["runs"][k]["last"]} for k in labels}
 
 
 def _abs_stats(rel: Dict[int, float], steps: List[int]) -> dict:
@@ -146,24 +175,66 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--tol", type=float,
                     help="relative tolerance for the verdict (exit 1 when exceeded)")
     ap.add_argument("--json", help="write the comparison here as JSON")
+    ap.add_argument("--groups", help="sizes of consecutive groups of repeated runs, e.g. 3,3 "
+                    "(each group compared as its mean curve)")
     args = ap.parse_args(argv)
     if len(args.metrics) < 2:
         ap.error("give at least two metrics.jsonl files")
-    labels = args.labels.split(",") if args.labels else default_labels(args.metrics)
-    if len(labels) != len(args.metrics) or len(set(labels)) != len(labels):
-        ap.error(f"--labels needs {len(args.metrics)} distinct names, got {labels}")
+    sizes = _group_sizes(ap, args)
+    n_curves = len(sizes) if sizes else len(args.metrics)
+    labels = args.labels.split(",") if args.labels else (
+        [f"group{i}" for i in range(n_curves)] if sizes else default_labels(args.metrics))
+    if len(labels) != n_curves or len(set(labels)) != len(labels):
+        ap.error(f"--labels needs {n_curves} distinct names, got {labels}")
     try:
-        curves = {k: read_metrics(p) for k, p in zip(labels, args.metrics)}
+        runs = [read_metrics(p) for p in args.metrics]
+        spread = None
+        if sizes:
+            groups = _split(runs, sizes)
+            curves = {k: mean_curve(g) for k, g in zip(labels, groups)}
+            spread = group_spread({f"{labels[0]}#{i}": c for i, c in enumerate(groups[0])},
+                                  args.last) if sizes[0] > 1 else None
+        else:
+            curves = dict(zip(labels, runs))
         res = compare(curves, args.last, args.tol)
     except (OSError, ValueError) as exc:
         print(f"compare_curves: error: {exc}", file=sys.stderr)
         return 2
-    res["files"] = dict(zip(labels, args.metrics))
+    res["files"] = args.metrics if sizes else dict(zip(labels, args.metrics))
+    if sizes:
+        res["groups"] = dict(zip(labels, sizes))
+        res["baseline_spread"] = spread
     print(format_report(res))
+    if spread:
+        print(f"runs of {labels[0]} against their mean:")
+        for k, v in spread.items():
+            print(f"  {k}: max|rel| all {v['all']['max_abs']:.3%}, mean|rel| all "
+                  f"{v['all']['mean_abs']:.3%}, mean|rel| last {v['last']['mean_abs']:.3%}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
     return 1 if res.get("within_tol") is False else 0
+
+
+def _group_sizes(ap, args) -> Optional[List[int]]:
+    if not args.groups:
+        return None
+    try:
+        sizes = [int(v) for v in args.groups.split(",")]
+    except ValueError:
+        ap.error(f"--groups takes comma-separated sizes, got {args.groups!r}")
+    if len(sizes) < 2 or min(sizes) < 1 or sum(sizes) != len(args.metrics):
+        ap.error(f"--groups {args.groups}: at least two groups of at least one run, "
+                 f"{len(args.metrics)} files in all")
+    return sizes
+
+
+def _split(runs: List[Curve], sizes: List[int]) -> List[List[Curve]]:
+    out, start = [], 0
+    for n in sizes:
+        out.append(runs[start:start + n])
+        start += n
+    return out
 
 
 if __name__ == "__main__":
