@@ -817,6 +817,46 @@ def test_fused_layout_matches_device_plan(R, T_cap, K, E, pad, budget, skew, emp
 
 
 @needs_triton
+@pytest.mark.parametrize("R,T_cap,K,E,pad,budget,tiles,metas_kind", [
+    (4, 40, 3, 16, None, 200, (16, 3), "fine"),      # nothing dropped, several chunks
+    (2, 32, 4, 8, 2, 20, (32, 1), "fine"),           # rows dropped over the budget
+    (3, 24, 2, 9, 4, 64, (16, 2), "clipped"),        # a rank had more tokens than T_cap
+    (1, 20, 3, 5, 3, 7, None, "bad"),                # bad input, drops, default tiling
+])
+def test_fused_layout_static_filled_and_status(R, T_cap, K, E, pad, budget, tiles,
+                                               metas_kind):
+    """The static budget's row mask and status word come out of the layout launches equal
+    to ``filled_rows`` and ``nvshmem.static_status`` on the same plan."""
+    from moe_dispatch.kernels import _triton
+    from moe_dispatch.permute import filled_rows
+    g = torch.Generator().manual_seed(99 + R * 5 + T_cap)
+    L = E // R
+    for rank in range(R):
+        idx = _layout_case(R, T_cap, K, E, rank, g, skew=True)
+        metas = [torch.zeros(16, dtype=torch.int64) for _ in range(R)]
+        for s, m in enumerate(metas):
+            m[0] = T_cap + (3 if metas_kind == "clipped" and s == R - 1 else -s)
+            m[1] = 2 if metas_kind == "bad" and s == 0 else 0
+        metas = [m.to(DEV) for m in metas]
+        own = torch.tensor([8 if rank == 0 else 0], dtype=torch.int32, device=DEV)
+        pos = torch.full((R * T_cap * K,), 777, dtype=torch.int64, device=DEV)
+        host = torch.full((R * 16 + L + 2,), 777, dtype=torch.int64, device=DEV)
+        filled = torch.full((budget,), 7, dtype=torch.uint8, device=DEV)
+        status = torch.full((1,), -1, dtype=torch.int32, device=DEV)
+        itab = torch.tensor([t.data_ptr() for t in idx], dtype=torch.int64, device=DEV)
+        mtab = torch.tensor([t.data_ptr() for t in metas], dtype=torch.int64, device=DEV)
+        block, ncp = tiles if tiles else (None, None)
+        _triton.layout_plan(itab, mtab, own, T_cap * K, rank * L, L, pad or 1, budget, pos,
+                            host, block=block, chunks_per_src=ncp, filled_out=filled,
+                            status_out=status, token_cap=T_cap)
+        dropped = host[R * 16 + L].bool()
+        assert torch.equal(filled, filled_rows(pos.view(R * T_cap, K), budget)), rank
+        ref = nvshmem.static_status(torch.stack(metas), dropped, own, T_cap)
+        assert torch.equal(status, ref), (rank, status, ref)
+        assert int(host[-1]) == int(own[0])  # the host buffer still gets the own word
+
+
+@needs_triton
 @pytest.mark.parametrize("indirect", [False, True])
 @pytest.mark.parametrize("T,T_cap,K,H,dtype", [
     (5, 8, 3, 24, torch.float32), (0, 8, 2, 16, torch.float16), (8, 8, 1, 40, torch.float32)])

@@ -341,7 +341,9 @@ def barrier(flag_table: torch.Tensor, rank: int, channel: int, status: torch.Ten
 #      its chunk again giving each slot its row: block start + earlier slots of the expert
 #      (a cumsum over the one-hot tile) -- the stable (expert, source, row, slot) order.
 #      Program (0, 0) writes tokens_per_expert, the dropped flag and the status word; with
-#      FILLED every program also writes its slice of the row mask.
+#      FILLED every program also writes its slice of the row mask. TABLE with HEADER (the
+#      nvshmem static budget): program (0, 0) also writes the dispatch's int32 status word
+#      from the ranks' meta rows (``_table_status``), so no torch op follows the plan.
 # Where the ids come from (constexpr TABLE):
 #   * TABLE (nvshmem): source s is rank s, whose staged int32 global ids sit at the address
 #     ``src[s]`` (a device pointer table); the slots of a source are contiguous.
@@ -414,10 +416,10 @@ def _layout_status(src, dropped, rows, row_stride, blk_stride, R: tl.constexpr,
 
 
 @triton.jit(do_not_specialize=["slots_per_src", "chunk", "shift", "budget", "pad", "K",
-                               "row_stride", "blk_stride", "m_chunk"])
+                               "row_stride", "blk_stride", "m_chunk", "token_cap"])
 def _layout_pos_kernel(src, hist_ptr, pos_ptr, tpe_ptr, drop_ptr, status_ptr, filled_ptr,
                        slots_per_src, chunk, shift, budget, pad, K, row_stride, blk_stride,
-                       m_chunk, R: tl.constexpr, L: tl.constexpr, L_P2: tl.constexpr,
+                       m_chunk, token_cap, R: tl.constexpr, L: tl.constexpr, L_P2: tl.constexpr,
                        NCP: tl.constexpr, NC_P2: tl.constexpr, BLOCK_S: tl.constexpr,
                        TABLE: tl.constexpr, HEADER: tl.constexpr, FILLED: tl.constexpr):
     s = tl.program_id(0)
@@ -443,6 +445,11 @@ def _layout_pos_kernel(src, hist_ptr, pos_ptr, tpe_ptr, drop_ptr, status_ptr, fi
             tl.store(host + experts, tpe, mask=experts < L)
             tl.store(host + L, dropped.to(tl.int64))
             tl.store(host + L + 1, tl.load(status_ptr).to(tl.int64))
+            if HEADER:
+                # Static budget: the dispatch's status word (int32, at drop_ptr) from the meta
+                # rows the hist kernel copied: [tokens, code, ...] of every rank.
+                tl.store(drop_ptr, _table_status(tpe_ptr, dropped, tl.load(status_ptr),
+                                                 token_cap, R, NC_P2))
         else:
             tl.store(tpe_ptr + experts, tpe, mask=experts < L)
             tl.store(drop_ptr, dropped.to(tl.int8))
@@ -475,6 +482,20 @@ def _layout_pos_kernel(src, hist_ptr, pos_ptr, tpe_ptr, drop_ptr, status_ptr, fi
             tl.store(filled_ptr + m, f.to(tl.uint8), mask=m < budget64)
 
 
+@triton.jit
+def _table_status(metas_ptr, dropped, own, token_cap, R: tl.constexpr, R_P2: tl.constexpr):
+    """int32 status of a static-budget TABLE layout: rows dropped here, a rank that had more
+    than ``token_cap`` tokens (meta field 0), a rank with bad input (field 1), OR this rank's
+    own status word ``own``. R_P2: a power of 2 >= R."""
+    rs = tl.arange(0, R_P2)
+    tokens = tl.load(metas_ptr + rs * 16, mask=rs < R, other=0)
+    code = tl.load(metas_ptr + rs * 16 + 1, mask=rs < R, other=0)
+    bits = dropped.to(tl.int32) * _ROWS_DROPPED
+    bits += (tl.max((tokens > token_cap).to(tl.int32), axis=0) != 0).to(tl.int32) * _TOKENS_DROPPED
+    bits += (tl.max((code != 0).to(tl.int32), axis=0) != 0).to(tl.int32) * _BAD_INPUT
+    return bits | own.to(tl.int32)
+
+
 def _layout_tiles(num_src: int, slots_per_src: int, num_local: int, block: int | None,
                   chunks_per_src: int | None):
     """(L_P2, BLOCK_S, chunks per source, chunk length) of the layout kernels."""
@@ -491,7 +512,9 @@ def _layout_tiles(num_src: int, slots_per_src: int, num_local: int, block: int |
 def layout_plan(idx_table: torch.Tensor, meta_table: torch.Tensor, status: torch.Tensor,
                 slots_per_src: int, e0: int, num_local: int, pad: int, budget: int,
                 pos_out: torch.Tensor, host_out: torch.Tensor, block: int | None = None,
-                chunks_per_src: int | None = None, scratch=None) -> None:
+                chunks_per_src: int | None = None, scratch=None,
+                filled_out: torch.Tensor | None = None, status_out: torch.Tensor | None = None,
+                token_cap: int = 0) -> None:
     """Fused dispatch layout over every rank's staged ids (TABLE mode, see above).
 
     idx_table:     [R] int64 addresses of each rank's staged ids ([slots_per_src] int32).
@@ -503,6 +526,13 @@ def layout_plan(idx_table: torch.Tensor, meta_table: torch.Tensor, status: torch
     scratch:       optional callable numel -> int32 device tensor for the [chunks, L]
                    histogram (written and read within this call).
     block, chunks_per_src: tiling overrides (tests use them to cross chunk boundaries).
+    filled_out:    [budget] uint8 or None: 1 on rows some slot writes (the static budget's
+                   row mask, written by the same launches).
+    status_out:    [1] int32 or None: the static budget's status word: STATUS_ROWS_DROPPED
+                   when dropped, STATUS_TOKENS_DROPPED when some rank's meta field 0 (its
+                   tokens) exceeds ``token_cap``, STATUS_BAD_INPUT when some rank's field 1
+                   (its validation code) is nonzero, OR ``status``.
+    token_cap:     T_cap for ``status_out``.
     """
     R, L = idx_table.shape[0], num_local
     L_P2, block, ncp, chunk = _layout_tiles(R, slots_per_src, L, block, chunks_per_src)
@@ -510,14 +540,18 @@ def layout_plan(idx_table: torch.Tensor, meta_table: torch.Tensor, status: torch
     hist = scratch(R * ncp * L_P2) if scratch is not None else \
         torch.empty(R * ncp * L_P2, dtype=torch.int32, device=pos_out.device)
     strides = (1, 1, 0)  # K, row_stride, blk_stride: unused by TABLE mode
+    m_chunk = _round_to(triton.cdiv(max(budget, 1), R * ncp), block) if filled_out is not None \
+        else 0
     with _launch_lock:
         launch(_layout_hist_kernel, (R, ncp), idx_table, meta_table, host_out, hist, slots_per_src,
                chunk, e0, *strides, L=L, L_P2=L_P2, NCP=ncp, BLOCK_S=block, TABLE=True,
                num_warps=4)
-        launch(_layout_pos_kernel, (R, ncp), idx_table, hist, pos_out, host_out, host_out, status,
-               host_out, slots_per_src, chunk, e0, budget, max(int(pad), 1), *strides, 0, R=R, L=L,
-               L_P2=L_P2, NCP=ncp, NC_P2=triton.next_power_of_2(R * ncp), BLOCK_S=block,
-               TABLE=True, HEADER=False, FILLED=False, num_warps=8)
+        launch(_layout_pos_kernel, (R, ncp), idx_table, hist, pos_out, host_out,
+               host_out if status_out is None else status_out, status,
+               host_out if filled_out is None else filled_out, slots_per_src, chunk, e0, budget,
+               max(int(pad), 1), *strides, m_chunk, token_cap, R=R, L=L, L_P2=L_P2, NCP=ncp,
+               NC_P2=triton.next_power_of_2(R * ncp), BLOCK_S=block, TABLE=True,
+               HEADER=status_out is not None, FILLED=filled_out is not None, num_warps=8)
 
 
 def budget_layout(blocks: torch.Tensor, topk: int, rows: int, num_local: int, budget: int,
@@ -558,7 +592,7 @@ def budget_layout(blocks: torch.Tensor, topk: int, rows: int, num_local: int, bu
                *strides, L=L, L_P2=L_P2, NCP=ncp, BLOCK_S=block, TABLE=False, num_warps=4)
         launch(_layout_pos_kernel, (R, ncp), blocks, hist, pos_out, tpe_out, dropped, status_out if
                header else dropped, filled_out, slots, chunk, shift, budget, max(int(pad), 1),
-               *strides, m_chunk, R=R, L=L, L_P2=L_P2, NCP=ncp, NC_P2=triton.next_power_of_2(R *
+               *strides, m_chunk, 0, R=R, L=L, L_P2=L_P2, NCP=ncp, NC_P2=triton.next_power_of_2(R *
                ncp), BLOCK_S=block, TABLE=False, HEADER=header, FILLED=True, num_warps=8)
 
 

@@ -134,6 +134,17 @@ class NVSHMEMHandle:
 # =============================================================================== device plan
 
 
+def static_status(metas_R: torch.Tensor, dropped: torch.Tensor, own: torch.Tensor,
+                  token_cap: int) -> torch.Tensor:
+    """[1] int32 status of a static-budget dispatch: the reference of the one the fused
+    layout writes (``kernels._triton.layout_plan``'s ``status_out``; tests compare): rows dropped here, some rank had more than ``token_cap`` tokens (meta field
+    0), some rank had bad input (field 1), OR ``own`` ([1] int32, this rank's status word)."""
+    status = dropped.to(torch.int32) * STATUS_ROWS_DROPPED
+    status = status + (metas_R[:, 0] > token_cap).any().to(torch.int32) * STATUS_TOKENS_DROPPED
+    status = status + (metas_R[:, 1] != 0).any().to(torch.int32) * STATUS_BAD_INPUT
+    return (status | own[0]).reshape(1)
+
+
 def device_plan(lid_VK: torch.Tensor, num_local_experts: int, pad_multiple: Optional[int],
                 budget: int):
     """``moe_dispatch.permute.budget_plan`` as (pos_VK, tokens_per_expert_L, dropped): the
@@ -365,7 +376,7 @@ class _Engine:
             graph = self._graph_for(arena, x_TH, idx_TK, probs_TK, code, T_st, T, row_bytes,
                                     plan_budget) \
                 if self.host_graph and fits and not bad_host else None
-            pos_TR = valid_TK = pulled = None
+            pos_TR = valid_TK = pulled = fused = None
             if graph is not None:
                 # Same device work as below (and the token maps), in one graph replay.
                 pos_VK, host_buf, pos_TR, valid_TK = graph.before(x_TH, idx_TK, probs_TK, code)
@@ -378,7 +389,7 @@ class _Engine:
                 self._mark("barrier")
                 # The plan is queued before the host sync, so the GPU computes it while the
                 # host waits.
-                metas_R, pos_VK, tpe_L, dropped, host_buf = self._layout_plan(
+                metas_R, pos_VK, tpe_L, dropped, host_buf, fused = self._layout_plan(
                     arena, Kc, plan_budget)
                 self._mark("layout_plan")
                 if static:
@@ -416,7 +427,7 @@ class _Engine:
             # again without a limit (peers keep this staging set until our next pull-type
             # op) and pull into an exact buffer.
             pulled = graph = None
-            _, pos_VK, _, _, host_buf = self._layout_plan(arena, Kc, 1 << 62)
+            _, pos_VK, _, _, host_buf, _ = self._layout_plan(arena, Kc, 1 << 62)
             counts = host_buf.tolist()[16 * R:16 * R + L]
         budget = self.budget if static else sum(counts)
         if not static and self.speculate:
@@ -425,8 +436,11 @@ class _Engine:
             self._spec_rows[key] = max(self._spec_rows.get(key, 0),
                                        round_up(budget + budget // 32 + 1, 256))
         # In the default mode the budget is exact, so only padding rows need zeroing.
-        filled_M = filled_rows(pos_VK, budget) if static or (self.pad and self.pad > 1) \
-            else None
+        filled_M = status = None
+        if static:  # written by the layout launches
+            filled_M, status = fused
+        elif static or (self.pad and self.pad > 1):
+            filled_M = filled_rows(pos_VK, budget)
         T_eff = min(T, T_cap)
         if pulled is not None:
             tokens, probs_M = pulled[0][:budget], pulled[1][:budget]
@@ -440,14 +454,9 @@ class _Engine:
         if pos_TR is None:
             # Where each token's partial sums come back, and which prob grads are real.
             pos_TR, valid_TK = self._token_maps(idx_TK, T_eff, T_cap)
-        if static:
-            status = dropped.to(torch.int32) * STATUS_ROWS_DROPPED
-            status = status + (metas_R[:, 0] > T_cap).any().to(torch.int32) * STATUS_TOKENS_DROPPED
-            status = status + (metas_R[:, 1] != 0).any().to(torch.int32) * STATUS_BAD_INPUT
-            status = (status | tr.status[0]).reshape(1)
+        if static:  # (static mode runs the Triton layout, which wrote filled_M and status)
             tpe = tpe_L
         else:
-            status = None
             tpe = torch.tensor(counts, dtype=torch.long)
         h = NVSHMEMHandle(arena, pos_VK, pos_TR, valid_TK, filled_M, T, T_cap, budget, dtype, H,
                           tpe, status)
@@ -566,10 +575,12 @@ class _Engine:
         meta[4].fill_(1 if fits else 0)
 
     def _layout_plan(self, arena, K, budget):
-        """(metas_R [R, 16], pos_VK, tokens_per_expert_L, dropped, host_buf): every rank's
-        meta row, the plan of ``device_plan``, and one int64 buffer [R*16 + L + 2] holding
-        metas, tokens_per_expert, dropped and this rank's status (the host sync's payload).
-        The Triton path is two launches; the torch path is the reference."""
+        """(metas_R [R, 16], pos_VK, tokens_per_expert_L, dropped, host_buf, fused): every
+        rank's meta row, the plan of ``device_plan``, one int64 buffer [R*16 + L + 2] holding
+        metas, tokens_per_expert, dropped and this rank's status (the host sync's payload),
+        and in static mode on the Triton path (filled_M [budget] uint8, status [1] int32)
+        written by the same launches (else None: the caller derives them). The Triton path
+        is two launches; the torch path is the reference."""
         R, L, T_cap, dev = self.R, self.L, arena.T_cap, self.tr.device
         if self.impl == "triton":
             from ...kernels import _triton
@@ -579,17 +590,21 @@ class _Engine:
             host_buf = torch.empty(R * 16 + L + 2, dtype=torch.int64, device=dev) if static \
                 else arena.scratch("host", R * 16 + L + 2, torch.int64)
             pos = torch.empty(R * T_cap * K, dtype=torch.int64, device=dev)
+            fused = (torch.empty(budget, dtype=torch.uint8, device=dev),
+                     torch.empty(1, dtype=torch.int32, device=dev)) if static else (None, None)
             _triton.layout_plan(arena.table("idx"), arena.table("meta"), self.tr.status,
                                 T_cap * K, self.rank * L, L, self.pad or 1, budget, pos,
                                 host_buf,
-                                scratch=lambda n: arena.scratch("hist", n, torch.int32))
+                                scratch=lambda n: arena.scratch("hist", n, torch.int32),
+                                filled_out=fused[0], status_out=fused[1], token_cap=T_cap)
             return (host_buf[:R * 16].view(R, 16), pos.view(R * T_cap, K),
-                    host_buf[R * 16:R * 16 + L], host_buf[R * 16 + L], host_buf)
+                    host_buf[R * 16:R * 16 + L], host_buf[R * 16 + L], host_buf,
+                    fused if static else None)
         metas_R, lid_VK = self._layout(arena, K)
         pos_VK, tpe_L, dropped = device_plan(lid_VK, L, self.pad, budget)
         host_buf = torch.cat([metas_R.reshape(-1), tpe_L, dropped.to(torch.int64).view(1),
                               self.tr.status.to(torch.int64)])
-        return metas_R, pos_VK, tpe_L, dropped, host_buf
+        return metas_R, pos_VK, tpe_L, dropped, host_buf, None
 
     def _layout(self, arena, K):
         """Every rank's meta row and this rank's local expert id of every peer slot."""
