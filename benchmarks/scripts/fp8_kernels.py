@@ -28,7 +28,12 @@ against the default tile's (itself checked against the torch reference) on the b
 rows, and against the torch reference on a small adversarial batch (all-zero block, -0.0,
 tiny blocks, rows not a multiple of any tile), before it is timed: ``bit_exact`` per entry.
 ``--rounds N`` times the default and every entry N times, interleaved (drift between
-entries averages out), and reports each one's median round.
+entries averages out), and reports each one's median round. ``--sweep quant`` is
+``QUANT_SWEEP``, the quantise tiles most likely to beat the default (tests/test_fp8_wire.py
+checks each bit for bit and compiles it for sm_90):
+
+    python3 benchmarks/scripts/fp8_kernels.py --sweep quant --sweep-kernels quantise \\
+        --rounds 5 --json fp8_sweep.json
 """
 from __future__ import annotations
 
@@ -41,13 +46,22 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from moe_dispatch.bench.kernels import add_shape_args, copy_bandwidth, rank0_routing  # noqa: E402
 
+# The default's footprint without idle lanes at G 56 (8 blocks x 8 rows), 32 / 16-block flat
+# tiles (more programs resident, no idle lanes), persistent grids sized to the programs an SM
+# holds (ptxas register counts for sm_90: 64:4 and 8:4:8 96 registers, 5 programs per SM;
+# 32:4:flat 60, 8; 16:2:flat 64, 16), a prefetching loop, evict-first / streaming hints.
+QUANT_SWEEP = ("64:4:ev,8:4:8,8:4:8:ev,8:4:4,32:4:flat,32:4:flat:ev,64:4:flat,16:2:flat,"
+               "16:4:flat,64:8:flat,64:8:2,32:4:flat:p8,16:2:flat:p16,32:4:flat:p4:pf,"
+               "8:4:8:p5,32:4:flat:p8:ev")
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_shape_args(ap)
     ap.add_argument("--sweep", default="",
                     help="comma list of quantise tiles to time as well, "
-                         "BLOCK_G:num_warps[:ROWS][:flat][:pN][:pf][:ev]")
+                         "BLOCK_G:num_warps[:ROWS][:flat][:pN][:pf][:ev], or quant "
+                         "(QUANT_SWEEP)")
     ap.add_argument("--sweep-kernels", default="all",
                     help="comma list of the kernels the sweep times (quantise, "
                          "dequant_permute, raw_permute, bf16_permute) or all")
@@ -131,7 +145,8 @@ def main(argv=None) -> int:
             raise SystemExit(f"--sweep-kernels: unknown kernel {k!r} (one of {list(nbytes)})")
 
     default = _fp8.quant_tile(G)
-    tiles = [_fp8.QuantTile.parse(t) for t in args.sweep.split(",") if t]
+    sweep = QUANT_SWEEP if args.sweep == "quant" else args.sweep
+    tiles = [_fp8.QuantTile.parse(t) for t in sweep.split(",") if t]
     tiles = list(dict.fromkeys(tiles))  # once each, in order
 
     # Every tile's bytes: the benchmark's rows against the default tile's (checked against
