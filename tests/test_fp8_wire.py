@@ -72,6 +72,93 @@ def test_quantize_kernel_matches_reference(dtype, H):
     assert torch.equal(packed, fp8.pack(q_ref, s_ref))
 
 
+def _bench_sweep():
+    """The quantise tiles benchmarks/scripts/fp8_kernels.py --sweep quant times on a GPU."""
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "scripts" / "fp8_kernels.py"
+    spec = importlib.util.spec_from_file_location("fp8_kernels_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.QUANT_SWEEP.split(",")
+
+
+# Every tile the GPU sweep times and a few edge ones: one-row, multi-row, flat (tiles spanning
+# rows, tiles wider than a row), persistent with and without prefetch, cache hints.
+QUANT_TILES = ["64:4"] + _bench_sweep() + ["64:4:p4", "1:1", "2:2:4", "1:4:2:p1:pf",
+                                           "2:2:flat:p1:pf:ev"]
+
+
+@needs_triton
+@pytest.mark.parametrize("tile", QUANT_TILES)
+def test_quantize_tiles_match_reference(tile):
+    """Every launch configuration writes the reference's bytes: separate tensors and packed
+    wire rows; rows and blocks not a multiple of any tile (T 7, G 3 / 8); the GPU variant
+    (SOFT=False) launched too, so the sm_90 compile check covers it, compared on a GPU."""
+    from moe_dispatch.kernels import _fp8
+    g = torch.Generator().manual_seed(5)
+    for T, H in [(7, 384), (7, 1024)]:
+        x = _x(T, H, torch.bfloat16, g)
+        q_ref, s_ref = fp8.quantize_reference(x)
+        x = x.to(DEV)
+        packed = torch.full((T, fp8.packed_width(H)), 0xAB, dtype=torch.uint8, device=DEV)
+        q, s = fp8.unpack(packed, H)
+        _fp8.quantize(x, q.view(torch.uint8), s, tile=tile)
+        assert torch.equal(packed.cpu(), fp8.pack(q_ref, s_ref)), (tile, T, H)
+        hard = torch.full((T, fp8.packed_width(H)), 0xAB, dtype=torch.uint8, device=DEV)
+        q, s = fp8.unpack(hard, H)
+        _fp8.quantize(x, q.view(torch.uint8), s, soft=False, tile=tile)
+        if DEV.type == "cuda":
+            assert torch.equal(hard.cpu(), fp8.pack(q_ref, s_ref)), (tile, T, H)
+
+
+def test_quant_tile_syntax(monkeypatch):
+    from moe_dispatch.kernels import _fp8
+    t = _fp8.QuantTile.parse("32:4:flat:p8:pf:ev")
+    assert (t.block_g, t.num_warps, t.rows, t.flat, t.persistent, t.prefetch, t.evict) == \
+        (32, 4, 1, True, 8, True, True)
+    for spec in QUANT_TILES:
+        assert str(_fp8.QuantTile.parse(spec)) == spec
+    assert _fp8.QuantTile.parse("64,4") == _fp8.QuantTile(64, 4)
+    for bad, msg in [("64", "bad quantise tile"), ("64:4:x", "bad quantise tile"),
+                     ("48:4", "power of two"), ("8:4:3", "power of two"),
+                     ("8:4:2:flat", "rows must be 1"), ("8:4:pf", "prefetch needs")]:
+        with pytest.raises(ValueError, match=msg):
+            _fp8.QuantTile.parse(bad)
+    # The library's default and its overrides.
+    monkeypatch.delenv("MOE_DISPATCH_FP8_QUANT", raising=False)
+    monkeypatch.delenv("MOE_DISPATCH_FP8_BLOCK", raising=False)
+    assert _fp8.quant_tile(56) == _fp8.QuantTile(64, 4)
+    monkeypatch.setenv("MOE_DISPATCH_FP8_BLOCK", "8,2")
+    assert _fp8.quant_tile(56) == _fp8.QuantTile(8, 2)
+    monkeypatch.setenv("MOE_DISPATCH_FP8_QUANT", "32:4:flat:p8")
+    assert _fp8.quant_tile(56) == _fp8.QuantTile(32, 4, flat=True, persistent=8)
+    # Grids: one program per tile, or a few per SM (2 "SMs" off a GPU).
+    assert _fp8.quant_grid(_fp8.QuantTile(64, 4), 4096, 56, torch.device("cpu")) == (4096, 4096)
+    assert _fp8.quant_grid(_fp8.QuantTile(8, 4, 8), 4096, 56, torch.device("cpu")) == (3584,) * 2
+    assert _fp8.quant_grid(_fp8.QuantTile(32, 4, flat=True, persistent=8), 4096, 56,
+                           torch.device("cpu")) == (16, 7168)
+
+
+@needs_triton
+def test_quantize_follows_env_tile(monkeypatch):
+    """MOE_DISPATCH_FP8_QUANT picks the tile of every quantise launch (fp8.quantize_packed on
+    a GPU, _fp8.quantize here), with the same bytes."""
+    from moe_dispatch.kernels import _fp8
+    seen = []
+    orig = _fp8._launch
+    monkeypatch.setattr(_fp8, "_launch", lambda k, grid, *a, **kw: (
+        seen.append((grid, kw.get("FLAT"), kw.get("PERSISTENT"))), orig(k, grid, *a, **kw)))
+    monkeypatch.setenv("MOE_DISPATCH_FP8_QUANT", "2:2:flat:p1")
+    x = _x(5, 256, torch.bfloat16, torch.Generator().manual_seed(2))
+    q = torch.empty(5, 256, dtype=torch.uint8, device=DEV)
+    s = torch.empty(5, 2, device=DEV)
+    _fp8.quantize(x.to(DEV), q, s)
+    q_ref, s_ref = fp8.quantize_reference(x)
+    assert torch.equal(q.cpu(), q_ref.view(torch.uint8)) and torch.equal(s.cpu(), s_ref)
+    assert seen == [((2 if DEV.type == "cpu" else min(5, _fp8._num_sms(0)),), True, True)]
+
+
 def _plans(kind, N, K, L, g):
     lid = torch.randint(0, L, (N, K), generator=g)
     lid[torch.rand(N, K, generator=g) < 0.3] = -1
