@@ -7,8 +7,8 @@ forward and before the backward: one small all-reduce and one host sync per step
 layer. On overflow the recipe's ``overflow`` decides:
   "rerun": the step's forward is thrown away and run again in the exact mode (so no row is
            ever lost), the budget grows to fit what the exact step received (x1.25, at
-           least the largest rank's rows), and with ``train.cuda_graph`` the MoE layers are
-           captured again for it before the next step (eager meanwhile);
+           least the largest rank's rows), and with ``train.cuda_graph`` the MoE layers (or
+           the whole step) are captured again for it before the next step (eager meanwhile);
   "drop":  the step goes on with the rows dropped (counted in the metrics).
 Bad input (``STATUS_BAD_INPUT``) raises ``DispatchInputError`` on every rank.
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -42,13 +42,16 @@ class BudgetState:
     capture_pending: bool = False
 
 
-def forward_checked(run, forward: Callable[[], Tuple], state: BudgetState, log) -> Tuple:
+def forward_checked(run, forward: Callable[[], Tuple], state: BudgetState, log,
+                    rerun: Optional[Callable[[], Tuple]] = None) -> Tuple:
     """``forward()`` -> (model output, loss terms...), with the budget policy applied.
 
     run:     the training run (its recipe, dispatcher, model and layout are used).
-    forward: runs the model forward on this step's batch; called again for a rerun.
+    forward: runs the model forward on this step's batch (a captured step: forward and
+             backward).
     state:   the run's ``BudgetState`` (updated on overflow).
     log:     a function taking one line (rank 0 prints it).
+    rerun:   the eager forward the exact rerun of an overflowed step runs (None: ``forward``).
     """
     res = forward()
     if state.budget is None:
@@ -65,7 +68,7 @@ def forward_checked(run, forward: Callable[[], Tuple], state: BudgetState, log) 
         return res
     del res
     _set_budget(run, None)  # rerun this step exactly: no row is lost
-    res = forward()
+    res = (rerun or forward)()
     grown = _grown_budget(run, res[0], state.budget)
     log(f"budget overflow ({describe_status(bits)}): step rerun in the exact mode; "
         f"max_rows_per_rank {state.budget} -> {grown}")
@@ -81,6 +84,7 @@ def _set_budget(run, budget) -> None:
     run.dispatcher.set_max_rows_per_rank(budget)
     for layer in run.model.moe_layers():
         layer.drop_cuda_graph()
+    run.step_graph = None
 
 
 def _grown_budget(run, out, budget: int) -> int:

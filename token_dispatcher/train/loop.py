@@ -30,6 +30,7 @@ from .checkpoint import checkpoint_root, load_checkpoint, save_checkpoint
 from .metrics import (Progress, append_metrics, check_plot_possible, plot_metrics,
                       restart_metrics, rss_mb)
 from .recipe import WIRE_DTYPES, Recipe, RecipeError, TrainConfig
+from .step_graph import capture_step
 
 
 @dataclass
@@ -71,7 +72,7 @@ def _world() -> tuple:
 
 def _all_reduce_(tensors: List[torch.Tensor], group, scale: float, size: int) -> None:
     """Sum ``tensors`` over ``group`` in one flat collective, then scale in place."""
-    if not tensors:
+    if not tensors or (size == 1 and scale == 1.0):  # nothing to sum over, nothing to scale
         return
     flat = torch.cat([t.reshape(-1) for t in tensors])
     if size > 1:
@@ -175,6 +176,7 @@ class _Run:
     data: ByteBatches
     budget: BudgetState = None
     log: Any = print
+    step_graph: Any = None  # the captured step (``train.cuda_graph_scope: step``), or None
 
 
 def _build(recipe: Recipe, opts: RunOptions, layout: _Layout, device: torch.device) -> _Run:
@@ -267,24 +269,51 @@ def _step(run: _Run, step: int, amp) -> _StepResult:
     lr = _lr_at(run.recipe.train, step)
     for g in run.optim.param_groups:
         g["lr"] = lr
-    if run.budget.capture_pending:  # first step, or the budget grew: capture the MoE layers
-        with amp:
-            run.model.capture_moe_graphs(inp_BS)
+    forward = _model_forward(run, amp)
+    if run.budget.capture_pending:  # first step, or the budget grew: capture again
+        _capture(run, forward, inp_BS, tgt_BS, amp)
         run.budget.capture_pending = False
-
-    def forward():
-        with amp:
-            out = run.model(inp_BS)
-        loss_lm = lm_loss(out.logits_BSV, tgt_BS)
-        return out, loss_lm, loss_lm + out.aux_loss + out.z_loss
-
-    out, loss_lm, loss = forward_checked(run, forward, run.budget, run.log)
-    run.optim.zero_grad(set_to_none=False)
-    loss.backward()
+    out, loss_lm = _forward_backward(run, forward, inp_BS, tgt_BS)
     gnorm = _reduce_and_clip_grads(run)
     run.optim.step()
     (loss_v, aux_v, z_v), counts_NE = _global_stats(run, loss_lm, out)
     return _StepResult(lr, loss_v, aux_v, z_v, gnorm, counts_NE)
+
+
+def _model_forward(run: _Run, amp):
+    """(inp_BS, tgt_BS) -> (ModelOutput, lm loss, total loss): the model under ``amp``."""
+    def forward(inp_BS, tgt_BS):
+        with amp:
+            out = run.model(inp_BS)
+        loss_lm = lm_loss(out.logits_BSV, tgt_BS)
+        return out, loss_lm, loss_lm + out.aux_loss + out.z_loss
+    return forward
+
+
+def _capture(run: _Run, forward, inp_BS, tgt_BS, amp) -> None:
+    """CUDA graphs for the coming steps (``train.cuda_graph``): each MoE layer's
+    (``cuda_graph_scope: layers``) or the whole forward + backward (``step``)."""
+    if run.recipe.train.cuda_graph_scope == "step":
+        run.step_graph = capture_step(run.model, forward, inp_BS, tgt_BS)
+    else:
+        with amp:
+            run.model.capture_moe_graphs(inp_BS)
+
+
+def _forward_backward(run: _Run, forward, inp_BS, tgt_BS):
+    """This step's forward and backward (gradients in ``.grad``), the budget policy applied
+    (``budget.forward_checked``); returns (ModelOutput, lm loss)."""
+    sg = run.step_graph
+    if sg is None:
+        out, loss_lm, loss = forward_checked(run, lambda: forward(inp_BS, tgt_BS), run.budget,
+                                             run.log)
+    else:  # the replay zeroes .grad and runs the backward too
+        out, loss_lm, loss = forward_checked(run, lambda: sg(inp_BS, tgt_BS), run.budget,
+                                             run.log, rerun=lambda: forward(inp_BS, tgt_BS))
+    if loss.requires_grad:  # eager (or the exact rerun of an overflowed replay)
+        run.optim.zero_grad(set_to_none=False)
+        loss.backward()
+    return out, loss_lm
 
 
 def _reduce_and_clip_grads(run: _Run) -> torch.Tensor:
@@ -296,17 +325,24 @@ def _reduce_and_clip_grads(run: _Run) -> torch.Tensor:
             p.grad = torch.zeros_like(p)
     _all_reduce_([p.grad for p in run.dense_ps], None, 1.0 / lay.world, lay.world)
     _all_reduce_([p.grad for p in run.expert_ps], lay.rep_group, 1.0 / lay.world, lay.rep_size)
-    sq = torch.stack([p.grad.float().square().sum() for p in run.dense_ps]).sum()
-    sq_e = torch.stack([p.grad.float().square().sum() for p in run.expert_ps]).sum()
+    sq, sq_e = (_sq_norm([p.grad for p in ps], run.device)
+                for ps in (run.dense_ps, run.expert_ps))
     if lay.ep_size > 1:  # experts are sharded over the EP group: add the other shards
         dist.all_reduce(sq_e, group=lay.ep_group)
     gnorm = (sq + sq_e).sqrt()
     clip = run.recipe.train.grad_clip
     if clip > 0:
         coef = torch.clamp(clip / (gnorm + 1e-6), max=1.0)
-        for p in model.parameters():
-            p.grad.mul_(coef)
+        torch._foreach_mul_([p.grad for p in model.parameters()], coef)
     return gnorm
+
+
+def _sq_norm(grads: List[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """0-dim float32: the sum of squares of ``grads`` (one foreach launch, not 3 per tensor)."""
+    if not grads:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    norms = torch._foreach_norm([g.float() if g.dtype != torch.float32 else g for g in grads])
+    return torch.stack(norms).square().sum()
 
 
 def _global_stats(run: _Run, loss_lm: torch.Tensor, out: ModelOutput):

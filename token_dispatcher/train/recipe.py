@@ -47,6 +47,10 @@ class TrainConfig:
                       CUDA, bf16 and ``max_rows_per_rank``: only the budget mode is sync-free).
                       The backward graphs add the MoE parameters' gradients into their
                       ``.grad`` (``layer_graph``); the loop zeroes those in place.
+    cuda_graph_scope: what ``cuda_graph`` captures: "layers" (each MoE layer's forward +
+                      backward; the rest of the model runs eagerly) or "step" (the whole
+                      forward, loss and backward as one graph, ``train/step_graph.py``: one
+                      replay per step; the optimizer stays eager).
     """
 
     steps: int = 200
@@ -64,6 +68,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     plot: bool = True
     cuda_graph: bool = False
+    cuda_graph_scope: str = "layers"
 
 
 @dataclass
@@ -273,6 +278,8 @@ def validate_recipe(r: Recipe, source: str = "recipe") -> None:
     if r.train.cuda_graph and r.train.precision != "bf16":
         bad("train.cuda_graph", "needs train.precision: bf16 (fp32 rows run the per-expert "
             "loop, which reads the counts on the host)")
+    if r.train.cuda_graph_scope not in ("layers", "step"):
+        bad("train.cuda_graph_scope", f"must be layers or step, got {r.train.cuda_graph_scope!r}")
     if r.wire_dtype not in WIRE_DTYPES:
         bad("wire_dtype", f"must be null or fp8, got {r.wire_dtype!r}")
     if r.wire_dtype is not None and r.model.hidden % 128:
