@@ -210,7 +210,7 @@ def run_exact_paths(rank: int, world: int, case: Case, backend: str, opts: dict)
     ``test_budget_kernels.force_paths``). Returns {fused: outputs on the CPU}.
 
     opts: ``pad_multiple``; ``wire`` (True: FP8 on the wire); ``narrow_rank`` (that rank
-    routes with one slot fewer, so the others widen it with -1 slots).
+    routes with one slot fewer, so the others widen it with -1 slots); ``device``.
     """
     import pytest
     from test_budget_kernels import force_paths
@@ -226,15 +226,16 @@ def _exact_step(rank: int, case: Case, backend: str, opts: dict):
     disp = MoETokenDispatcher(case.num_experts, backend=backend,
                               pad_multiple=opts.get("pad_multiple"),
                               wire_dtype=torch.float8_e4m3fn if opts.get("wire") else None)
-    x = case.xs[rank].clone().requires_grad_(True)
-    p = case.probs[rank].clone().requires_grad_(True)
-    idx, p_in = case.idxs[rank], p
+    dev = torch.device(opts.get("device", "cpu"))
+    x = case.xs[rank].to(dev).clone().requires_grad_(True)
+    p = case.probs[rank].to(dev).clone().requires_grad_(True)
+    idx, p_in = case.idxs[rank].to(dev), p
     if opts.get("narrow_rank") == rank:
         idx, p_in = idx[:, :-1], p[:, :-1]
     out = disp.dispatch(x, topk_idx=idx, topk_probs=p_in)
-    y = disp.combine(local_experts(case.W, disp.local_expert_offset)(
+    y = disp.combine(local_experts(case.W.to(dev), disp.local_expert_offset)(
         out.tokens, out.tokens_per_expert, out.probs), out.handle)
-    (y.float() * case.gouts[rank].float()).sum().backward()
+    (y.float() * case.gouts[rank].to(dev).float()).sum().backward()
     return dict(tokens=out.tokens.detach(), probs=out.probs.detach(),
                 tpe=out.tokens_per_expert, y=y.detach(),
                 gx=x.grad if x.grad is not None else torch.zeros_like(x),

@@ -182,6 +182,8 @@ _R4_FP8 = (4, [5, 9, 7, 3], 8, 2, dict(wire=True, pad_multiple=8), dict(skew="on
 
 
 @needs_triton
+@pytest.mark.skipif(DEV.type == "cuda", reason="the gloo ranks run the kernels on the CPU, "
+                    "interpreted: on a GPU machine the GPU tests cover the fused path")
 @pytest.mark.parametrize("backend,world,tokens,E,K,opts,kw", [
     ("alltoall", *_R2), ("alltoall", *_R2_EMPTY_PAD), ("alltoall", *_R4_NARROW),
     ("alltoall", *_R4_FP8), ("allgather", *_R2_EMPTY_PAD), ("allgather", *_R4_NARROW),
