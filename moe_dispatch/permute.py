@@ -93,7 +93,8 @@ class BudgetPlan:
     pos_NK:              [N, K] int64 output row of slot (n, k); -1 = not for this rank,
                          -2 = dropped (its row would land at or past B).
     filled_M:            [B] uint8, 1 on rows some slot writes; the rest (padding, unused
-                         budget) are written as zeros with prob 0.
+                         budget) are written as zeros with prob 0. None when every row is
+                         real (the exact mode's plans without padding: nothing to zero).
     num_out_rows:        B (host int).
     num_in_rows, topk:   N, K.
     tokens_per_expert_L: [L] int64 device, rows kept per local expert (padding included);

@@ -202,3 +202,42 @@ def run_budget_bad_input(rank: int, world: int, case: Case, backend: str, which:
     except DispatchInputError as exc:
         return dict(raised=str(exc), y_rows=y.shape[0])
     return dict(raised=None, y_rows=y.shape[0])
+
+
+def run_exact_paths(rank: int, world: int, case: Case, backend: str, opts: dict):
+    """The exact-mode step (dispatch -> experts -> combine -> backward) on this rank through
+    the torch reference and through the fused kernels forced on (interpreted on CPU:
+    ``test_budget_kernels.force_paths``). Returns {fused: outputs on the CPU}.
+
+    opts: ``pad_multiple``; ``wire`` (True: FP8 on the wire); ``narrow_rank`` (that rank
+    routes with one slot fewer, so the others widen it with -1 slots); ``device``.
+    """
+    import pytest
+    from test_budget_kernels import force_paths
+    outs = {}
+    for fused in (False, True):
+        with pytest.MonkeyPatch.context() as mp:
+            force_paths(mp, fused)
+            outs[fused] = _exact_step(rank, case, backend, opts)
+    return outs
+
+
+def _exact_step(rank: int, case: Case, backend: str, opts: dict):
+    disp = MoETokenDispatcher(case.num_experts, backend=backend,
+                              pad_multiple=opts.get("pad_multiple"),
+                              wire_dtype=torch.float8_e4m3fn if opts.get("wire") else None)
+    dev = torch.device(opts.get("device", "cpu"))
+    x = case.xs[rank].to(dev).clone().requires_grad_(True)
+    p = case.probs[rank].to(dev).clone().requires_grad_(True)
+    idx, p_in = case.idxs[rank].to(dev), p
+    if opts.get("narrow_rank") == rank:
+        idx, p_in = idx[:, :-1], p[:, :-1]
+    out = disp.dispatch(x, topk_idx=idx, topk_probs=p_in)
+    y = disp.combine(local_experts(case.W.to(dev), disp.local_expert_offset)(
+        out.tokens, out.tokens_per_expert, out.probs), out.handle)
+    (y.float() * case.gouts[rank].to(dev).float()).sum().backward()
+    return dict(tokens=out.tokens.detach(), probs=out.probs.detach(),
+                tpe=out.tokens_per_expert, y=y.detach(),
+                gx=x.grad if x.grad is not None else torch.zeros_like(x),
+                gp=p.grad if p.grad is not None else torch.zeros_like(p),
+                plan=type(out.handle.backend_handle.plan).__name__)

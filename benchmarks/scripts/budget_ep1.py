@@ -14,7 +14,8 @@ benchmarks/scripts/budget_ep1.py --json OUT.json``). For each backend and preset
     graph adds the parameters' gradients into ``.grad``: ``token_dispatcher/layer_graph.py``).
     The gradients accumulate over the timed calls (never zeroed), in place in both ways;
   * kernels: the GPU operations (kernels, memsets, copies) one budget dispatch launches,
-    eager and in one replay of its CUDA graph (torch.profiler). ``--count-kernels`` prints
+    eager and in one replay of its CUDA graph, and one exact-mode dispatch (eager; its host
+    sync is the "Memcpy DtoH") (torch.profiler). ``--count-kernels`` prints
     only these, with their names (``torchrun --standalone --nproc-per-node 1
     benchmarks/scripts/budget_ep1.py --count-kernels --backends alltoall,allgather``).
 Numbers are medians over repeats; every repeat's value is in the JSON.
@@ -133,18 +134,22 @@ def time_dispatch(backend, T, H, K, E, dev, g, iters, repeats):
 
 
 def count_kernels(backend, T, H, K, E, dev, g):
-    """The GPU operations of one budget-mode dispatch: {"eager": names, "graph": names}
-    (one eager call, one replay of the captured dispatch)."""
+    """The GPU operations of one dispatch: {"eager": names, "graph": names, "exact": names}
+    (one eager budget-mode call, one replay of the captured budget dispatch, one eager
+    exact-mode call: its host sync is the "Memcpy DtoH")."""
     from moe_dispatch.bench.launch import device_ops
     d = MoETokenDispatcher(E, backend=backend, max_rows_per_rank=budget_for(T, K))
+    exact = MoETokenDispatcher(E, backend=backend)
     x = torch.randn(T, H, device=dev, dtype=torch.bfloat16, generator=g)
     idx, p = routing(T, E, K, dev, g)
 
-    def disp():
+    def disp(d=d):
         d.dispatch(x, topk_idx=idx, topk_probs=p)
     with torch.no_grad():
         disp()  # the first call agrees the shapes (one host sync) and compiles
-        return {"eager": device_ops(disp), "graph": device_ops(graphed(disp))}
+        disp(exact)
+        return {"eager": device_ops(disp), "graph": device_ops(graphed(disp)),
+                "exact": device_ops(lambda: disp(exact))}
 
 
 def time_layer(backend, T, H, K, E, dev, g, iters, repeats):
@@ -223,7 +228,7 @@ def main():
 
 
 def kernel_summary(row) -> str:
-    lines = [f"{row['preset']:>5} {row['backend']:<9} GPU operations per budget dispatch: "
+    lines = [f"{row['preset']:>5} {row['backend']:<9} GPU operations per dispatch: "
              + ", ".join(f"{way} {len(ops)}" for way, ops in row["kernels"].items())]
     for way, ops in row["kernels"].items():
         lines.append(f"  {way}: " + ", ".join(ops))
@@ -244,7 +249,7 @@ def summary(row) -> str:
                      f"{med(t['combine'], 1):7.1f} us")
     for way, t in row["layer"].items():
         parts.append(f"  layer {way:<7} fwd+bwd host/wall {med(t, 0):8.1f}/{med(t, 1):8.1f} us")
-    parts.append("  GPU operations per budget dispatch: " + ", ".join(
+    parts.append("  GPU operations per dispatch: " + ", ".join(
         f"{way} {len(ops)}" for way, ops in row["kernels"].items()))
     return head + " " + "\n".join(parts)
 

@@ -6,7 +6,8 @@ R times the bytes of ``alltoall`` at low top-k and suits small EP groups or
 near-dense routing. Uneven token counts are padded to the largest rank's T.
 
 Host syncs: one per dispatch (token counts and per-expert counts arrive in one gather,
-with validation folded in). Combine never syncs.
+with validation folded in). Combine never syncs. The receiver's grouping after the sync is
+``exact.receive_plan``: on CUDA with triton the budget mode's two plan launches.
 
 Budget mode (``max_rows_per_rank=B``): no host sync after the first call. Every rank
 gathers ``T_cap`` token rows from each rank (agreed at the first call, or
@@ -23,25 +24,30 @@ runs in the caller's dtype).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Union
 
 import torch
 
 from .. import comm
 from ..kernels.fp8 import WIRE_DTYPES
-from ..permute import BudgetPlan, GroupPlan, group_plan, permute, unpermute
+from ..permute import BudgetPlan, GroupPlan, pad_counts, permute, unpermute
 from ..routing import pad_topk
 from ..protocol import DispatchInputError, DispatchResult, PendingCheck
-from .budget import BudgetShape, budget_input, budget_options, pack_meta, pad_rows, receive_plan
+from . import budget as budget_mode  # fused_budget read per call (tests swap it)
+from .budget import (BudgetShape, budget_input, budget_options, pack_meta, pad_rows,
+                     receive_plan)
 from .exact import HEAD, read_messages, route_message
+from .exact import receive_plan as exact_receive_plan
 from .wire import fp8_receive, fp8_send
 
 
 @dataclass(frozen=True)
 class AllGatherHandle:
-    """plan: grouping of this rank's rows of the gathered [R * T_max] tokens;
+    """plan: grouping of this rank's rows of the gathered [R * T_max] tokens (a
+    ``BudgetPlan`` on the fused path, else a ``GroupPlan``: ``exact.receive_plan``);
     num_tokens: T (this rank); max_tokens: T_max (gather padding)."""
 
-    plan: GroupPlan
+    plan: Union[GroupPlan, BudgetPlan]
     num_tokens: int
     max_tokens: int
 
@@ -87,21 +93,18 @@ class AllGatherBackend(comm.CollectiveBackendBase):
         first = HEAD + me * L
         tokens_per_expert = [sum(c) for c in zip(*(row[first:first + L] for row in table))]
 
-        pad = t_max - T
-        meta = torch.cat([idx_TK.to(torch.float32), probs_TK], dim=1)
-        if pad:
-            filler = torch.cat([torch.full((pad, K), -1.0, device=dev),
-                                torch.zeros(pad, K, device=dev)], dim=1)
-            meta = torch.cat([meta, filler], dim=0)
+        # Rows [id + 1, probs] (exact.py); the zero rows that pad T to T_max route nowhere.
+        meta = pad_rows(torch.cat([(idx_TK + 1).to(torch.float32), probs_TK], dim=1), t_max)
         all_x = self._gather_rows(x_TH, t_max)
         all_meta = comm.all_gather(meta, self.group)
-        gidx = all_meta[:, :K].detach().to(torch.long)
-        mine = (gidx >= me * L) & (gidx < (me + 1) * L)
-        lid_NK = torch.where(mine, gidx - me * L, -1)
-        plan = group_plan(lid_NK, L, tokens_per_expert, self.cfg.pad_multiple)
-        tokens, probs, fp8_rows = self._receive_rows(x_TH, all_x, all_meta[:, K:], plan)
-        return DispatchResult(tokens, torch.tensor(plan.tokens_per_expert, dtype=torch.long),
-                              probs, AllGatherHandle(plan, T, t_max), fp8=fp8_rows)
+        # On CUDA the fused budget-plan kernels (two launches), else the torch reference.
+        plan, probs_NK = exact_receive_plan(all_meta, K, me * L, L, tokens_per_expert,
+                                            self.cfg.pad_multiple,
+                                            budget_mode.fused_budget(all_meta))
+        tokens, probs, fp8_rows = self._receive_rows(x_TH, all_x, probs_NK, plan)
+        tpe = pad_counts(tokens_per_expert, self.cfg.pad_multiple)
+        return DispatchResult(tokens, torch.tensor(tpe, dtype=torch.long), probs,
+                              AllGatherHandle(plan, T, t_max), fp8=fp8_rows)
 
     def _dispatch_budget(self, x_TH, idx_TK, probs_TK, check: PendingCheck) -> DispatchResult:
         R, L, B, me = self.R, self.L, self.budget, self.rank

@@ -7,7 +7,11 @@ At top-8 over 4 ranks that moves ~2.2x fewer bytes than one row per (token, expe
 
 Host syncs: exactly one per dispatch, after the count exchange (split sizes must be
 host ints for ``all_to_all_single``). Input validation rides in the same exchange, so
-it costs no extra sync. Combine never syncs.
+it costs no extra sync. Combine never syncs. After the sync, on CUDA with triton, the
+budget mode's fused kernels do the rest in ~5 launches besides the two all-to-alls
+(``exact.pack_rows``: the send plan and the packed metadata rows in one; the send permute;
+``exact.receive_plan``: the receiver's grouping in two; the receive permute), where the
+torch reference (the CPU path) takes ~20 small ops; the results are the same bit for bit.
 
 Budget mode (``max_rows_per_rank=B``): no host sync after the first call. Every pair of
 ranks exchanges a fixed block of ``T_cap`` token rows (a token goes to a rank at most
@@ -28,18 +32,20 @@ unchanged.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Tuple, Union
 
 import torch
 
 from .. import comm
 from ..kernels.fp8 import WIRE_DTYPES
-from ..permute import BudgetPlan, GroupPlan, group_plan, permute, unpermute
-from ..routing import pad_topk, rank_mask
+from ..permute import BudgetPlan, GroupPlan, pad_counts, permute, unpermute
+from ..routing import pad_topk
 from ..protocol import DispatchInputError, DispatchResult, PendingCheck
+from . import budget as budget_mode  # fused_budget read per call (tests swap it)
 from .budget import (BudgetShape, budget_input, budget_options, pack_meta, pad_rows,
                      receive_plan)
-from .exact import HEAD, read_messages, route_message
+from .exact import HEAD, pack_rows, read_messages, route_message
+from .exact import receive_plan as exact_receive_plan
 from .wire import fp8_receive, fp8_send
 
 
@@ -52,12 +58,14 @@ class AllToAllHandle:
     send_splits: rows sent to each rank (host ints), len R.
     recv_splits: rows received from each rank (host ints), len R.
     plan:        grouping of the received rows by local expert.
+    Both plans are ``BudgetPlan``s on the fused path (budget = the exact row count) and
+    ``GroupPlan``s on the torch path (``exact.py``); they map the same rows.
     """
 
-    send_plan: GroupPlan
+    send_plan: Union[GroupPlan, BudgetPlan]
     send_splits: Tuple[int, ...]
     recv_splits: Tuple[int, ...]
-    plan: GroupPlan
+    plan: Union[GroupPlan, BudgetPlan]
 
 
 @dataclass(frozen=True)
@@ -88,12 +96,36 @@ class AllToAllBackend(comm.CollectiveBackendBase):
                  check: PendingCheck) -> DispatchResult:
         if self.budget is not None:
             return self._dispatch_budget(x_TH, idx_TK, probs_TK, check)
-        R, L, E = self.R, self.L, self.cfg.num_experts
-        T, K = idx_TK.shape
-        dev = x_TH.device
-        H = x_TH.shape[1]
+        L, E = self.L, self.cfg.num_experts
+        idx_TK, probs_TK, send_splits, recv_splits, tokens_per_expert = self._exchange_routing(
+            x_TH, idx_TK, probs_TK, check)
+        K = idx_TK.shape[1]
+        # Every size is a host int now; the rest is device work (exact.py: on CUDA the
+        # budget mode's fused kernels, ~5 launches; else the torch reference).
+        fused = budget_mode.fused_budget(idx_TK)
+        # The send buffer groups the tokens by destination rank (rank-major, token
+        # ascending); each row's metadata [id + 1, probs] travels in a second collective.
+        send_plan, meta_SW = pack_rows(idx_TK, probs_TK, E, L, send_splits, fused)
+        recv_x = self._send_rows(x_TH, send_plan, send_splits, recv_splits)
+        recv_meta = comm.all_to_all(meta_SW, recv_splits, send_splits, self.group)
+        plan, probs_NK = exact_receive_plan(recv_meta, K, self.rank * L, L, tokens_per_expert,
+                                            self.cfg.pad_multiple, fused)
+        tokens, probs, fp8_rows = self._receive_rows(x_TH, recv_x, probs_NK, plan,
+                                                     send_plan, send_splits, recv_splits)
+        handle = AllToAllHandle(send_plan, tuple(send_splits), tuple(recv_splits), plan)
+        # Host ints, so the caller's grouped GEMM can size itself without another sync.
+        tpe = pad_counts(tokens_per_expert, self.cfg.pad_multiple)
+        return DispatchResult(tokens, torch.tensor(tpe, dtype=torch.long), probs, handle,
+                              fp8=fp8_rows)
+
+    def _exchange_routing(self, x_TH, idx_TK, probs_TK, check: PendingCheck):
+        """The exact mode's count exchange and its single host sync; raises on every rank
+        if any rank's input was bad or the hidden sizes differ. Returns (idx_TK, probs_TK
+        widened to the widest rank's K, send_splits, recv_splits, tokens_per_expert: host
+        int lists)."""
+        E, L, H = self.cfg.num_experts, self.L, x_TH.shape[1]
         # One message per destination: [rows, code, H, K, per-local-expert rows...].
-        msg_RC = route_message(idx_TK, check.code(dev), E, L, H, per_rank=True)
+        msg_RC = route_message(idx_TK, check.code(x_TH.device), E, L, H, per_rank=True)
         recv_RC = comm.exchange_ints(msg_RC, self.group)
         # The single host sync of this dispatch.
         sent, got = read_messages(msg_RC, recv_RC)
@@ -102,33 +134,10 @@ class AllToAllBackend(comm.CollectiveBackendBase):
         if any(h != H for h in hiddens):
             raise DispatchInputError(f"dispatch: hidden size differs across EP ranks: {hiddens}")
         # Metadata rows must have one width everywhere; a narrower K is widened with -1 slots.
-        K = max(row[3] for row in got)
-        idx_TK, probs_TK = pad_topk(idx_TK, probs_TK, K)
-        send_splits = [row[0] for row in sent]
-        recv_splits = [row[0] for row in got]
+        idx_TK, probs_TK = pad_topk(idx_TK, probs_TK, max(row[3] for row in got))
         tokens_per_expert = [sum(c) for c in zip(*(row[HEAD:] for row in got))]
-        mask_TR = rank_mask(idx_TK, E, L)
-
-        # The send buffer is a grouping of tokens by destination rank (rank-major, token
-        # ascending): the same plan/permute machinery as the expert grouping, so the send
-        # gather and combine's final per-token sum share its kernels and backward.
-        lid_TR = torch.where(mask_TR, torch.arange(R, device=dev), -1)
-        send_plan = group_plan(lid_TR, R, send_splits)
-        # Each sent row carries the token's K global ids (as float32, exact below 2**24) and
-        # probs; the receiver keeps the slots of its own experts. One collective for both.
-        # Permuted with the same plan as the rows (a row gather, no per-row index map).
-        meta_SK2, _ = permute(torch.cat([idx_TK.to(torch.float32), probs_TK], dim=1), None,
-                              send_plan)
-        recv_x = self._send_rows(x_TH, send_plan, send_splits, recv_splits)
-        recv_meta = comm.all_to_all(meta_SK2, recv_splits, send_splits, self.group)
-        lid_NK = recv_meta[:, :K].detach().to(torch.long) - self.rank * L
-        lid_NK.masked_fill_((lid_NK < 0) | (lid_NK >= L), -1)
-        plan = group_plan(lid_NK, L, tokens_per_expert, self.cfg.pad_multiple)
-        tokens, probs, fp8_rows = self._receive_rows(x_TH, recv_x, recv_meta[:, K:], plan,
-                                                     send_plan, send_splits, recv_splits)
-        handle = AllToAllHandle(send_plan, tuple(send_splits), tuple(recv_splits), plan)
-        return DispatchResult(tokens, torch.tensor(plan.tokens_per_expert, dtype=torch.long),
-                              probs, handle, fp8=fp8_rows)
+        return (idx_TK, probs_TK, [row[0] for row in sent], [row[0] for row in got],
+                tokens_per_expert)
 
     def _dispatch_budget(self, x_TH, idx_TK, probs_TK, check: PendingCheck) -> DispatchResult:
         R, L, B = self.R, self.L, self.budget

@@ -10,14 +10,26 @@ Message row (``4 + L`` ints, one per destination rank):
     [a, code, H, K, count of local expert 0 of that rank, ..., count of local expert L-1]
 ``a``: tokens with at least one expert on that rank (``per_rank``), or T (one row over
 all E experts: the all-gather's form, L = E).
+
+After the sync every size is a host int, and the rest is device work: the metadata rows
+that travel beside the tokens (``[id + 1 (K, as float32, exact below 2**24; 0 = masked),
+probs (K)]``, the budget mode's row encoding) and the two plans. On CUDA with triton
+(``fused``, the budget mode's decision) they run as the budget mode's fused kernels:
+``pack_rows`` is one launch for the send plan and the packed metadata rows of ``alltoall``
+(``kernels.pack_rows``), ``receive_plan`` two for the receiver's grouping
+(``kernels.budget_arrays`` with the budget set to the exact padded row count, so nothing
+drops and the order is the exact plan's), giving ``BudgetPlan``s with every map on the
+device. Otherwise (CPU, ``MOE_DISPATCH_TRITON=0``) the torch code below builds
+``GroupPlan``s: the reference, with the same rows, plans' maps and results bit for bit.
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional, Sequence
 
 import torch
 
 from .. import kernels
+from ..permute import BudgetPlan, group_plan, pad_counts, permute
 from ..routing import rank_mask
 
 HEAD = 4  # a, code, H, K
@@ -76,3 +88,74 @@ def read_messages(*tables: torch.Tensor) -> List[list]:
         start += u.numel()
         rows[id(u)] = [vals[i:i + w] for i in range(0, len(vals), w)] if u.dim() > 1 else vals
     return [rows[id(t)] for t in tables]
+
+
+def pack_rows(idx_TK: torch.Tensor, probs_TK: torch.Tensor, num_experts: int, num_local: int,
+              send_splits: Sequence[int], fused: Optional[bool] = None):
+    """``alltoall``'s send side after the sync: the grouping of the T tokens by destination
+    rank (rank-major, token ascending: the send buffer of ``all_to_all_single``) and the
+    metadata rows in that order. No host sync.
+
+    idx_TK:      [T, K] int64 global expert ids, -1 masked (validated: no other id outside
+                 [0, E)).
+    probs_TK:    [T, K] float32 probs (differentiable: the rows carry their gradient).
+    num_experts, num_local: E and L (expert e lives on rank e // L; R = E / L).
+    send_splits: tokens sent to each rank (host ints, len R), from the routing message.
+    fused:       the fused kernel (True) or the torch reference (False); None:
+                 ``kernels.use_triton(idx_TK)``.
+    Returns (send_plan, meta_SW [S, 2K] float32 rows ``[id + 1, probs]``, S =
+    sum(send_splits)): ``send_plan`` maps token t to its row of each rank it goes to, a
+    ``BudgetPlan`` of S rows (fused) or a ``GroupPlan`` (the same maps).
+    """
+    E, L, T = num_experts, num_local, idx_TK.shape[0]
+    R = E // L
+    if fused if fused is not None else kernels.use_triton(idx_TK):
+        meta_SW, (pos_TR, _, counts_R, dropped) = kernels.pack_rows(
+            idx_TK, probs_TK, E, L, sum(send_splits))
+        # Every send row is real: no row mask, so the send permute zero-fills nothing.
+        return BudgetPlan(pos_TR, None, meta_SW.shape[0], T, R, counts_R, dropped), meta_SW
+    dev = idx_TK.device
+    lid_TR = torch.where(rank_mask(idx_TK, E, L), torch.arange(R, device=dev), -1)
+    send_plan = group_plan(lid_TR, R, send_splits)
+    # The rows are permuted with the plan of the tokens (a row gather, no index map).
+    meta_SW, _ = permute(torch.cat([(idx_TK + 1).to(torch.float32), probs_TK], dim=1), None,
+                         send_plan)
+    return send_plan, meta_SW
+
+
+def receive_plan(meta_NW: torch.Tensor, topk: int, first_expert: int, num_local: int,
+                 tokens_per_expert: Sequence[int], pad_multiple: Optional[int],
+                 fused: Optional[bool] = None):
+    """The receiver's grouping of N received metadata rows by local expert, and their probs.
+    No host sync.
+
+    meta_NW:           [N, 2K] float32 received rows ``[id + 1 (0 = masked), probs]``,
+                       contiguous (differentiable w.r.t. the probs).
+    topk:              K.
+    first_expert:      this rank's first global expert id (rank * L).
+    num_local:         L; slot k of row n is this rank's when its id is in
+                       [first_expert, first_expert + L).
+    tokens_per_expert: rows per local expert without padding (host ints, len L), from the
+                       routing messages.
+    pad_multiple:      each expert's rows padded with zero rows to a multiple of this.
+    fused:             the fused kernels (True) or the torch reference (False); None:
+                       ``kernels.use_triton(meta_NW)``.
+    Returns (plan, probs_NK [N, K] float32 view of ``meta_NW``): ``plan`` groups the rows
+    expert ascending, then received row, then slot, each expert's block padded; a
+    ``BudgetPlan`` whose budget is the exact padded row count (fused) or a ``GroupPlan``.
+    """
+    N, K, L = meta_NW.shape[0], topk, num_local
+    probs_NK = meta_NW[:, K:]
+    if fused if fused is not None else kernels.use_triton(meta_NW):
+        counts = [int(c) for c in tokens_per_expert]
+        padded = pad_counts(counts, pad_multiple)
+        # With the budget at the exact padded total nothing drops, and the budget plan's
+        # order (expert, source, row, slot) is the exact plan's: one source here.
+        pos_NK, filled_M, tpe_L, dropped, _ = kernels.budget_arrays(
+            meta_NW.detach().unsqueeze(0), K, N, L, sum(padded),
+            max(int(pad_multiple or 1), 1), shift=first_expert + 1)
+        filled_M = filled_M if padded != counts else None  # no padding: every row is real
+        return BudgetPlan(pos_NK, filled_M, sum(padded), N, K, tpe_L, dropped), probs_NK
+    lid_NK = meta_NW[:, :K].detach().to(torch.long) - (first_expert + 1)
+    lid_NK.masked_fill_((lid_NK < 0) | (lid_NK >= L), -1)
+    return group_plan(lid_NK, L, tokens_per_expert, pad_multiple), probs_NK

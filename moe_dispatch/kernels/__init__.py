@@ -12,6 +12,8 @@ the reference and the CPU path. The kernels here compute exactly what that code 
 * ``pack_meta(...)`` (``_pack``): the budget mode's send side of ``alltoall`` /
   ``allgather`` in one launch: each token's row in each destination block, and the
   metadata rows (ids, probs, one header row per block) written straight into the wire.
+  ``pack_rows(...)``: the same kernel for the exact mode of ``alltoall`` (blocks packed
+  back to back at their all-to-all offsets, no header).
 * ``permute(x_NH, probs_NK, plan)``: each input row is read once and written to each of
   its output slots (a scatter through the inverse map ``pos_NK``), its probs alongside;
   padding rows are zeros with prob 0.
@@ -157,26 +159,28 @@ class _PackMeta(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, probs_TK, idx_TK, code, clipped, num_experts, num_local, num_blocks,
-                rows, plan_out, tiles):
+                rows, plan_out, tiles, packed_rows):
         from . import _pack
         K = idx_TK.shape[1]
-        meta_RCW = torch.empty(num_blocks, rows + 1, 2 * K, dtype=torch.float32,
-                               device=idx_TK.device)
+        shape = (num_blocks, rows + 1, 2 * K) if packed_rows is None else (packed_rows, 2 * K)
+        meta = torch.empty(shape, dtype=torch.float32, device=idx_TK.device)
         _pack.pack_meta(idx_TK, probs_TK, code, clipped, num_experts, num_local, rows,
-                        meta_RCW, plan_out, *tiles)
+                        meta, plan_out, *tiles, packed=packed_rows is not None)
         ctx.pos_TR = None if plan_out is None else plan_out[0]
         ctx.probs_like = (probs_TK.shape, probs_TK.dtype)
-        return meta_RCW
+        return meta
 
     @staticmethod
     def backward(ctx, g_meta):
         (T, K), dtype = ctx.probs_like
-        R, C = g_meta.shape[0], g_meta.shape[1] - 1
         if ctx.pos_TR is None:  # one block, token t on row t
             g_p = g_meta[0, :T, K:]
+        elif g_meta.dim() == 2:  # packed: the send rows themselves
+            g_p = reduce_rows(g_meta[:, K:].float(), ctx.pos_TR)
         else:
+            R, C = g_meta.shape[0], g_meta.shape[1] - 1
             g_p = reduce_rows(g_meta[:, :C, K:].reshape(R * C, K).float(), ctx.pos_TR)
-        return g_p.to(dtype), None, None, None, None, None, None, None, None, None
+        return (g_p.to(dtype),) + (None,) * 10
 
 
 def pack_meta(idx_TK: torch.Tensor, probs_TK: torch.Tensor, code: torch.Tensor, clipped: bool,
@@ -203,19 +207,56 @@ def pack_meta(idx_TK: torch.Tensor, probs_TK: torch.Tensor, code: torch.Tensor, 
     sent there; filled_S [R * C] uint8; counts_R [R] int64 tokens per block; dropped []
     bool, always False).
     """
-    T, K = idx_TK.shape
-    dev = idx_TK.device
-    idx_TK = idx_TK if idx_TK.is_contiguous() else idx_TK.contiguous()
-    probs_TK = probs_TK if probs_TK.is_contiguous() else probs_TK.contiguous()
+    idx_TK, probs_TK = _contiguous(idx_TK), _contiguous(probs_TK)
     maps = None
     if per_rank:
-        maps = (torch.empty(T, num_blocks, dtype=torch.int64, device=dev),
-                torch.empty(num_blocks * rows, dtype=torch.uint8, device=dev),
-                torch.empty(num_blocks, dtype=torch.int64, device=dev),
-                torch.empty((), dtype=torch.bool, device=dev))
+        maps = _send_maps(idx_TK.shape[0], num_blocks, num_blocks * rows, idx_TK.device)
     meta = _PackMeta.apply(probs_TK, idx_TK, code, clipped, num_experts, num_local_experts,
-                           num_blocks, rows, maps, (block_t, block_c))
+                           num_blocks, rows, maps, (block_t, block_c), None)
     return meta, maps
+
+
+def pack_rows(idx_TK: torch.Tensor, probs_TK: torch.Tensor, num_experts: int,
+              num_local_experts: int, num_sent: int, block_t: Optional[int] = None,
+              block_c: Optional[int] = None):
+    """The exact mode's send side of ``alltoall`` in one launch (``_pack``, packed form;
+    the torch reference is ``moe_dispatch.backends.exact.pack_rows``): the send buffer's
+    metadata rows, every block at its all-to-all offset, and the send plan's maps. No host
+    sync.
+
+    idx_TK:            [T, K] int64 global expert ids (-1 = masked, every other id in
+                       [0, E): the exact mode validated them before).
+    probs_TK:          [T, K] float32 probs (differentiable: the result carries their
+                       gradient).
+    num_experts:       E.   num_local_experts: L (expert e lives on rank e // L; R = E / L).
+    num_sent:          S, the (token, destination rank) pairs: the sum of the send splits
+                       (host-known after the exact mode's count exchange).
+    block_t, block_c:  tiling overrides for tests.
+    Returns (meta_SW [S, 2K] float32: row ``[id + 1 (0 = masked), probs]`` of each sent
+    token, rank-major, token ascending; maps (pos_TR [T, R] int64 row of token t in the S
+    send rows, -1 = not sent there; None (every send row is real); counts_R [R] int64
+    tokens per rank; dropped [] bool, always False)).
+    """
+    idx_TK, probs_TK = _contiguous(idx_TK), _contiguous(probs_TK)
+    R = num_experts // num_local_experts
+    maps = _send_maps(idx_TK.shape[0], R, None, idx_TK.device)
+    meta = _PackMeta.apply(probs_TK, idx_TK, idx_TK, False, num_experts, num_local_experts,
+                           R, idx_TK.shape[0], maps, (block_t, block_c), num_sent)
+    return meta, maps
+
+
+def _contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _send_maps(T: int, R: int, send_rows: Optional[int], dev: torch.device):
+    """Empty (pos_TR, filled_S or None when ``send_rows`` is None, counts_R, dropped) for
+    the send side's kernel to fill."""
+    filled = None if send_rows is None else torch.empty(send_rows, dtype=torch.uint8,
+                                                        device=dev)
+    return (torch.empty(T, R, dtype=torch.int64, device=dev), filled,
+            torch.empty(R, dtype=torch.int64, device=dev),
+            torch.empty((), dtype=torch.bool, device=dev))
 
 
 # ------------------------------------------------------------------ plan inverse maps
