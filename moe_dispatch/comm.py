@@ -67,7 +67,11 @@ class _AllToAll(torch.autograd.Function):
 
 
 def all_to_all(x: torch.Tensor, out_splits: List[int], in_splits: List[int], group) -> torch.Tensor:
-    """Uneven all-to-all of rows with autograd (backward = the reverse all-to-all)."""
+    """Uneven all-to-all of rows with autograd (backward = the reverse all-to-all).
+    A group of one returns ``x`` itself: the identity, whose gradient is the identity too,
+    without an autograd node (each costs the host ~10 µs on the dispatch path)."""
+    if group_size(group) == 1:
+        return x
     return _AllToAll.apply(x, list(out_splits), list(in_splits), group)
 
 
@@ -124,12 +128,16 @@ class _ReduceScatter(torch.autograd.Function):
 
 
 def all_gather(x: torch.Tensor, group) -> torch.Tensor:
-    """Differentiable equal-size all-gather along dim 0."""
+    """Differentiable equal-size all-gather along dim 0 (a group of one: ``x`` itself)."""
+    if group_size(group) == 1:
+        return x
     return _AllGather.apply(x, group)
 
 
 def reduce_scatter(x: torch.Tensor, group) -> torch.Tensor:
-    """Differentiable equal-size reduce-scatter (sum) along dim 0."""
+    """Differentiable equal-size reduce-scatter (sum) along dim 0 (a group of one: ``x``)."""
+    if group_size(group) == 1:
+        return x
     return _ReduceScatter.apply(x, group)
 
 

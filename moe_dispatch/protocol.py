@@ -235,6 +235,11 @@ class PendingCheck:
                  range, NaN/inf/negative prob), else 0; evaluated on the device, no sync.
                  (Other dtypes are accepted: nonzero = failed.)
     value_help:  text explaining what ``device_bad`` checked, for the error message.
+    in_message:  the value check is still to do, by the backend's routing message
+                 (``backends.exact.route_message(..., probs_TK=)``, the exact mode of
+                 ``alltoall`` / ``allgather``): the ids and probs are unchecked, and bad
+                 ids were not masked, so nothing may use them before that message's sync.
+                 ``device_bad`` is None then.
 
     Backends that exchange counts anyway fold ``code()`` into that message and call
     ``raise_if_failed`` on the gathered codes: validation then costs no extra sync.
@@ -244,6 +249,7 @@ class PendingCheck:
     host_error: Optional[str]
     device_bad: Optional[torch.Tensor]
     value_help: str = ""
+    in_message: bool = False
 
     def code(self, device: torch.device) -> torch.Tensor:
         """0-dim int64 on ``device``: 0 ok, 1 value error, 2 host (shape/dtype) error.

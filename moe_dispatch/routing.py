@@ -131,7 +131,8 @@ def canonicalize(hidden: torch.Tensor, num_experts: int, *,
                  routing_map: Optional[torch.Tensor] = None,
                  probs: Optional[torch.Tensor] = None,
                  topk: Optional[int] = None,
-                 check_values: bool = True):
+                 check_values: bool = True,
+                 check_in_message: bool = False):
     """Validate one rank's dispatch input and bring it to the backend form.
 
     Returns (x_TH, idx_TK int64, probs_TK float32, check). Nothing is raised here for bad
@@ -146,6 +147,11 @@ def canonicalize(hidden: torch.Tensor, num_experts: int, *,
     ignore them; they get zero gradient). Inputs already int64 / float32 / [T, H] are
     returned as they are, without a copy (the checked ids are a new tensor). On CUDA the
     value check is one Triton launch (``moe_dispatch.kernels._check``).
+
+    ``check_in_message`` (with ``check_values``, the top-k form): leave the value check of
+    the ids and probs to the backend's routing message (the exact mode of ``alltoall`` /
+    ``allgather`` reads them there anyway, and the check then costs no launch of its own):
+    the ids come back unchecked and unmasked, ``check.in_message`` set.
     """
     err = _host_errors(hidden, num_experts, topk_idx, topk_probs, routing_map, probs)
     if err is not None:
@@ -165,6 +171,9 @@ def canonicalize(hidden: torch.Tensor, num_experts: int, *,
         bad = None
         help_ = ("dispatch: topk_idx has an expert id outside [-1, num_experts) or "
                  "topk_probs has NaN/inf/negative values")
+        if check_values and check_in_message:
+            idx_TK = topk_idx if topk_idx.dtype == torch.int64 else topk_idx.long()
+            return x_TH, idx_TK, probs_TK, PendingCheck(None, None, help_, in_message=True)
         if check_values and topk_idx.numel():
             # Bad ids become -1 here, so none reaches a backend's layout or scatter; the
             # error itself travels in ``check``.
@@ -197,7 +206,7 @@ def _check_topk(idx: torch.Tensor, probs: torch.Tensor, probs_f32: torch.Tensor,
     idx = idx.long()
     # An id outside [-1, E) changes under clamp.
     oob_TK = idx.clamp(-1, num_experts - 1) != idx
-    bad = (oob_TK.any() | _bad_probs(probs_f32)).to(torch.int64)
+    bad = (oob_TK.any() | bad_probs(probs_f32)).to(torch.int64)
     return idx.masked_fill(oob_TK, -1), bad
 
 
@@ -205,10 +214,10 @@ def _check_probs(p: torch.Tensor) -> torch.Tensor:
     """0-dim int64 0/1: any NaN, +-inf or negative value of ``p`` (as float32)."""
     if kernels.use_triton(p):
         return kernels.check_values(None, p, 0)[1]
-    return _bad_probs(p.float()).to(torch.int64)
+    return bad_probs(p.float()).to(torch.int64)
 
 
-def _bad_probs(p: torch.Tensor) -> torch.Tensor:
+def bad_probs(p: torch.Tensor) -> torch.Tensor:
     """0-dim bool: any NaN, +-inf or negative value (NaN and +inf become -1 first)."""
     return (p.nan_to_num(nan=-1.0, posinf=-1.0) < 0).any()
 

@@ -198,3 +198,51 @@ def test_fused_exact_paths_match_on_gloo_ranks(gloo_pool, backend, world, tokens
     for rank, outs in enumerate(res):
         assert outs[True]["plan"] == "BudgetPlan", rank
         assert_same(outs, (rank, opts, kw))
+
+
+# ------------------------------------------------------------------ the input check
+
+
+def _count_launches(mp):
+    """Names of the Triton kernels launched (every module's ``launch`` wrapped)."""
+    import sys
+    from moe_dispatch.kernels import _check, _launch, _pack, _route, _triton  # noqa: F401
+    names, real = [], _launch.launch
+
+    def counting(kernel, grid, *args, **kw):
+        names.append(kernel.fn.__name__)
+        return real(kernel, grid, *args, **kw)
+    for mod in list(sys.modules.values()):
+        if getattr(mod, "__name__", "").startswith("moe_dispatch.kernels.") and \
+                getattr(mod, "launch", None) is real and mod is not _launch:
+            mp.setattr(mod, "launch", counting)
+    return names
+
+
+@needs_triton
+@pytest.mark.parametrize("backend", ["alltoall", "allgather"])
+def test_exact_dispatch_checks_input_in_its_message(monkeypatch, backend):
+    """The exact mode's routing-message launch makes the input check (no check launch);
+    bad ids and probs still raise; with capacity clipping (which reads the ids first) the
+    check launch stays."""
+    from moe_dispatch import DispatchInputError
+    from token_dispatcher import MoETokenDispatcher
+    force_paths(monkeypatch, True)
+    names = _count_launches(monkeypatch)
+    seed = _seed()
+    g = torch.Generator().manual_seed(seed)
+    T, H, K, E = 12, 32, 2, 8
+    x = torch.randn(T, H, generator=g).to(DEV, torch.bfloat16)
+    p, idx = torch.topk(torch.rand(T, E, generator=g), K, 1)
+    d = MoETokenDispatcher(E, backend=backend)
+    d.dispatch(x, topk_idx=idx.to(DEV), topk_probs=p.to(DEV))
+    assert "_route_counts_kernel" in names and "_check_kernel" not in names, (seed, names)
+    for bad_idx, bad_p, what in [(E, 0.5, "expert id"), (0, float("nan"), "NaN")]:
+        i2, p2 = idx.clone(), p.clone()
+        i2[3, 1], p2[3, 1] = bad_idx, bad_p
+        with pytest.raises(DispatchInputError, match=what):
+            d.dispatch(x, topk_idx=i2.to(DEV), topk_probs=p2.to(DEV))
+    names.clear()
+    clipped = MoETokenDispatcher(E, backend=backend, capacity_factor=1.0)
+    clipped.dispatch(x, topk_idx=idx.to(DEV), topk_probs=p.to(DEV))
+    assert "_check_kernel" in names, (seed, names)

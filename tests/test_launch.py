@@ -90,3 +90,115 @@ def test_cache_is_used_on_gpu():
     # three specializations of n (multiple of 16, other, 1): three entries, not five
     assert len(_launch._compiled) - before == 3
     torch.testing.assert_close(out[:1], x[:1])
+    if _launch._knobs is not None:  # Triton >= 3.4: the cached launches went direct
+        assert _launch._direct_ok is True
+        assert all(type(e) is _launch._Direct for e in _launch._compiled.values())
+
+
+# ---------------------------------------------------------------- the direct launcher
+# A compiled CUDA kernel cannot exist on a CPU machine: these tests stand in for Triton's
+# ``CompiledKernel`` (its launcher, handles and hooks) and check that the cache calls the
+# launcher exactly as ``CompiledKernel[grid](*args)`` does (Triton 3.4-3.8:
+# ``run(gx, gy, gz, stream, function, packed_metadata, launch_metadata, enter_hook,
+# exit_hook, *args)``), and falls back to ``[grid]`` when the launcher rejects the call.
+# ``test_cache_is_used_on_gpu`` and every GPU test run the real one.
+
+
+class _FakeCompiled:
+    def __init__(self, reject=False):
+        self.function, self.packed_metadata = object(), object()
+        self.direct, self.runner_calls, self.reject = [], [], reject
+
+    @property
+    def run(self):
+        def run(*a):
+            if self.reject:
+                raise TypeError("launcher wants other arguments")
+            self.direct.append(a)
+        return run
+
+    def launch_metadata(self, grid, stream, *args):
+        return ("md", grid, stream, len(args))
+
+    def __getitem__(self, grid):
+        return lambda *args: self.runner_calls.append((grid, args))
+
+
+class _FakeKernel:
+    """The jit function's signature (for the cache's key) and a ``[grid]`` that compiles
+    (returns the stand-in compiled kernel)."""
+
+    def __init__(self, compiled):
+        import inspect
+        from types import SimpleNamespace
+        self.fn, self.compiled, self.jit_calls = _axpb_kernel.fn, compiled, 0
+        # (The interpreter's jit function has no ``params``: read them as Triton does.)
+        self.params = [SimpleNamespace(num=i, is_constexpr=p.annotation in (tl.constexpr,
+                                                                             "tl.constexpr"))
+                       for i, p in enumerate(inspect.signature(self.fn).parameters.values())]
+        assert [p.is_constexpr for p in self.params] == [False] * 5 + [True] * 2
+
+    def __getitem__(self, grid):
+        def call(*args, **kwargs):
+            self.jit_calls += 1
+            return self.compiled
+        return call
+
+
+@pytest.fixture
+def direct_env(monkeypatch):
+    hooks = type("Rt", (), {"launch_enter_hook": object(), "launch_exit_hook": object()})
+    monkeypatch.setattr(_launch, "_enabled", lambda: True)
+    monkeypatch.setattr(_launch, "_knobs", type("K", (), {"runtime": hooks}))
+    monkeypatch.setattr(_launch, "_raw_stream", lambda device: 1000 + device)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(_launch, "_compiled", {})
+    monkeypatch.setattr(_launch, "_direct_ok", None)
+    return hooks
+
+
+def _launch_fake(kernel, n=64):
+    x, out = torch.zeros(n), torch.zeros(n)
+    _launch.launch(kernel, (2,), x, out, n, 1.5, 0.5, SHIFT=1, BLOCK=32, num_warps=1)
+    return (x, out, n, 1.5, 0.5, 1, 32)
+
+
+def test_direct_launch_passes_what_the_runner_passes(direct_env):
+    compiled = _FakeCompiled()
+    kern = _FakeKernel(compiled)
+    _launch_fake(kern)  # compiles (the jit path), caches
+    assert kern.jit_calls == 1 and not compiled.direct
+    full = _launch_fake(kern)
+    full2 = _launch_fake(kern)
+    assert kern.jit_calls == 1 and not compiled.runner_calls
+    assert len(compiled.direct) == 2
+    for got, want_args in zip(compiled.direct, (full, full2)):
+        gx, gy, gz, stream, fn, meta, md, enter, exit_, *args = got
+        assert (gx, gy, gz, stream) == (2, 1, 1, 1003)  # grid padded to 3-D, device 3's stream
+        assert fn is compiled.function and meta is compiled.packed_metadata
+        assert md == ("md", (2, 1, 1), 1003, len(want_args))
+        assert enter is direct_env.launch_enter_hook and exit_ is direct_env.launch_exit_hook
+        assert len(args) == len(want_args)
+        assert all(a is b or a == b for a, b in zip(args, want_args))  # constexprs included
+    assert _launch._direct_ok is True
+
+
+def test_direct_launch_falls_back_when_rejected(direct_env):
+    compiled = _FakeCompiled(reject=True)
+    kern = _FakeKernel(compiled)
+    _launch_fake(kern)
+    _launch_fake(kern)  # direct launch rejected before running: through [grid] instead
+    _launch_fake(kern)  # and from now on straight through [grid]
+    assert not compiled.direct and len(compiled.runner_calls) == 2
+    assert compiled.runner_calls[0][0] == (2, 1, 1)
+    assert _launch._direct_ok is False
+    assert all(type(e) is not _launch._Direct for e in _launch._compiled.values())
+
+
+def test_old_triton_uses_the_runner(direct_env, monkeypatch):
+    monkeypatch.setattr(_launch, "_knobs", None)  # before Triton 3.4
+    compiled = _FakeCompiled()
+    kern = _FakeKernel(compiled)
+    for _ in range(3):
+        _launch_fake(kern)
+    assert not compiled.direct and len(compiled.runner_calls) == 2

@@ -207,10 +207,15 @@ class MoETokenDispatcher(nn.Module):
         probs:       [T, E] floating probs, 0 where not routed.
         Exactly one of the two forms. Invalid input raises ``ValueError`` on every rank.
         """
+        # A backend whose routing message reads the ids and probs before its one sync
+        # checks them there (no launch of its own), unless capacity clipping must use the
+        # ids first.
         x_TH, idx_TK, probs_TK, check = canonicalize(
             hidden, self.num_experts, topk_idx=topk_idx, topk_probs=topk_probs,
             routing_map=routing_map, probs=probs, topk=self.topk,
-            check_values=self.check_inputs)
+            check_values=self.check_inputs,
+            check_in_message=self.capacity_factor is None and getattr(
+                self.backend, "checks_in_message", False))
         if self.wire_dtype is not None and check.host_error is None and \
                 fp8.hidden_error(x_TH.shape[1]):
             # A host error rides in the exchange every backend makes anyway: every rank raises.

@@ -6,7 +6,7 @@ R times the bytes of ``alltoall`` at low top-k and suits small EP groups or
 near-dense routing. Uneven token counts are padded to the largest rank's T.
 
 Host syncs: one per dispatch (token counts and per-expert counts arrive in one gather,
-with validation folded in). Combine never syncs. The receiver's grouping after the sync is
+with validation folded in: the message's own launch checks the ids and probs). Combine never syncs. The receiver's grouping after the sync is
 ``exact.receive_plan``: on CUDA with triton the budget mode's two plan launches.
 
 Budget mode (``max_rows_per_rank=B``): no host sync after the first call. Every rank
@@ -70,6 +70,8 @@ class AllGatherBackend(comm.CollectiveBackendBase):
         super().__init__(config)
         self.budget, self.token_cap = budget_options(config, self.name)
         self.shape: "BudgetShape | None" = None
+        # The exact mode's routing message checks the input values (``PendingCheck``).
+        self.checks_in_message = self.budget is None
 
     def dispatch(self, x_TH: torch.Tensor, idx_TK: torch.Tensor, probs_TK: torch.Tensor,
                  check: PendingCheck) -> DispatchResult:
@@ -79,7 +81,8 @@ class AllGatherBackend(comm.CollectiveBackendBase):
         T, K = idx_TK.shape
         H = x_TH.shape[1]
         dev = x_TH.device
-        msg = route_message(idx_TK, check.code(dev), E, E, H, per_rank=False)
+        msg = route_message(idx_TK, check.code(dev), E, E, H, per_rank=False,
+                            probs_TK=probs_TK if check.in_message else None)
         # The single host sync of this dispatch: every rank's [T, code, H, K, counts_E].
         table, = read_messages(comm.gather_ints(msg, self.group))
         check.raise_if_failed([row[1] for row in table], me)

@@ -7,7 +7,8 @@ At top-8 over 4 ranks that moves ~2.2x fewer bytes than one row per (token, expe
 
 Host syncs: exactly one per dispatch, after the count exchange (split sizes must be
 host ints for ``all_to_all_single``). Input validation rides in the same exchange, so
-it costs no extra sync. Combine never syncs. After the sync, on CUDA with triton, the
+it costs no extra sync; the message's own launch checks the ids and probs (no check launch
+before it). Combine never syncs. After the sync, on CUDA with triton, the
 budget mode's fused kernels do the rest in ~5 launches besides the two all-to-alls
 (``exact.pack_rows``: the send plan and the packed metadata rows in one; the send permute;
 ``exact.receive_plan``: the receiver's grouping in two; the receive permute), where the
@@ -91,6 +92,8 @@ class AllToAllBackend(comm.CollectiveBackendBase):
         super().__init__(config)
         self.budget, self.token_cap = budget_options(config, self.name)
         self.shape: "BudgetShape | None" = None
+        # The exact mode's routing message checks the input values (``PendingCheck``).
+        self.checks_in_message = self.budget is None
 
     def dispatch(self, x_TH: torch.Tensor, idx_TK: torch.Tensor, probs_TK: torch.Tensor,
                  check: PendingCheck) -> DispatchResult:
@@ -125,7 +128,8 @@ class AllToAllBackend(comm.CollectiveBackendBase):
         int lists)."""
         E, L, H = self.cfg.num_experts, self.L, x_TH.shape[1]
         # One message per destination: [rows, code, H, K, per-local-expert rows...].
-        msg_RC = route_message(idx_TK, check.code(x_TH.device), E, L, H, per_rank=True)
+        msg_RC = route_message(idx_TK, check.code(x_TH.device), E, L, H, per_rank=True,
+                               probs_TK=probs_TK if check.in_message else None)
         recv_RC = comm.exchange_ints(msg_RC, self.group)
         # The single host sync of this dispatch.
         sent, got = read_messages(msg_RC, recv_RC)

@@ -30,18 +30,23 @@ import torch
 
 from .. import kernels
 from ..permute import BudgetPlan, group_plan, pad_counts, permute
-from ..routing import rank_mask
+from ..routing import bad_probs, rank_mask
 
 HEAD = 4  # a, code, H, K
 
 
 def route_message(idx_TK: torch.Tensor, code: torch.Tensor, num_experts: int,
-                  num_local: int, hidden: int, per_rank: bool) -> torch.Tensor:
+                  num_local: int, hidden: int, per_rank: bool,
+                  probs_TK: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The routing message of this rank (module doc), on the device of ``idx_TK``.
 
     idx_TK:      [T, K] int64 global expert ids; -1 masked; invalid ids count nowhere (the
                  validation ``code`` reports them).
     code:        0-dim int64 validation code on the same device (0 = fine).
+    probs_TK:    [T, K] float32 probs to value-check here with the ids (the dispatcher
+                 left the check to this message: ``PendingCheck.in_message``): the code
+                 sent is max(code, 1) when an id is outside [-1, E) or a prob is NaN,
+                 infinite or negative. None: ``code`` as given.
     num_experts: E.  num_local: L (experts per rank; E for the all-gather form).
     hidden:      H, written into every row.
     per_rank:    rows per destination rank with its token count (all-to-all), else one
@@ -54,8 +59,12 @@ def route_message(idx_TK: torch.Tensor, code: torch.Tensor, num_experts: int,
     if kernels.use_triton(idx_TK):
         msg = torch.empty(rows, HEAD + L, dtype=torch.int64, device=dev)
         kernels.route_counts(idx_TK.contiguous(), code, msg, num_experts=E, num_local=L,
-                             hidden=hidden, per_rank=per_rank)
+                             hidden=hidden, per_rank=per_rank,
+                             probs_TK=None if probs_TK is None else probs_TK.contiguous())
         return msg if per_rank else msg.view(-1)
+    if probs_TK is not None:
+        bad = ((idx_TK < -1) | (idx_TK >= E)).any() | bad_probs(probs_TK)
+        code = torch.maximum(code.to(dev), bad.to(torch.int64))
     T, K = idx_TK.shape
     ok_TK = (idx_TK >= 0) & (idx_TK < E)
     key = torch.where(ok_TK, idx_TK, E).reshape(-1)

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from . import _env
 from ._triton import _launch, zero_unfilled
 
 # Output element kinds of the dequantising scatter (constexpr OUT_KIND).
@@ -222,7 +222,7 @@ def _tile(G: int) -> tuple[int, int]:
     copy, against 72 / 81 / 59 % with 8 blocks (a divisor of G, no idle lanes).
     MOE_DISPATCH_FP8_BLOCK="BLOCK_G,num_warps" overrides (tuning), for the quantise too
     unless MOE_DISPATCH_FP8_QUANT is set (``quant_tile``)."""
-    env = os.environ.get("MOE_DISPATCH_FP8_BLOCK")
+    env = _env.get("MOE_DISPATCH_FP8_BLOCK")
     if env:
         bg, w = (int(v) for v in env.split(","))
         return bg, w
@@ -231,7 +231,7 @@ def _tile(G: int) -> tuple[int, int]:
 
 
 def _soft() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _env.get("TRITON_INTERPRET", "0") == "1"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,7 +318,7 @@ def _parse_tile(spec: str) -> QuantTile:
 def quant_tile(G: int) -> QuantTile:
     """The quantise kernel's configuration for G blocks per row: MOE_DISPATCH_FP8_QUANT
     (``QuantTile`` syntax) if set, else ``_tile(G)`` (whole rows, one per program)."""
-    env = os.environ.get("MOE_DISPATCH_FP8_QUANT")
+    env = _env.get("MOE_DISPATCH_FP8_QUANT")
     if env:
         return _parse_tile(env)
     return QuantTile(*_tile(G))

@@ -7,7 +7,9 @@ several Triton launches per call, so that alone is a few hundred µs of host tim
 
 ``launch(kernel, grid, *args, **kwargs)`` makes the first launch of each *specialization*
 through ``kernel[grid]`` (compiling if needed) and keeps the ``CompiledKernel`` it returns;
-later launches with the same specialization call the compiled kernel directly. The key is
+later launches with the same specialization call the compiled kernel's launcher directly
+(its C launcher with the stream, grid and launch hooks passed as ``CompiledKernel[grid]``
+passes them, without that path's closure and driver look-ups each call). The key is
 at least as fine as Triton's own (so the cached kernel is always the one Triton would pick):
 per tensor its dtype and whether its address is 16-byte aligned, per int its width class,
 whether it is 1 and whether it is a multiple of 16, per bool/float/None the value class, the
@@ -16,21 +18,29 @@ told apart only costs one extra slow-path launch.
 
 Under the interpreter (``TRITON_INTERPRET=1``, the CPU suite) every launch takes the normal
 path (there is no compiled kernel). ``MOE_DISPATCH_FAST_LAUNCH=0`` turns the cache off.
+A Triton whose compiled kernels lack that launcher interface (before 3.4: no ``knobs``) is
+launched through ``CompiledKernel[grid]``, as is one whose launcher rejects the call.
 """
 from __future__ import annotations
 
 import inspect
-import os
 from typing import Any, Dict, Tuple
 
 import torch
 
+from . import _env
+
 _OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+try:
+    from triton import knobs as _knobs  # Triton >= 3.4: where the launch hooks live
+except ImportError:  # older Triton, or none (the interpreter path never gets here)
+    _knobs = None
 
 
 def _enabled() -> bool:
-    return (os.environ.get("TRITON_INTERPRET", "0") != "1"
-            and os.environ.get("MOE_DISPATCH_FAST_LAUNCH", "1") != "0")
+    return (_env.get("TRITON_INTERPRET", "0") != "1"
+            and _env.get("MOE_DISPATCH_FAST_LAUNCH", "1") != "0")
 
 
 class _Signature:
@@ -70,6 +80,38 @@ def _spec(value, constexpr: bool):
     return (kind, value)  # anything else: keyed by value (never wrongly shared)
 
 
+class _Direct:
+    """A compiled kernel's launcher and handles, read once: ``CompiledKernel[grid]`` looks
+    the device and stream up through Triton's driver proxy and builds a closure on every
+    launch (a few µs of host time each)."""
+
+    __slots__ = ("compiled", "run", "function", "metadata")
+
+    def __init__(self, compiled):
+        self.compiled = compiled
+        self.run = compiled.run  # loads the module once
+        self.function = compiled.function
+        self.metadata = compiled.packed_metadata
+
+    def __call__(self, grid3, device: int, full) -> None:
+        """What ``compiled[grid3](*full)`` does on ``device``'s current stream."""
+        stream = _raw_stream(device)
+        rt = _knobs.runtime
+        self.run(grid3[0], grid3[1], grid3[2], stream, self.function, self.metadata,
+                 self.compiled.launch_metadata(grid3, stream, *full), rt.launch_enter_hook,
+                 rt.launch_exit_hook, *full)
+
+
+def _entry(compiled):
+    """The cache entry of a compiled kernel: a ``_Direct`` where Triton has the interface
+    it uses, else the ``CompiledKernel`` itself (launched through ``[grid]``)."""
+    if _knobs is None or _raw_stream is None or not all(
+            hasattr(compiled, a) for a in ("run", "function", "packed_metadata",
+                                           "launch_metadata")):
+        return compiled
+    return _Direct(compiled)
+
+
 def launch(kernel, grid, *args, **kwargs) -> None:
     """Launch ``kernel`` (a ``triton.jit`` function) on ``grid`` like ``kernel[grid](*args,
     **kwargs)``, through the compiled-kernel cache when possible (module doc)."""
@@ -83,15 +125,45 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     for i in range(len(args), len(sig.names)):
         name = sig.names[i]
         full.append(kwargs[name] if name in kwargs else sig.defaults[i])
-    key = [id(kernel), torch.cuda.current_device()]
+    device = torch.cuda.current_device()
+    key = [id(kernel), device]
     key.extend(kwargs[k] if k in kwargs else None for k in _OPTIONS)
     key.extend(map(_spec, full, sig.constexpr))
     key = tuple(key)
-    compiled = _compiled.get(key)
-    if compiled is None:
+    entry = _compiled.get(key)
+    if entry is None:
         compiled = kernel[grid](*args, **kwargs)
         if compiled is not None:
-            _compiled[key] = compiled
+            _compiled[key] = _entry(compiled)
         return
     # The compiled kernel's launcher takes every argument, constexprs included, and a 3-D grid.
-    compiled[tuple(grid) + (1,) * (3 - len(grid))](*full)
+    grid3 = tuple(grid) + (1,) * (3 - len(grid))
+    if type(entry) is not _Direct:
+        entry[grid3](*full)
+    elif _direct_ok:
+        entry(grid3, device, full)
+    else:
+        _first_direct(entry, grid3, device, full)
+
+
+_direct_ok: "bool | None" = None  # None: no direct launch yet in this process
+
+
+def _first_direct(entry: _Direct, grid3, device: int, full) -> None:
+    """The process's first direct launch, checked: a Triton whose launcher parses its
+    arguments differently rejects them with a TypeError before anything runs; then every
+    later launch takes ``CompiledKernel[grid]`` (the cache stays)."""
+    global _direct_ok
+    if _direct_ok is False:
+        entry.compiled[grid3](*full)
+        return
+    try:
+        entry(grid3, device, full)
+    except TypeError:
+        _direct_ok = False
+        for k, e in list(_compiled.items()):
+            if type(e) is _Direct:
+                _compiled[k] = e.compiled
+        entry.compiled[grid3](*full)
+        return
+    _direct_ok = True

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _env
 from ..protocol import STATUS_BAD_INPUT, STATUS_ROWS_DROPPED, STATUS_TOKENS_DROPPED
 from ._launch import launch
 
@@ -40,7 +41,7 @@ def _block_h(H: int, elem_size: int, exact: bool = False) -> tuple[int, int]:
     H200 at the DeepEP shape: permute 87 %, unpermute 89 % of the copy ceiling, against
     89 % / 79 % with one 8192-wide tile). Used by the local kernels.
     MOE_DISPATCH_TRITON_BLOCK="BLOCK_H,num_warps" overrides (for tuning)."""
-    env = os.environ.get("MOE_DISPATCH_TRITON_BLOCK")
+    env = _env.get("MOE_DISPATCH_TRITON_BLOCK")
     if env:
         b, w = (int(v) for v in env.split(","))
         return b, w
