@@ -9,7 +9,8 @@ import torch
 # First: sets TRITON_INTERPRET on CPU machines before the kernels are defined.
 from triton_mode import DEV, HAS_TRITON, needs_triton  # noqa: E402
 
-from moe_dispatch.backends.exact import read_messages, route_message  # noqa: E402
+from moe_dispatch.backends.exact import (expert_counts, read_messages, read_tables,  # noqa: E402
+                                        route_message)
 
 pytestmark = needs_triton
 
@@ -112,3 +113,23 @@ def test_read_messages_one_copy_and_aliases():
     b = torch.arange(5)
     ra, rb, ra2 = read_messages(a, b, a)
     assert ra == a.tolist() and ra2 == ra and rb == b.tolist()
+    (la, lb, la2), (ta, tb, ta2) = read_tables(a, b, a)
+    assert la == ra and lb == rb and la2 == ra
+    assert torch.equal(ta, a) and torch.equal(tb, b) and ta2 is ta and ta.device.type == "cpu"
+    if DEV.type == "cuda":  # a device table comes back to the CPU in the same copy
+        (lc, ld), (tc, td) = read_tables(a.to(DEV), b)
+        assert lc == ra and torch.equal(tc, a) and tc.device.type == "cpu"
+
+
+@pytest.mark.parametrize("R,L,pad", [(1, 256, None), (3, 4, 1), (4, 6, 4), (2, 5, 128)])
+def test_expert_counts_match_the_python_sums(R, L, pad):
+    from moe_dispatch.permute import pad_counts
+    g = torch.Generator().manual_seed(R * L)
+    table = torch.randint(0, 300, (R, 4 + 3 * L), generator=g)
+    first = 4 + L  # e.g. this rank's columns in the all-gather form
+    rows = table.tolist()
+    want = [sum(c) for c in zip(*(row[first:first + L] for row in rows))]
+    counts, padded = expert_counts(table, first, L, pad)
+    assert counts == want and all(type(c) is int for c in counts)
+    assert padded.dtype == torch.int64 and padded.device.type == "cpu"
+    assert padded.tolist() == pad_counts(want, pad)

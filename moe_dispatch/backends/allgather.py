@@ -30,13 +30,13 @@ import torch
 
 from .. import comm
 from ..kernels.fp8 import WIRE_DTYPES
-from ..permute import BudgetPlan, GroupPlan, pad_counts, permute, unpermute
+from ..permute import BudgetPlan, GroupPlan, permute, unpermute
 from ..routing import pad_topk
 from ..protocol import DispatchInputError, DispatchResult, PendingCheck
 from . import budget as budget_mode  # fused_budget read per call (tests swap it)
 from .budget import (BudgetShape, budget_input, budget_options, pack_meta, pad_rows,
                      receive_plan)
-from .exact import HEAD, read_messages, route_message
+from .exact import HEAD, expert_counts, read_tables, route_message
 from .exact import receive_plan as exact_receive_plan
 from .wire import fp8_receive, fp8_send
 
@@ -84,7 +84,7 @@ class AllGatherBackend(comm.CollectiveBackendBase):
         msg = route_message(idx_TK, check.code(dev), E, E, H, per_rank=False,
                             probs_TK=probs_TK if check.in_message else None)
         # The single host sync of this dispatch: every rank's [T, code, H, K, counts_E].
-        table, = read_messages(comm.gather_ints(msg, self.group))
+        (table,), (table_t,) = read_tables(comm.gather_ints(msg, self.group))
         check.raise_if_failed([row[1] for row in table], me)
         hiddens = [row[2] for row in table]
         if any(h != H for h in hiddens):
@@ -93,8 +93,8 @@ class AllGatherBackend(comm.CollectiveBackendBase):
         K = max(row[3] for row in table)
         idx_TK, probs_TK = pad_topk(idx_TK, probs_TK, K)
         t_max = max(row[0] for row in table)
-        first = HEAD + me * L
-        tokens_per_expert = [sum(c) for c in zip(*(row[first:first + L] for row in table))]
+        tokens_per_expert, tpe_L = expert_counts(table_t, HEAD + me * L, L,
+                                                 self.cfg.pad_multiple)
 
         # Rows [id + 1, probs] (exact.py); the zero rows that pad T to T_max route nowhere.
         meta = pad_rows(torch.cat([(idx_TK + 1).to(torch.float32), probs_TK], dim=1), t_max)
@@ -105,9 +105,8 @@ class AllGatherBackend(comm.CollectiveBackendBase):
                                             self.cfg.pad_multiple,
                                             budget_mode.fused_budget(all_meta))
         tokens, probs, fp8_rows = self._receive_rows(x_TH, all_x, probs_NK, plan)
-        tpe = pad_counts(tokens_per_expert, self.cfg.pad_multiple)
-        return DispatchResult(tokens, torch.tensor(tpe, dtype=torch.long), probs,
-                              AllGatherHandle(plan, T, t_max), fp8=fp8_rows)
+        return DispatchResult(tokens, tpe_L, probs, AllGatherHandle(plan, T, t_max),
+                              fp8=fp8_rows)
 
     def _dispatch_budget(self, x_TH, idx_TK, probs_TK, check: PendingCheck) -> DispatchResult:
         R, L, B, me = self.R, self.L, self.budget, self.rank

@@ -39,13 +39,13 @@ import torch
 
 from .. import comm
 from ..kernels.fp8 import WIRE_DTYPES
-from ..permute import BudgetPlan, GroupPlan, pad_counts, permute, unpermute
+from ..permute import BudgetPlan, GroupPlan, permute, unpermute
 from ..routing import pad_topk
 from ..protocol import DispatchInputError, DispatchResult, PendingCheck
 from . import budget as budget_mode  # fused_budget read per call (tests swap it)
 from .budget import (BudgetShape, budget_input, budget_options, pack_meta, pad_rows,
                      receive_plan)
-from .exact import HEAD, pack_rows, read_messages, route_message
+from .exact import HEAD, expert_counts, pack_rows, read_tables, route_message
 from .exact import receive_plan as exact_receive_plan
 from .wire import fp8_receive, fp8_send
 
@@ -100,8 +100,8 @@ class AllToAllBackend(comm.CollectiveBackendBase):
         if self.budget is not None:
             return self._dispatch_budget(x_TH, idx_TK, probs_TK, check)
         L, E = self.L, self.cfg.num_experts
-        idx_TK, probs_TK, send_splits, recv_splits, tokens_per_expert = self._exchange_routing(
-            x_TH, idx_TK, probs_TK, check)
+        idx_TK, probs_TK, send_splits, recv_splits, tokens_per_expert, tpe_L = \
+            self._exchange_routing(x_TH, idx_TK, probs_TK, check)
         K = idx_TK.shape[1]
         # Every size is a host int now; the rest is device work (exact.py: on CUDA the
         # budget mode's fused kernels, ~5 launches; else the torch reference).
@@ -116,32 +116,30 @@ class AllToAllBackend(comm.CollectiveBackendBase):
         tokens, probs, fp8_rows = self._receive_rows(x_TH, recv_x, probs_NK, plan,
                                                      send_plan, send_splits, recv_splits)
         handle = AllToAllHandle(send_plan, tuple(send_splits), tuple(recv_splits), plan)
-        # Host ints, so the caller's grouped GEMM can size itself without another sync.
-        tpe = pad_counts(tokens_per_expert, self.cfg.pad_multiple)
-        return DispatchResult(tokens, torch.tensor(tpe, dtype=torch.long), probs, handle,
-                              fp8=fp8_rows)
+        # Host ints (a CPU tensor), so the caller's grouped GEMM sizes itself without a sync.
+        return DispatchResult(tokens, tpe_L, probs, handle, fp8=fp8_rows)
 
     def _exchange_routing(self, x_TH, idx_TK, probs_TK, check: PendingCheck):
         """The exact mode's count exchange and its single host sync; raises on every rank
         if any rank's input was bad or the hidden sizes differ. Returns (idx_TK, probs_TK
         widened to the widest rank's K, send_splits, recv_splits, tokens_per_expert: host
-        int lists)."""
+        int lists, and tokens_per_expert padded as a CPU int64 tensor)."""
         E, L, H = self.cfg.num_experts, self.L, x_TH.shape[1]
         # One message per destination: [rows, code, H, K, per-local-expert rows...].
         msg_RC = route_message(idx_TK, check.code(x_TH.device), E, L, H, per_rank=True,
                                probs_TK=probs_TK if check.in_message else None)
         recv_RC = comm.exchange_ints(msg_RC, self.group)
         # The single host sync of this dispatch.
-        sent, got = read_messages(msg_RC, recv_RC)
+        (sent, got), (_, got_t) = read_tables(msg_RC, recv_RC)
         check.raise_if_failed([row[1] for row in got], self.rank)
         hiddens = [row[2] for row in got]
         if any(h != H for h in hiddens):
             raise DispatchInputError(f"dispatch: hidden size differs across EP ranks: {hiddens}")
         # Metadata rows must have one width everywhere; a narrower K is widened with -1 slots.
         idx_TK, probs_TK = pad_topk(idx_TK, probs_TK, max(row[3] for row in got))
-        tokens_per_expert = [sum(c) for c in zip(*(row[HEAD:] for row in got))]
+        tokens_per_expert, tpe_L = expert_counts(got_t, HEAD, L, self.cfg.pad_multiple)
         return (idx_TK, probs_TK, [row[0] for row in sent], [row[0] for row in got],
-                tokens_per_expert)
+                tokens_per_expert, tpe_L)
 
     def _dispatch_budget(self, x_TH, idx_TK, probs_TK, check: PendingCheck) -> DispatchResult:
         R, L, B = self.R, self.L, self.budget
