@@ -246,3 +246,28 @@ def test_exact_dispatch_checks_input_in_its_message(monkeypatch, backend):
     clipped = MoETokenDispatcher(E, backend=backend, capacity_factor=1.0)
     clipped.dispatch(x, topk_idx=idx.to(DEV), topk_probs=p.to(DEV))
     assert "_check_kernel" in names, (seed, names)
+
+
+@needs_triton
+@pytest.mark.parametrize("T,rows,K", [(9, 9, 3), (9, 14, 2), (0, 5, 4), (130, 131, 8)])
+def test_gather_meta_fused_matches_torch(T, rows, K):
+    """``allgather``'s metadata rows: the pack kernel (header row left off) == the torch
+    rows, zero rows past T, and the probs' gradient through them."""
+    seed = _seed()
+    g = torch.Generator().manual_seed(seed)
+    E = 16
+    idx = torch.randint(0, E, (T, K), generator=g)
+    idx[torch.rand(T, K, generator=g) < 0.25] = -1
+    probs = torch.rand(T, K, generator=g)
+    code = torch.zeros((), dtype=torch.int64, device=DEV)
+    gm = torch.randn(rows, 2 * K, generator=g).to(DEV)
+    outs = []
+    for fused in (True, False):
+        p = probs.to(DEV).requires_grad_(True)
+        meta = exact.gather_meta(idx.to(DEV), p, code, rows, fused=fused)
+        assert meta.shape == (rows, 2 * K) and meta.is_contiguous(), seed
+        (meta * gm).sum().backward()
+        outs.append((meta.detach().cpu(), p.grad.cpu()))
+    assert torch.equal(outs[0][0], outs[1][0]), (seed, outs[0][0], outs[1][0])
+    assert torch.equal(outs[0][1], outs[1][1]), seed
+    assert not outs[0][0][T:].any(), seed

@@ -6,8 +6,10 @@ R times the bytes of ``alltoall`` at low top-k and suits small EP groups or
 near-dense routing. Uneven token counts are padded to the largest rank's T.
 
 Host syncs: one per dispatch (token counts and per-expert counts arrive in one gather,
-with validation folded in: the message's own launch checks the ids and probs). Combine never syncs. The receiver's grouping after the sync is
-``exact.receive_plan``: on CUDA with triton the budget mode's two plan launches.
+with validation folded in: the message's own launch checks the ids and probs). Combine
+never syncs. After the sync, on CUDA with triton, the metadata rows are the budget mode's
+pack launch (``exact.gather_meta``) and the receiver's grouping its two plan launches
+(``exact.receive_plan``).
 
 Budget mode (``max_rows_per_rank=B``): no host sync after the first call. Every rank
 gathers ``T_cap`` token rows from each rank (agreed at the first call, or
@@ -36,7 +38,7 @@ from ..protocol import DispatchInputError, DispatchResult, PendingCheck
 from . import budget as budget_mode  # fused_budget read per call (tests swap it)
 from .budget import (BudgetShape, budget_input, budget_options, pack_meta, pad_rows,
                      receive_plan)
-from .exact import HEAD, expert_counts, read_tables, route_message
+from .exact import HEAD, expert_counts, gather_meta, read_tables, route_message
 from .exact import receive_plan as exact_receive_plan
 from .wire import fp8_receive, fp8_send
 
@@ -97,7 +99,8 @@ class AllGatherBackend(comm.CollectiveBackendBase):
                                                  self.cfg.pad_multiple)
 
         # Rows [id + 1, probs] (exact.py); the zero rows that pad T to T_max route nowhere.
-        meta = pad_rows(torch.cat([(idx_TK + 1).to(torch.float32), probs_TK], dim=1), t_max)
+        meta = gather_meta(idx_TK, probs_TK, check.code(dev), t_max,
+                           budget_mode.fused_budget(idx_TK))
         all_x = self._gather_rows(x_TH, t_max)
         all_meta = comm.all_gather(meta, self.group)
         # On CUDA the fused budget-plan kernels (two launches), else the torch reference.

@@ -156,6 +156,29 @@ def pack_rows(idx_TK: torch.Tensor, probs_TK: torch.Tensor, num_experts: int, nu
     return send_plan, meta_SW
 
 
+def gather_meta(idx_TK: torch.Tensor, probs_TK: torch.Tensor, code: torch.Tensor, rows: int,
+                fused: Optional[bool] = None) -> torch.Tensor:
+    """``allgather``'s metadata rows after the sync. No host sync.
+
+    idx_TK:   [T, K] int64 global expert ids, -1 masked (validated: no other id outside
+              [0, E)).
+    probs_TK: [T, K] float32 probs (differentiable: the rows carry their gradient).
+    code:     0-dim int device tensor (written into the fused kernel's header row, unused).
+    rows:     R_max >= T, the most tokens any rank has (each rank gathers as many rows).
+    fused:    the budget mode's pack kernel (one launch, its header row left off) or the
+              torch reference (three ops); None: ``kernels.use_triton(idx_TK)``.
+    Returns meta_RW [rows, 2K] float32: row t ``[id + 1 (0 = masked), probs]`` of token t,
+    zero rows past T (they route nowhere); contiguous.
+    """
+    if fused if fused is not None else kernels.use_triton(idx_TK):
+        # One block, token t on row t (E = L = 1 stand in, unread), then its header row.
+        meta, _ = kernels.pack_meta(idx_TK, probs_TK, code, False, 1, 1, 1, rows, False)
+        return meta[0, :rows]
+    meta_TW = torch.cat([(idx_TK + 1).to(torch.float32), probs_TK], dim=1)
+    T = meta_TW.shape[0]
+    return meta_TW if T == rows else torch.nn.functional.pad(meta_TW, (0, 0, 0, rows - T))
+
+
 def receive_plan(meta_NW: torch.Tensor, topk: int, first_expert: int, num_local: int,
                  tokens_per_expert: Sequence[int], pad_multiple: Optional[int],
                  fused: Optional[bool] = None):
