@@ -208,10 +208,10 @@ def receive_plan(meta_NW: torch.Tensor, topk: int, first_expert: int, num_local:
         padded = pad_counts(counts, pad_multiple)
         # With the budget at the exact padded total nothing drops, and the budget plan's
         # order (expert, source, row, slot) is the exact plan's: one source here.
+        # No padding: every row is real, no mask to compute.
         pos_NK, filled_M, tpe_L, dropped, _ = kernels.budget_arrays(
             meta_NW.detach().unsqueeze(0), K, N, L, sum(padded),
-            max(int(pad_multiple or 1), 1), shift=first_expert + 1)
-        filled_M = filled_M if padded != counts else None  # no padding: every row is real
+            max(int(pad_multiple or 1), 1), shift=first_expert + 1, filled=padded != counts)
         return BudgetPlan(pos_NK, filled_M, sum(padded), N, K, tpe_L, dropped), probs_NK
     lid_NK = meta_NW[:, :K].detach().to(torch.long) - (first_expert + 1)
     lid_NK.masked_fill_((lid_NK < 0) | (lid_NK >= L), -1)

@@ -119,7 +119,8 @@ def plan_arrays(lid_NK: torch.Tensor, num_local_experts: int,
 
 def budget_arrays(blocks: torch.Tensor, topk: int, rows: int, num_local_experts: int,
                   budget: int, pad: int, shift: int = 0, header: bool = False,
-                  block: Optional[int] = None, chunks: Optional[int] = None):
+                  block: Optional[int] = None, chunks: Optional[int] = None,
+                  filled: bool = True):
     """The maps of a budget plan (``moe_dispatch.permute.BudgetPlan``) in two launches,
     straight from blocks of ids, without a host sync (the caller builds the plan: this
     package never imports ``permute``).
@@ -136,8 +137,10 @@ def budget_arrays(blocks: torch.Tensor, topk: int, rows: int, num_local_experts:
     header:            row C of each block holds ``[code, clipped, ...]`` (the budget-mode
                        metadata's header row); folded into the status.
     block, chunks:     tiling overrides for tests (see ``_triton.budget_layout``).
-    Returns (pos_NK [R*C, K] int64, filled_M [B] uint8, tokens_per_expert_L [L] int64,
-    dropped [] bool, status [1] int32 with ``header`` else None).
+    filled:            compute ``filled_M`` (False: the caller knows every row is real, e.g.
+                       the exact plan without padding; None is returned in its place).
+    Returns (pos_NK [R*C, K] int64, filled_M [B] uint8 or None, tokens_per_expert_L [L]
+    int64, dropped [] bool, status [1] int32 with ``header`` else None).
     """
     R, K, C = blocks.shape[0], topk, rows
     dev = blocks.device
@@ -146,7 +149,7 @@ def budget_arrays(blocks: torch.Tensor, topk: int, rows: int, num_local_experts:
             raise ValueError("budget_arrays: a header needs ids with unit stride along K")
         blocks = blocks.contiguous()
     pos_NK = torch.empty(R * C, K, dtype=torch.int64, device=dev)
-    filled_M = torch.empty(budget, dtype=torch.uint8, device=dev)
+    filled_M = torch.empty(budget, dtype=torch.uint8, device=dev) if filled else None
     tpe_L = torch.empty(num_local_experts, dtype=torch.int64, device=dev)
     dropped = torch.empty((), dtype=torch.bool, device=dev)
     status = torch.empty(1, dtype=torch.int32, device=dev) if header else None

@@ -574,7 +574,7 @@ def budget_layout(blocks: torch.Tensor, topk: int, rows: int, num_local: int, bu
     header:      row C of each block is ``[code, clipped, ...]``; their nonzero fields become
                  ``STATUS_BAD_INPUT`` / ``STATUS_TOKENS_DROPPED`` in ``status_out``.
     pos_out:     [R * C * K] int64: the output row of each slot, -1 none, -2 dropped.
-    filled_out:  [B] uint8: 1 on rows some slot writes.
+    filled_out:  [B] uint8: 1 on rows some slot writes; None: not computed.
     tpe_out:     [L] int64: rows per expert (padding included) clipped to B.
     dropped_out: [] bool: the padded total exceeds B.
     status_out:  [1] int32 (with ``header``): ``STATUS_ROWS_DROPPED`` when dropped, plus
@@ -592,9 +592,10 @@ def budget_layout(blocks: torch.Tensor, topk: int, rows: int, num_local: int, bu
         launch(_layout_hist_kernel, (R, ncp), blocks, hist, hist, hist, slots, chunk, shift,
                *strides, L=L, L_P2=L_P2, NCP=ncp, BLOCK_S=block, TABLE=False, num_warps=4)
         launch(_layout_pos_kernel, (R, ncp), blocks, hist, pos_out, tpe_out, dropped, status_out if
-               header else dropped, filled_out, slots, chunk, shift, budget, max(int(pad), 1),
-               *strides, m_chunk, 0, R=R, L=L, L_P2=L_P2, NCP=ncp, NC_P2=triton.next_power_of_2(R *
-               ncp), BLOCK_S=block, TABLE=False, HEADER=header, FILLED=True, num_warps=8)
+               header else dropped, filled_out if filled_out is not None else dropped, slots,
+               chunk, shift, budget, max(int(pad), 1), *strides, m_chunk, 0, R=R, L=L,
+               L_P2=L_P2, NCP=ncp, NC_P2=triton.next_power_of_2(R * ncp), BLOCK_S=block,
+               TABLE=False, HEADER=header, FILLED=filled_out is not None, num_warps=8)
 
 
 def _round_to(x: int, m: int) -> int:
