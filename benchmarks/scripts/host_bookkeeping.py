@@ -7,7 +7,9 @@ any machine (no GPU needed): the host cost is the CPU's.
   * the per-expert counts after the sync at L local experts, one source row: the Python
     column sums + int conversion + ``torch.tensor(list)`` the exact mode used, against
     ``exact.expert_counts`` on the host copy (torch on the CPU);
-  * ``t.device.type`` against ``t.is_cuda`` (``kernels.use_triton``).
+  * ``t.device.type`` against ``t.is_cuda`` (``kernels.use_triton``);
+  * an autograd Function's ``apply`` under ``torch.no_grad`` (a trivial one) against the
+    direct call the kernel wrappers now make when nothing needs a gradient.
 Medians of 5 rounds.
 """
 from __future__ import annotations
@@ -29,6 +31,16 @@ def us(fn, iters):
     return statistics.median(timeit.repeat(fn, number=iters, repeat=5)) / iters * 1e6
 
 
+class _Trivial(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, y):
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        return None, g
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--L", type=int, default=256)
@@ -43,7 +55,15 @@ def main():
         counts = [int(c) for c in tpe]
         return counts, torch.tensor(tpe, dtype=torch.long)
 
-    t = torch.zeros(4)
+    t, u = torch.zeros(4), torch.zeros(4)
+
+    def no_grad_apply():
+        with torch.no_grad():
+            return _Trivial.apply(t, u)
+
+    def no_grad_direct():
+        with torch.no_grad():
+            return u
     cases = {
         "os.environ.get": lambda: os.environ.get("MOE_DISPATCH_TRITON", "1"),
         "_env.get": lambda: _env.get("MOE_DISPATCH_TRITON", "1"),
@@ -51,6 +71,8 @@ def main():
         f"counts L={a.L}: expert_counts": lambda: expert_counts(table, HEAD, a.L, None),
         "t.device.type": lambda: t.device.type,
         "t.is_cuda": lambda: t.is_cuda,
+        "no_grad: Function.apply": no_grad_apply,
+        "no_grad: direct call": no_grad_direct,
     }
     assert old_counts()[0] == expert_counts(table, HEAD, a.L, None)[0]
     res = {name: us(fn, a.iters) for name, fn in cases.items()}

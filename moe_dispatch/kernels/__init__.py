@@ -158,20 +158,34 @@ def budget_arrays(blocks: torch.Tensor, topk: int, rows: int, num_local_experts:
     return pos_NK, filled_M, tpe_L, dropped, status
 
 
+def _grad_needed(*ts: Optional[torch.Tensor]) -> bool:
+    """Whether autograd must record a call on ``ts``: an autograd Function's ``apply`` costs
+    the host ~10 µs even when it records nothing (no grad mode, inference, benchmarks), so
+    the wrappers below call the kernels directly then."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
+def _pack_meta_rows(probs_TK, idx_TK, code, clipped, num_experts, num_local, num_blocks,
+                    rows, plan_out, tiles, packed_rows) -> torch.Tensor:
+    """The metadata rows of ``pack_meta`` / ``pack_rows`` (``_PackMeta``'s forward)."""
+    from . import _pack
+    K = idx_TK.shape[1]
+    shape = (num_blocks, rows + 1, 2 * K) if packed_rows is None else (packed_rows, 2 * K)
+    meta = torch.empty(shape, dtype=torch.float32, device=idx_TK.device)
+    _pack.pack_meta(idx_TK, probs_TK, code, clipped, num_experts, num_local, rows, meta,
+                    plan_out, *tiles, packed=packed_rows is not None)
+    return meta
+
+
 class _PackMeta(torch.autograd.Function):
     """Differentiable w.r.t. the probs: a token's probs appear in each block it is sent to,
     so their gradient is the sum over those rows (in block order, float32), as the torch
     reference's permute backward computes it."""
 
     @staticmethod
-    def forward(ctx, probs_TK, idx_TK, code, clipped, num_experts, num_local, num_blocks,
-                rows, plan_out, tiles, packed_rows):
-        from . import _pack
-        K = idx_TK.shape[1]
-        shape = (num_blocks, rows + 1, 2 * K) if packed_rows is None else (packed_rows, 2 * K)
-        meta = torch.empty(shape, dtype=torch.float32, device=idx_TK.device)
-        _pack.pack_meta(idx_TK, probs_TK, code, clipped, num_experts, num_local, rows,
-                        meta, plan_out, *tiles, packed=packed_rows is not None)
+    def forward(ctx, probs_TK, *args):
+        meta = _pack_meta_rows(probs_TK, *args)
+        plan_out = args[7]
         ctx.pos_TR = None if plan_out is None else plan_out[0]
         ctx.probs_like = (probs_TK.shape, probs_TK.dtype)
         return meta
@@ -217,8 +231,9 @@ def pack_meta(idx_TK: torch.Tensor, probs_TK: torch.Tensor, code: torch.Tensor, 
     maps = None
     if per_rank:
         maps = _send_maps(idx_TK.shape[0], num_blocks, num_blocks * rows, idx_TK.device)
-    meta = _PackMeta.apply(probs_TK, idx_TK, code, clipped, num_experts, num_local_experts,
-                           num_blocks, rows, maps, (block_t, block_c), None)
+    pack = _PackMeta.apply if _grad_needed(probs_TK) else _pack_meta_rows
+    meta = pack(probs_TK, idx_TK, code, clipped, num_experts, num_local_experts, num_blocks,
+                rows, maps, (block_t, block_c), None)
     return meta, maps
 
 
@@ -246,8 +261,9 @@ def pack_rows(idx_TK: torch.Tensor, probs_TK: torch.Tensor, num_experts: int,
     idx_TK, probs_TK = _contiguous(idx_TK), _contiguous(probs_TK)
     R = num_experts // num_local_experts
     maps = _send_maps(idx_TK.shape[0], R, None, idx_TK.device)
-    meta = _PackMeta.apply(probs_TK, idx_TK, idx_TK, False, num_experts, num_local_experts,
-                           R, idx_TK.shape[0], maps, (block_t, block_c), num_sent)
+    pack = _PackMeta.apply if _grad_needed(probs_TK) else _pack_meta_rows
+    meta = pack(probs_TK, idx_TK, idx_TK, False, num_experts, num_local_experts, R,
+                idx_TK.shape[0], maps, (block_t, block_c), num_sent)
     return meta, maps
 
 
@@ -418,10 +434,14 @@ def permute(x_NH: torch.Tensor, probs_NK: Optional[torch.Tensor], plan):
     """Triton version of ``moe_dispatch.permute.permute``: (tokens_MH, probs_M float32, or
     None when ``probs_NK`` is None)."""
     pos_NK, filled_M = plan_maps(plan)
+    if not _grad_needed(x_NH, probs_NK):
+        return permute_rows(x_NH, pos_NK, plan.num_out_rows, filled_M, probs_NK)
     return _Permute.apply(x_NH, probs_NK, pos_NK, filled_M, plan.num_out_rows)
 
 
 def unpermute(y_MH: torch.Tensor, plan) -> torch.Tensor:
     """Triton version of ``moe_dispatch.permute.unpermute``: [M, H] -> [N, H]."""
     pos_NK, filled_M = plan_maps(plan)
+    if not _grad_needed(y_MH):
+        return reduce_rows(y_MH, pos_NK)
     return _Unpermute.apply(y_MH, pos_NK, filled_M)
