@@ -113,8 +113,9 @@ def expert_counts(table_RC: torch.Tensor, first: int, num_local: int,
     num_local:    L.
     pad_multiple: each expert's rows padded to a multiple of this (None / 1: none).
     Returns (counts as host ints [L], the padded counts as a CPU int64 tensor [L]: the
-    dispatch's ``tokens_per_expert``). In torch on the CPU: at L = 256 a Python loop over
-    the columns and ``torch.tensor`` of the list cost the host ~25 and ~30 µs.
+    dispatch's ``tokens_per_expert``). In torch on the CPU: at L = 256 the Python loops over
+    the columns and ``torch.tensor`` of the list cost the host 80-100 µs, this 10-14 µs
+    (``benchmarks/scripts/host_bookkeeping.py`` on the development CPU).
     """
     counts_L = table_RC[:, first:first + num_local].sum(0)
     pad = pad_multiple or 1
@@ -164,7 +165,7 @@ def gather_meta(idx_TK: torch.Tensor, probs_TK: torch.Tensor, code: torch.Tensor
               [0, E)).
     probs_TK: [T, K] float32 probs (differentiable: the rows carry their gradient).
     code:     0-dim int device tensor (written into the fused kernel's header row, unused).
-    rows:     R_max >= T, the most tokens any rank has (each rank gathers as many rows).
+    rows:     T_max >= T, the most tokens any rank has (each rank gathers as many rows).
     fused:    the budget mode's pack kernel (one launch, its header row left off) or the
               torch reference (three ops); None: ``kernels.use_triton(idx_TK)``.
     Returns meta_RW [rows, 2K] float32: row t ``[id + 1 (0 = masked), probs]`` of token t,
