@@ -132,6 +132,10 @@ class Backend(Protocol):
     ``supported_wire_dtypes`` (optional class attribute, default none): the
     ``BackendConfig.wire_dtype`` values it implements; any other non-None value is refused
     at construction (``check_wire_dtype``), never silently moved in the input's dtype.
+    ``checks_in_message`` (optional attribute, default False): the backend's ``dispatch``
+    makes the value check of the top-k ids and probs itself, in data it reads before its
+    first sync anyway, and raises on every rank there; the dispatcher then leaves the check
+    to it (``PendingCheck.in_message``; the exact mode of ``alltoall`` / ``allgather``).
     """
 
     name: ClassVar[str]
@@ -145,7 +149,8 @@ class Backend(Protocol):
 
         x_TH:     [T, H] floating hidden states (T may be 0).
         idx_TK:   [T, K] int64 global expert ids in [-1, E), -1 = masked slot
-                  (``canonicalize`` turns bad ids into -1 and flags them in ``check``).
+                  (``canonicalize`` turns bad ids into -1 and flags them in ``check``;
+                  with ``check.in_message`` they are unchecked, for the backend to check).
         probs_TK: [T, K] float32 routing probs; ignored (zero gradient) where masked.
         check:    input validation still pending: the backend must settle it on every
                   rank before its first data collective (see ``PendingCheck``), or make a
