@@ -92,8 +92,12 @@ def read_tables(*tables: torch.Tensor) -> Tuple[List[list], List[torch.Tensor]]:
     """``read_messages``, and the same tables as CPU tensors (views of the one host copy),
     for the host work that is cheaper in torch than in Python loops (``expert_counts``)."""
     unique = list({id(t): t for t in tables}.values())
-    flat_t = (torch.cat([u.reshape(-1).to("cpu") for u in unique]) if len(unique) > 1
-              else unique[0].reshape(-1).to("cpu"))  # the sync (no copy for CPU tables)
+    if len(unique) == 1:
+        flat_t = unique[0].reshape(-1).to("cpu")  # the sync (no copy for a CPU table)
+    elif len({u.device for u in unique}) == 1:  # joined where they are: one copy, one sync
+        flat_t = torch.cat([u.reshape(-1) for u in unique]).to("cpu")
+    else:  # e.g. gloo's tables on the CPU beside a CUDA message
+        flat_t = torch.cat([u.reshape(-1).to("cpu") for u in unique])
     flat = flat_t.tolist()
     rows, host, start = {}, {}, 0
     for u in unique:
