@@ -14,6 +14,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from . import kernels  # imports no triton itself (its kernels load on first use)
+
 
 @dataclass(frozen=True)
 class GroupPlan:
@@ -123,7 +125,6 @@ def budget_plan(lid_NK: torch.Tensor, num_local_experts: int, budget: int,
     Plain torch ops on the device of ``lid_NK`` (a stable sort and a few scans); on CUDA
     with triton two counting-sort launches instead (``triton_budget_plan``), same plan.
     """
-    from . import kernels
     if kernels.use_triton(lid_NK):
         return triton_budget_plan(lid_NK, num_local_experts, budget, pad_multiple)
     pos, tpe, dropped = budget_positions(lid_NK, num_local_experts, budget, pad_multiple)
@@ -137,7 +138,6 @@ def triton_budget_plan(lid_NK: torch.Tensor, num_local_experts: int, budget: int
     """``budget_plan`` through the Triton counting sort (``kernels.budget_arrays``): the same
     plan in two launches. Arguments as ``budget_plan``; ``block`` / ``chunks`` override the
     kernels' tiling (tests)."""
-    from . import kernels
     N, K = lid_NK.shape
     pos, filled, tpe, dropped, _ = kernels.budget_arrays(
         lid_NK.unsqueeze(0), K, N, num_local_experts, budget, max(int(pad_multiple or 1), 1),
@@ -212,7 +212,6 @@ def group_plan(lid_NK: torch.Tensor, num_local_experts: int,
     On CUDA with triton, a counting-sort kernel builds ``pos_NK`` directly
     (``triton_group_plan``); the result is the same plan.
     """
-    from . import kernels
     if kernels.use_triton(lid_NK):
         return triton_group_plan(lid_NK, num_local_experts, tokens_per_expert, pad_multiple)
     N, K = lid_NK.shape
@@ -239,7 +238,6 @@ def triton_group_plan(lid_NK: torch.Tensor, num_local_experts: int,
     kernel's tiling (tests). One output allocation (plus ``filled_M`` when padded) and one
     or two kernels; with ``tokens_per_expert`` None the counts are read back (a host sync).
     """
-    from . import kernels
     N, K = lid_NK.shape
     dev = lid_NK.device
     counts = None if tokens_per_expert is None else [int(c) for c in tokens_per_expert]
@@ -291,7 +289,6 @@ def permute(x_NH: torch.Tensor, probs_NK: Optional[torch.Tensor], plan: GroupPla
     Padding rows are zeros with prob 0. Differentiable w.r.t. ``x_NH`` and ``probs_NK``.
     ``probs_NK`` None: rows only (e.g. the sender side of an all-to-all).
     """
-    from . import kernels
     if kernels.use_triton(x_NH):
         return kernels.permute(x_NH, probs_NK, plan)
     if isinstance(plan, BudgetPlan):
@@ -317,7 +314,6 @@ def unpermute(y_MH: torch.Tensor, plan: GroupPlan) -> torch.Tensor:
     if y_MH.shape[0] != plan.num_out_rows:
         raise ValueError(f"combine: expert output has {y_MH.shape[0]} rows, dispatch produced "
                          f"{plan.num_out_rows}")
-    from . import kernels
     if kernels.use_triton(y_MH):
         return kernels.unpermute(y_MH, plan)
     if isinstance(plan, BudgetPlan):

@@ -2,6 +2,9 @@
 
 * Its key must tell apart every argument Triton specializes on (else a launch could run a
   kernel compiled for another alignment / value class): checked on the key itself (CPU).
+* Its per-kernel binder gives, for every project kernel, the key of a loop over ``_spec``
+  (positional or keyword calls, defaults, every argument class), and sends an unknown
+  keyword through ``kernel[grid]`` uncached (CPU).
 * Launches through it compute the same as ``kernel[grid]``: under TRITON_INTERPRET=1 on
   CPU (the normal path), and on a GPU, where the second launch of a specialization goes
   through the cache, across aligned and unaligned pointers, ints equal to 1 / multiples of
@@ -202,3 +205,79 @@ def test_old_triton_uses_the_runner(direct_env, monkeypatch):
     for _ in range(3):
         _launch_fake(kern)
     assert not compiled.direct and len(compiled.runner_calls) == 2
+
+
+# --------------------------------------------------------------------- the binder (CPU)
+
+
+def _project_kernels():
+    import importlib
+    out = []
+    for mod in ("_triton", "_pack", "_route", "_check", "_fp8"):
+        m = importlib.import_module(f"moe_dispatch.kernels.{mod}")
+        out += [(f"{mod}.{n}", k) for n, k in vars(m).items()
+                if hasattr(k, "fn") and n.endswith("_kernel")]
+    assert len(out) >= 12, [n for n, _ in out]
+    return out
+
+
+def _loop_key(kernel, device, args, kwargs):
+    """The key as the cache computed it before the binder: a loop over ``_spec``."""
+    import inspect
+    params = list(inspect.signature(kernel.fn).parameters.values())
+    const = _launch._constexpr_params(kernel, params)
+    full = list(args) + [kwargs[p.name] if p.name in kwargs else p.default
+                         for p in params[len(args):]]
+    return tuple([id(kernel), device] + [kwargs.get(o) for o in _launch._OPTIONS]
+                 + [_launch._spec(v, i in const) for i, v in enumerate(full)]), full
+
+
+def _sample(rng, i):
+    """An argument of a random class: tensors (dtypes, aligned or not, a Parameter), ints
+    (1, multiples of 16, others, 64-bit), bools, floats, None."""
+    base = torch.zeros(64, dtype=[torch.float32, torch.bfloat16, torch.int32][i % 3])
+    choices = [base, base[1:], base[2:], base[8:], torch.nn.Parameter(torch.zeros(4)), 1, 16,
+               48, 7, 8, 24, 0, -16, 2**31 - 1, 2**31, -2**31, 2**40, True, False, 1.5, None]
+    return choices[rng.randrange(len(choices))]
+
+
+@pytest.mark.parametrize("name,kernel", _project_kernels())
+def test_binder_key_equals_the_spec_loop(name, kernel):
+    import inspect
+    import random
+    rng = random.Random(name)
+    params = list(inspect.signature(kernel.fn).parameters.values())
+    bind = _launch._binder(kernel)
+    for trial in range(40):
+        vals = [_sample(rng, i) for i in range(len(params))]
+        n_pos = rng.randrange(len(params) + 1)  # the rest by keyword, some left to defaults
+        args = vals[:n_pos]
+        kwargs = {p.name: v for p, v in zip(params[n_pos:], vals[n_pos:])
+                  if p.default is inspect.Parameter.empty or rng.random() < 0.5}
+        if trial % 3 == 0:
+            kwargs["num_warps"] = rng.choice([1, 4, 8])
+        key, full = bind(id(kernel), 2, *args, **kwargs)
+        want_key, want_full = _loop_key(kernel, 2, args, kwargs)
+        assert key == want_key, (name, trial)
+        assert len(full) == len(want_full) and all(a is b for a, b in zip(full, want_full))
+
+
+def test_binder_bypasses_unknown_options(direct_env):
+    compiled = _FakeCompiled()
+    kern = _FakeKernel(compiled)
+    x, out = torch.zeros(64), torch.zeros(64)
+    for _ in range(3):  # an option the key does not know: never cached, always [grid]
+        _launch.launch(kern, (2,), x, out, 64, 1.5, 0.5, SHIFT=1, BLOCK=32, num_warps=1,
+                       launch_cooperative_grid=True)
+    assert kern.jit_calls == 3 and not _launch._compiled and not compiled.direct
+
+
+def test_binder_refuses_names_it_uses():
+    class K:
+        params = []
+
+        @staticmethod
+        def fn(x_ptr, _dev, BLOCK: tl.constexpr):
+            pass
+    with pytest.raises(ValueError, match="_dev"):
+        _launch._binder(K)

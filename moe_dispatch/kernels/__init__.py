@@ -60,9 +60,17 @@ def use_triton(t: torch.Tensor) -> bool:
     return triton_available() is None
 
 
+_triton_mod = None
+
+
 def _k():
-    from . import _triton
-    return _triton
+    """The Triton kernels' module, imported on first use (it imports triton). Kept: a
+    function-level import costs the host ~1 µs per call, and a dispatch makes several."""
+    global _triton_mod
+    if _triton_mod is None:
+        from . import _triton
+        _triton_mod = _triton
+    return _triton_mod
 
 
 def check_values(idx_TK: Optional[torch.Tensor], probs: torch.Tensor, num_experts: int):

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import launch
+from ._launch import cdiv, launch, next_power_of_2
 from ._triton import _launch_lock
 
 BLOCK = 2048  # slots per program
@@ -97,7 +97,7 @@ def check_values(idx_TK: Optional[torch.Tensor], probs: torch.Tensor, num_expert
         idx_TK = idx_TK.contiguous()
         idx_out = torch.empty(idx_TK.shape, dtype=torch.int64, device=dev)
     flag = torch.empty((), dtype=torch.int64, device=dev)
-    programs = triton.cdiv(n, block)
+    programs = cdiv(n, block)
     one = programs == 1
     scratch = flag if one else _scratch_for(dev)
     with _launch_lock:

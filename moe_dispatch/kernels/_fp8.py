@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from . import _env
+from ._launch import cdiv, next_power_of_2
 from ._triton import _launch, zero_unfilled
 
 # Output element kinds of the dequantising scatter (constexpr OUT_KIND).
@@ -226,7 +227,7 @@ def _tile(G: int) -> tuple[int, int]:
     if env:
         bg, w = (int(v) for v in env.split(","))
         return bg, w
-    bg = min(triton.next_power_of_2(max(G, 1)), 64)
+    bg = min(next_power_of_2(max(G, 1)), 64)
     return bg, min(4, max(1, bg // 2))
 
 
@@ -335,9 +336,9 @@ def quant_grid(tile: QuantTile, T: int, G: int, device: torch.device) -> tuple[i
     """(programs launched, tiles) of the quantise kernel with ``tile`` on T rows of G blocks
     on ``device`` (persistent: ``tile.persistent`` programs per SM, at most one per tile)."""
     if tile.flat:
-        n_tiles = triton.cdiv(T * G, tile.block_g)
+        n_tiles = cdiv(T * G, tile.block_g)
     else:
-        n_tiles = triton.cdiv(T, tile.rows) * triton.cdiv(G, tile.block_g)
+        n_tiles = cdiv(T, tile.rows) * cdiv(G, tile.block_g)
     if not tile.persistent:
         return n_tiles, n_tiles
     if device.type == "cuda":
@@ -387,7 +388,7 @@ def scatter(src_NB: torch.Tensor, H: int, pos_NK: torch.Tensor, *,
     with_p = probs_M is not None
     bg, warps = _tile(G)
     any_out = out_MH if deq else q_MH
-    _launch(_scatter_fp8_kernel, (N, max(1, triton.cdiv(G, bg))),
+    _launch(_scatter_fp8_kernel, (N, max(1, cdiv(G, bg))),
             src_NB, src_NB.view(torch.float32), src_NB.stride(0), src_NB.stride(0) // 4,
             pos_NK, any_out, q_MH if raw else any_out, s_MG if raw else src_NB,
             probs_NK if with_p else pos_NK, probs_M if with_p else src_NB, H, G,

@@ -24,7 +24,7 @@ launched through ``CompiledKernel[grid]``, as is one whose launcher rejects the 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Dict, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 import torch
 
@@ -43,19 +43,68 @@ def _enabled() -> bool:
             and _env.get("MOE_DISPATCH_FAST_LAUNCH", "1") != "0")
 
 
-class _Signature:
-    """A kernel's parameter names, defaults and which are constexpr (read once)."""
-
-    def __init__(self, kernel):
-        params = list(inspect.signature(kernel.fn).parameters.values())
-        self.names = tuple(p.name for p in params)
-        self.defaults = tuple(p.default for p in params)
-        const = {p.num for p in kernel.params if p.is_constexpr}
-        self.constexpr = tuple(i in const for i in range(len(params)))
+def cdiv(x: int, y: int) -> int:
+    """ceil(x / y) for host ints (block counts of a grid). Triton's own ``triton.cdiv`` and
+    ``triton.next_power_of_2`` are constexpr functions since 3.5: each host call goes through
+    their argument unwrapping, ~5 µs on the development CPU against ~0.1 here, and a dispatch
+    sizes its launches with ~20 such calls."""
+    return -(-x // y)
 
 
-_signatures: Dict[int, _Signature] = {}
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n = 1; 0 for n <= 0, as Triton's)."""
+    return 0 if n <= 0 else 1 << (n - 1).bit_length()
+
+
 _compiled: Dict[Tuple, Any] = {}
+_binders: Dict[int, Tuple[Any, Callable]] = {}  # id(kernel) -> (kernel, its binder)
+
+
+def _binder(kernel) -> Callable:
+    """A function made once per kernel (as Triton's own binder is) that takes the kernel's
+    arguments the way the kernel does, positional or keyword, with its defaults, and returns
+    ``(key, full)``: the specialization key (module doc; the same tuple ``_spec`` gives per
+    argument, after the kernel's id, the device and the launch options) and every argument
+    in order, constexprs included, for the launcher. Python binds the call itself and each
+    tensor / int's key part is computed inline, not by a call per argument: ~3x cheaper than
+    a loop over ``_spec``. An unknown keyword (another launch option) returns ``(None,
+    None)``: the launch then goes through ``kernel[grid]`` as given."""
+    params = list(inspect.signature(kernel.fn).parameters.values())
+    const = _constexpr_params(kernel, params)
+    ns = {"_T": torch.Tensor, "_spec": _spec}
+    names, parts = [], []
+    for i, p in enumerate(params):
+        a = p.name
+        if a.startswith("_") or a in _OPTIONS or p.kind is not p.POSITIONAL_OR_KEYWORD:
+            raise ValueError(f"{kernel.fn.__name__}: parameter {a!r} cannot be bound by the "
+                             "launch cache (a leading '_' and launch options are its own names)")
+        if p.default is inspect.Parameter.empty:
+            names.append(a)
+        else:
+            ns[f"_d{i}"] = p.default
+            names.append(f"{a}=_d{i}")
+        if i in const:
+            parts.append(a)
+        else:  # what _spec returns, inline for the two common classes
+            parts.append(f"((({a}).dtype, ({a}).data_ptr() & 15 == 0) if ({a}).__class__ is _T "
+                         f"else (32, {a} == 1, {a} % 16 == 0) if ({a}).__class__ is int and "
+                         f"-2147483648 <= {a} < 2147483648 else _spec({a}, False))")
+    options = ", ".join(f"{o}=None" for o in _OPTIONS)
+    args = ", ".join(p.name for p in params)
+    src = (f"def bind(_kid, _dev, {', '.join(names)}, *, {options}, **_other):\n"
+           f"    if _other:\n        return None, None\n"
+           f"    return ((_kid, _dev, {', '.join(_OPTIONS)}, {', '.join(parts)}), "
+           f"[{args}])\n")
+    exec(compile(src, f"<launch binder of {kernel.fn.__name__}>", "exec"), ns)
+    return ns["bind"]
+
+
+def _constexpr_params(kernel, params) -> set:
+    """Indices of the constexpr parameters: from a JITFunction's ``params``, else (the
+    interpreter's function, for the CPU tests) from the annotations."""
+    if hasattr(kernel, "params"):
+        return {p.num for p in kernel.params if p.is_constexpr}
+    return {i for i, p in enumerate(params) if "constexpr" in str(p.annotation)}
 
 
 def _spec(value, constexpr: bool):
@@ -118,22 +167,15 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     if not _enabled() or callable(grid):
         kernel[grid](*args, **kwargs)
         return
-    sig = _signatures.get(id(kernel))
-    if sig is None:
-        sig = _signatures[id(kernel)] = _Signature(kernel)
-    full = list(args)
-    for i in range(len(args), len(sig.names)):
-        name = sig.names[i]
-        full.append(kwargs[name] if name in kwargs else sig.defaults[i])
-    device = torch.cuda.current_device()
-    key = [id(kernel), device]
-    key.extend(kwargs[k] if k in kwargs else None for k in _OPTIONS)
-    key.extend(map(_spec, full, sig.constexpr))
-    key = tuple(key)
-    entry = _compiled.get(key)
+    kid = id(kernel)
+    bound = _binders.get(kid)
+    if bound is None:  # (the kernel is kept with its binder, so its id is never reused)
+        bound = _binders[kid] = (kernel, _binder(kernel))
+    key, full = bound[1](kid, torch.cuda.current_device(), *args, **kwargs)
+    entry = None if key is None else _compiled.get(key)
     if entry is None:
         compiled = kernel[grid](*args, **kwargs)
-        if compiled is not None:
+        if compiled is not None and key is not None:
             _compiled[key] = _entry(compiled)
         return
     # The compiled kernel's launcher takes every argument, constexprs included, and a 3-D grid.
@@ -141,9 +183,9 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     if type(entry) is not _Direct:
         entry[grid3](*full)
     elif _direct_ok:
-        entry(grid3, device, full)
+        entry(grid3, key[1], full)
     else:
-        _first_direct(entry, grid3, device, full)
+        _first_direct(entry, grid3, key[1], full)
 
 
 _direct_ok: "bool | None" = None  # None: no direct launch yet in this process

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import launch
+from ._launch import cdiv, launch, next_power_of_2
 
 from ._triton import _launch_lock
 
@@ -153,18 +153,18 @@ def pack_meta(idx_TK: torch.Tensor, probs_TK: torch.Tensor, code: torch.Tensor, 
     T, K = idx_TK.shape
     R = num_experts // num_local if packed else meta.shape[0]
     C = rows
-    r_p2 = triton.next_power_of_2(R)
+    r_p2 = next_power_of_2(R)
     # Every program re-counts all T tokens (from L2) to place its tile: keep them few
     # (<= ~16); each program's own writes are small (metadata rows of 2K floats).
-    block_t = block_t or max(64, min(512, triton.next_power_of_2(triton.cdiv(max(C, 1), 16))))
+    block_t = block_t or max(64, min(512, next_power_of_2(cdiv(max(C, 1), 16))))
     # The counting tile: big (few serial L2 round trips), within a register budget.
     # No wider than the tokens: masked lanes cost as much as real ones.
-    block_c = block_c or min(2048, max(64, 8192 // r_p2), max(16, triton.next_power_of_2(T)))
+    block_c = block_c or min(2048, max(64, 8192 // r_p2), max(16, next_power_of_2(T)))
     every = plan_out is None
     pos, filled, counts, dropped = (meta,) * 4 if every else plan_out
     with _launch_lock:
-        launch(_pack_meta_kernel, (max(1, triton.cdiv(C, block_t)),), idx_TK, probs_TK, code,
+        launch(_pack_meta_kernel, (max(1, cdiv(C, block_t)),), idx_TK, probs_TK, code,
                meta, pos, meta if filled is None else filled, counts,
                dropped if every else dropped.view(torch.int8), T, C, num_experts, num_local,
-               int(clipped), R=R, R_P2=r_p2, K=K, W_P2=triton.next_power_of_2(2 * K),
+               int(clipped), R=R, R_P2=r_p2, K=K, W_P2=next_power_of_2(2 * K),
                BLOCK_T=block_t, BLOCK_C=block_c, EVERY=every, PACKED=packed, num_warps=4)

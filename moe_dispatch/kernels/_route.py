@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import launch
+from ._launch import cdiv, launch, next_power_of_2
 from ._triton import _launch_lock
 
 
@@ -95,8 +95,8 @@ def route_counts(idx_TK: torch.Tensor, code: torch.Tensor, msg: torch.Tensor, *,
     T, K = idx_TK.shape
     E, L = num_experts, num_local
     rows = E // L if per_rank else 1
-    e_p2 = triton.next_power_of_2(E + 1)
-    r_p2 = triton.next_power_of_2(max(rows, 1))
+    e_p2 = next_power_of_2(E + 1)
+    r_p2 = next_power_of_2(max(rows, 1))
     # One program: T * K ids is at most a few hundred thousand; the histogram instruction
     # keeps the tile small ([BLOCK_T] ids per step, not [BLOCK_T, E]).
     block = max(16, min(256, 8192 // max(r_p2, 1)))

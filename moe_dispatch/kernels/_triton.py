@@ -25,7 +25,7 @@ import triton.language as tl
 
 from . import _env
 from ..protocol import STATUS_BAD_INPUT, STATUS_ROWS_DROPPED, STATUS_TOKENS_DROPPED
-from ._launch import launch
+from ._launch import cdiv, launch, next_power_of_2
 
 # The interpreter (and first-call compilation) is not re-entrant across threads
 # (simulated ranks in tests).
@@ -46,7 +46,7 @@ def _block_h(H: int, elem_size: int, exact: bool = False) -> tuple[int, int]:
         b, w = (int(v) for v in env.split(","))
         return b, w
     cap = max(16384 // elem_size, 16)
-    block = min(triton.next_power_of_2(max(H, 1)), cap)
+    block = min(next_power_of_2(max(H, 1)), cap)
     if exact and H % block:
         b = block // 2
         while b * elem_size >= 2048 and H % b:
@@ -227,7 +227,7 @@ def scatter_rows(x_VH: torch.Tensor, pos_VK: torch.Tensor, out_MH: torch.Tensor,
     block, warps = _block_h(H, x_VH.element_size(), exact=True)
     with_p = probs_M is not None
     # At least one column block: with H == 0 the probs still move.
-    _launch(_scatter_rows_kernel, (V, max(1, triton.cdiv(H, block))),
+    _launch(_scatter_rows_kernel, (V, max(1, cdiv(H, block))),
             x_VH, pos_VK, 1, 0, pos_VK, out_MH,
             probs_VK if with_p else pos_VK, pos_VK, probs_M if with_p else out_MH, pos_VK, H, 1,
             probs_VK.stride(0) if with_p else K, K=K, PEER=False, WITH_PROBS=with_p,
@@ -239,7 +239,7 @@ def gather_reduce(y_MH: torch.Tensor, pos_VK: torch.Tensor, out_VH: torch.Tensor
     V, K = pos_VK.shape
     H = out_VH.shape[1]
     block, warps = _block_h(H, out_VH.element_size(), exact=True)
-    _launch(_gather_reduce_kernel, (V, triton.cdiv(H, block)),
+    _launch(_gather_reduce_kernel, (V, cdiv(H, block)),
             y_MH, pos_VK, out_VH, pos_VK, 1, 0, y_MH, pos_VK, H, 1,
             K=K, PEER=False, WITH_PROBS=False, BLOCK_H=block, num_warps=warps)
 
@@ -252,8 +252,8 @@ def zero_unfilled(out_MH: torch.Tensor, filled_M: torch.Tensor,
     with_p = probs_M is not None
     # 32 rows x 16 bytes per thread-column: 16 KiB of zeros per store step, 4 warps.
     block_m = 32
-    block_h = max(16, min(triton.next_power_of_2(max(H, 1)), 512 // out_MH.element_size()))
-    _launch(_zero_unfilled_kernel, (triton.cdiv(M, block_m),), out_MH, filled_M,
+    block_h = max(16, min(next_power_of_2(max(H, 1)), 512 // out_MH.element_size()))
+    _launch(_zero_unfilled_kernel, (cdiv(M, block_m),), out_MH, filled_M,
             probs_M if with_p else out_MH, M, H, WITH_PROBS=with_p, BLOCK_M=block_m,
             BLOCK_H=block_h, num_warps=4)
 
@@ -282,7 +282,7 @@ def peer_scatter_rows(src_table: torch.Tensor, rows_per_src: int, rank: int,
     indirect = dst_table is not None
     if indirect and not with_p:
         raise ValueError("peer_scatter_rows: dst_table needs probs")
-    _launch(_scatter_rows_kernel, (V, triton.cdiv(H, block)),
+    _launch(_scatter_rows_kernel, (V, cdiv(H, block)),
             out_MH, src_table, rows_per_src, rank, pos_VK, out_MH,
             pos_VK, pin_table if with_p else src_table, probs_M if with_p else out_MH,
             dst_table if indirect else src_table, H, R, K, K=K, PEER=True, WITH_PROBS=with_p,
@@ -303,7 +303,7 @@ def peer_gather_reduce(y_MH: torch.Tensor, pos_VK: torch.Tensor, dst_table: torc
     H = y_MH.shape[1]
     block, warps = _block_h(H, y_MH.element_size())
     with_p = grad_probs_M is not None
-    _launch(_gather_reduce_kernel, (V, triton.cdiv(H, block)),
+    _launch(_gather_reduce_kernel, (V, cdiv(H, block)),
             y_MH, pos_VK, like, dst_table, rows_per_dst, rank * rows_per_dst,
             grad_probs_M if with_p else y_MH, gout_table if with_p else dst_table, H, R,
             K=K, PEER=True, WITH_PROBS=with_p, BLOCK_H=block, num_warps=warps)
@@ -312,8 +312,8 @@ def peer_gather_reduce(y_MH: torch.Tensor, pos_VK: torch.Tensor, dst_table: torc
 def peer_gather(table: torch.Tensor, out_RN: torch.Tensor) -> None:
     """out[s] = the first N elements of rank s's buffer ``table[s]`` (dtype of out)."""
     R, N = out_RN.shape
-    block = min(1024, triton.next_power_of_2(max(N, 1)))
-    _launch(_peer_gather_kernel, (R, triton.cdiv(N, block)), table, out_RN, N, BLOCK=block)
+    block = min(1024, next_power_of_2(max(N, 1)))
+    _launch(_peer_gather_kernel, (R, cdiv(N, block)), table, out_RN, N, BLOCK=block)
 
 
 _MAX_SPIN = int(os.environ.get("MOE_DISPATCH_BARRIER_SPIN", str(1 << 26)))
@@ -500,14 +500,14 @@ def _table_status(metas_ptr, dropped, own, token_cap, R: tl.constexpr, R_P2: tl.
 def _layout_tiles(num_src: int, slots_per_src: int, num_local: int, block: int | None,
                   chunks_per_src: int | None):
     """(L_P2, BLOCK_S, chunks per source, chunk length) of the layout kernels."""
-    L_P2 = triton.next_power_of_2(max(num_local, 1))
+    L_P2 = next_power_of_2(max(num_local, 1))
     block = block or max(16, min(1024, 8192 // L_P2))
     # Enough chunks to spread the walk over the GPU, few enough that every program can
     # reduce the whole [chunks, L] histogram from L2 in one register tile.
     max_chunks = max(num_src, min(256, 8192 // L_P2))
-    ncp = chunks_per_src or max(1, min(triton.cdiv(max(slots_per_src, 1), block),
+    ncp = chunks_per_src or max(1, min(cdiv(max(slots_per_src, 1), block),
                                        max_chunks // num_src))
-    return L_P2, block, ncp, _round_to(triton.cdiv(max(slots_per_src, 1), ncp), block)
+    return L_P2, block, ncp, _round_to(cdiv(max(slots_per_src, 1), ncp), block)
 
 
 def layout_plan(idx_table: torch.Tensor, meta_table: torch.Tensor, status: torch.Tensor,
@@ -541,7 +541,7 @@ def layout_plan(idx_table: torch.Tensor, meta_table: torch.Tensor, status: torch
     hist = scratch(R * ncp * L_P2) if scratch is not None else \
         torch.empty(R * ncp * L_P2, dtype=torch.int32, device=pos_out.device)
     strides = (1, 1, 0)  # K, row_stride, blk_stride: unused by TABLE mode
-    m_chunk = _round_to(triton.cdiv(max(budget, 1), R * ncp), block) if filled_out is not None \
+    m_chunk = _round_to(cdiv(max(budget, 1), R * ncp), block) if filled_out is not None \
         else 0
     with _launch_lock:
         launch(_layout_hist_kernel, (R, ncp), idx_table, meta_table, host_out, hist, slots_per_src,
@@ -551,7 +551,7 @@ def layout_plan(idx_table: torch.Tensor, meta_table: torch.Tensor, status: torch
                host_out if status_out is None else status_out, status,
                host_out if filled_out is None else filled_out, slots_per_src, chunk, e0, budget,
                max(int(pad), 1), *strides, m_chunk, token_cap, R=R, L=L, L_P2=L_P2, NCP=ncp,
-               NC_P2=triton.next_power_of_2(R * ncp), BLOCK_S=block, TABLE=True,
+               NC_P2=next_power_of_2(R * ncp), BLOCK_S=block, TABLE=True,
                HEADER=status_out is not None, FILLED=filled_out is not None, num_warps=8)
 
 
@@ -586,7 +586,7 @@ def budget_layout(blocks: torch.Tensor, topk: int, rows: int, num_local: int, bu
     L_P2, block, ncp, chunk = _layout_tiles(R, slots, L, block, chunks_per_src)
     hist = torch.empty(R * ncp * L_P2, dtype=torch.int32, device=pos_out.device)
     strides = (max(K, 1), blocks.stride(1), blocks.stride(0))
-    m_chunk = _round_to(triton.cdiv(max(budget, 1), R * ncp), block)
+    m_chunk = _round_to(cdiv(max(budget, 1), R * ncp), block)
     dropped = dropped_out.view(torch.int8)
     with _launch_lock:
         launch(_layout_hist_kernel, (R, ncp), blocks, hist, hist, hist, slots, chunk, shift,
@@ -594,7 +594,7 @@ def budget_layout(blocks: torch.Tensor, topk: int, rows: int, num_local: int, bu
         launch(_layout_pos_kernel, (R, ncp), blocks, hist, pos_out, tpe_out, dropped, status_out if
                header else dropped, filled_out if filled_out is not None else dropped, slots,
                chunk, shift, budget, max(int(pad), 1), *strides, m_chunk, 0, R=R, L=L,
-               L_P2=L_P2, NCP=ncp, NC_P2=triton.next_power_of_2(R * ncp), BLOCK_S=block,
+               L_P2=L_P2, NCP=ncp, NC_P2=next_power_of_2(R * ncp), BLOCK_S=block,
                TABLE=False, HEADER=header, FILLED=filled_out is not None, num_warps=8)
 
 
@@ -659,12 +659,12 @@ def stage(x_TH: torch.Tensor, idx_TK: torch.Tensor, probs_TK: torch.Tensor, T_st
     K = idx_TK.shape[1]
     K_out = idx_out.shape[1]
     block, warps = _block_h(H, x_out.element_size())
-    grid = (T_cap, triton.cdiv(H, block))
+    grid = (T_cap, cdiv(H, block))
     indirect = src_table is not None
     with _launch_lock:
         launch(_stage_kernel, grid, x_TH, idx_TK, probs_TK, x_out, idx_out, probs_out, meta_out,
                code, src_table if indirect else meta_out, T_st, H, K, K_out, num_tokens, row_bytes,
-               K_P2=triton.next_power_of_2(max(K_out, 1)), BLOCK_H=block, INDIRECT=indirect,
+               K_P2=next_power_of_2(max(K_out, 1)), BLOCK_H=block, INDIRECT=indirect,
                num_warps=warps)
 
 
@@ -705,12 +705,12 @@ def token_maps(idx_TK: torch.Tensor, T_eff: int, num_experts: int, num_local: in
     T, K = idx_TK.shape
     if T == 0:
         return
-    k_p2 = triton.next_power_of_2(max(K, 1))
-    r_p2 = triton.next_power_of_2(max(R, 1))
+    k_p2 = next_power_of_2(max(K, 1))
+    r_p2 = next_power_of_2(max(R, 1))
     block = 64
     indirect = io_table is not None
     with _launch_lock:
-        launch(_token_maps_kernel, (triton.cdiv(T, block),), idx_TK, valid_TK.view(torch.int8),
+        launch(_token_maps_kernel, (cdiv(T, block),), idx_TK, valid_TK.view(torch.int8),
                pos_TR, io_table if indirect else pos_TR, T, T_eff, K, num_experts, num_local,
                T_cap, R=R, R_P2=r_p2, K_P2=k_p2, BLOCK_T=block, INDIRECT=indirect, num_warps=4)
 
@@ -814,16 +814,16 @@ def local_plan(lid_NK: torch.Tensor, num_local: int, pad: int,
     N, K = lid_NK.shape
     S = N * K
     L = num_local
-    L_P2 = triton.next_power_of_2(max(L, 1))
+    L_P2 = next_power_of_2(max(L, 1))
     block = block or max(16, min(1024, 8192 // L_P2))
-    n_blocks = triton.cdiv(max(S, 1), block)
+    n_blocks = cdiv(max(S, 1), block)
     if chunks is None:
         # A few blocks: one program counts and walks them (one launch). Otherwise enough
         # chunks to spread the walk, few enough that each program reduces the whole
         # [chunks, L] histogram in one register tile.
         chunks = 1 if n_blocks <= 4 else min(n_blocks, max(1, min(256, 8192 // L_P2)))
-    chunk = _round_to(triton.cdiv(max(S, 1), chunks), block)
-    nc = triton.cdiv(max(S, 1), chunk)
+    chunk = _round_to(cdiv(max(S, 1), chunks), block)
+    nc = cdiv(max(S, 1), chunk)
     self_hist = nc == 1
     hist_words = 0 if self_hist else nc * L_P2
     buf = torch.empty(S + L + hist_words, dtype=torch.int64, device=lid_NK.device)
@@ -831,13 +831,13 @@ def local_plan(lid_NK: torch.Tensor, num_local: int, pad: int,
         return buf
     with_f = filled_M is not None
     m_alloc = filled_M.shape[0] if with_f else 0
-    m_chunk = _round_to(triton.cdiv(max(m_alloc, 1), nc), block)
+    m_chunk = _round_to(cdiv(max(m_alloc, 1), nc), block)
     with _launch_lock:
         if not self_hist:
             launch(_plan_hist_kernel, (nc,), lid_NK, buf, S, chunk, S + L, L=L, L_P2=L_P2,
                    BLOCK_S=block, num_warps=4)
         launch(_plan_pos_kernel, (nc,), lid_NK, buf, filled_M if with_f else buf, S, chunk, S + L,
                max(int(pad), 1), m_alloc, m_chunk, L=L, L_P2=L_P2, NC=nc,
-               NC_P2=triton.next_power_of_2(nc), SELF_HIST=self_hist, FILLED=with_f, BLOCK_S=block,
+               NC_P2=next_power_of_2(nc), SELF_HIST=self_hist, FILLED=with_f, BLOCK_S=block,
                num_warps=8)
     return buf

@@ -1,0 +1,201 @@
+"""Host µs of one dispatch and one combine with the GPU path's Python and torch calls but no
+kernel, on any machine (no GPU needed): what our own code costs the host between launches.
+
+    python3 benchmarks/scripts/host_python_cpu.py [--backends alltoall,allgather]
+        [--modes exact,budget] [--iters 60] [--hidden 256] [--trees OLD,NEW] [--json OUT]
+
+The CUDA code path is forced onto CPU tensors (``kernels.use_triton`` patched, as
+``budget_launches_cpu.py`` does). One warm-up call per case runs every Triton kernel under
+the interpreter and records what each launch wrote (its tensor arguments afterwards); the
+timed calls then *replay* each launch: they copy the recorded results into the launch's
+tensors, so every host int read after the sync, every shape and every Python branch is what
+a GPU run sees. The launch cache's specialization key runs too (``_launch.launch`` with its
+fast path forced on): each launch then takes its slow branch, whose call is the replay. The
+time inside each replay is measured and subtracted, so a figure is the host time of the
+dispatcher, the backend, the kernel wrappers, the key, torch's allocations and small ops on
+CPU tensors: everything but the kernels' launcher calls (``launch_floor.py`` measures those
+on a GPU host). 128 tokens, top-8 of 256 experts, one process (EP1), no autograd.
+
+``--trees``: source trees (folders holding ``moe_dispatch`` and ``token_dispatcher``) to
+compare in one process, their calls interleaved call by call, so a shared CPU's noise falls
+on both alike (default: the installed package alone). Medians over ``--iters`` calls with
+the 10th / 90th percentiles.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from types import SimpleNamespace
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+
+import torch  # noqa: E402
+import triton.runtime.interpreter as interp  # noqa: E402
+
+_INTERPRET = interp.InterpretedFunction.__getitem__
+_DEVICE = torch.cuda.current_device
+T, K, E = 128, 8, 256
+
+
+class Replay:
+    """Records each interpreted launch's tensor arguments after it ran, per case, then
+    replays them in order (a copy into the same arguments), timing itself so the caller can
+    subtract it."""
+
+    def __init__(self):
+        self.logs, self.case, self.next, self.inside_s = {}, None, 0, 0.0
+        self.replaying = set()
+
+        def getitem(kernel, grid):
+            def run(*args, **kwargs):
+                t0 = time.perf_counter()
+                tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+                if self.case not in self.replaying:
+                    _INTERPRET(kernel, grid)(*args, **kwargs)
+                    self.logs[self.case].append([t.clone() for t in tensors])
+                else:
+                    for t, saved in zip(tensors, self.logs[self.case][self.next]):
+                        t.copy_(saved)
+                    self.next += 1
+                self.inside_s += time.perf_counter() - t0
+            return run
+        interp.InterpretedFunction.__getitem__ = getitem
+        # The launch cache reads which parameters are constexpr from a JITFunction's params.
+        interp.InterpretedFunction.params = property(lambda k: [
+            SimpleNamespace(num=i, is_constexpr="constexpr" in str(p.annotation))
+            for i, p in enumerate(inspect.signature(k.fn).parameters.values())])
+
+    def record(self, case, fn):
+        self.case, self.logs[case] = case, []
+        fn()
+
+    def timed(self, case, fn, first=True):
+        """(result of fn(), host µs of fn outside the replays), replaying ``case`` from its
+        first launch (``first``) or from where the last call stopped."""
+        self.case, self.inside_s = case, 0.0
+        self.next = 0 if first else self.next
+        self.replaying.add(case)
+        t0 = time.perf_counter()
+        out = fn()
+        return out, (time.perf_counter() - t0 - self.inside_s) * 1e6
+
+
+def _ours():
+    return {m: mod for m, mod in sys.modules.items()
+            if m.split(".")[0] in ("moe_dispatch", "token_dispatcher")}
+
+
+def use_tree(modules):
+    """Make ``modules`` (a tree's, from ``load_tree``) the ones ``sys.modules`` holds, so the
+    imports made inside functions at call time find that tree's modules."""
+    sys.modules.update(modules)
+
+
+def load_tree(path):
+    """(dispatcher class, package folder, its modules) of the package tree at ``path`` (None:
+    the installed one), imported afresh beside any tree loaded before, with the CUDA path
+    forced on CPU tensors and the launch cache's fast path on."""
+    for name in _ours():
+        del sys.modules[name]
+    if path:
+        sys.path.insert(0, path)
+    try:
+        kernels = importlib.import_module("moe_dispatch.kernels")
+        launch = importlib.import_module("moe_dispatch.kernels._launch")
+        cls = importlib.import_module("token_dispatcher").MoETokenDispatcher
+    finally:
+        if path:
+            sys.path.remove(path)
+    kernels.use_triton = lambda t: isinstance(t, torch.Tensor)
+    launch._enabled = lambda: True  # the key runs; every launch misses and replays
+    importlib.import_module("moe_dispatch.kernels._triton")  # before the snapshot
+    return cls, os.path.dirname(kernels.__file__), _ours()
+
+
+def _inputs(hidden):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(T, hidden, generator=g).to(torch.bfloat16)
+    probs, idx = torch.topk(torch.rand(T, E, generator=g), K, 1)
+    return x, idx, probs.softmax(-1)
+
+
+def _stats(vals):
+    vals = sorted(vals)
+    n = len(vals)
+    return {"median": statistics.median(vals), "p10": vals[n // 10], "p90": vals[(9 * n) // 10]}
+
+
+def measure(trees, backend, mode, hidden, iters, rep) -> dict:
+    """Host µs of dispatch and combine per tree for one backend and mode (module doc)."""
+    budget = None if mode == "exact" else -(-int(1.25 * T * K) // 256) * 256
+    x, idx, probs = _inputs(hidden)
+    disp = {}
+    for tree, (cls, _, modules) in trees.items():
+        use_tree(modules)
+        disp[tree] = cls(E, backend=backend, max_rows_per_rank=budget)
+    res = {tree: {"dispatch": [], "combine": []} for tree in trees}
+
+    def call(d):
+        out = d.dispatch(x, topk_idx=idx, topk_probs=probs)
+        return out, lambda: d.combine(out.tokens, out.handle)
+    with torch.no_grad():
+        for tree, d in disp.items():
+            use_tree(trees[tree][2])
+            for _ in range(2):  # the first call agrees the shapes (budget mode)
+                rep.record((tree, backend, mode), lambda: call(d)[1]())
+        for _ in range(iters):
+            for tree, d in disp.items():
+                use_tree(trees[tree][2])
+                case = (tree, backend, mode)
+                (_, combine), us = rep.timed(case, lambda: call(d))
+                res[tree]["dispatch"].append(us)
+                _, us = rep.timed(case, combine, first=False)
+                res[tree]["combine"].append(us)
+                if rep.next != len(rep.logs[case]):
+                    raise RuntimeError(f"{case}: {rep.next} launches replayed, "
+                                       f"{len(rep.logs[case])} recorded")
+    return {tree: {"launches": len(rep.logs[(tree, backend, mode)]),
+                   **{k: _stats(v) for k, v in r.items()}}
+            for tree, r in res.items()}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--backends", default="alltoall,allgather")
+    ap.add_argument("--modes", default="exact,budget")
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--iters", type=int, default=60)
+    ap.add_argument("--trees", default="", help="comma-separated source trees to compare")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    rep = Replay()
+    torch.cuda.current_device = lambda: 0  # the launch cache asks; nothing else uses it
+    trees = {t or "installed": load_tree(t or None) for t in (a.trees.split(",") or [""])}
+    results = {}
+    for backend in a.backends.split(","):
+        for mode in a.modes.split(","):
+            r = results[f"{backend}-{mode}"] = measure(trees, backend, mode, a.hidden, a.iters,
+                                                       rep)
+            for tree, v in r.items():
+                print(f"{backend:10s} {mode:6s} launches {v['launches']:2d}  " + "  ".join(
+                    f"{k} {v[k]['median']:6.1f} us (p10 {v[k]['p10']:.1f}, p90 "
+                    f"{v[k]['p90']:.1f})" for k in ("dispatch", "combine")) + f"  {tree}",
+                    flush=True)
+    torch.cuda.current_device = _DEVICE
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                       "python": platform.python_version(), "torch": torch.__version__,
+                       "packages": {t: v[1] for t, v in trees.items()}, "argv": sys.argv,
+                       "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
