@@ -28,10 +28,12 @@ import importlib
 import inspect
 import json
 import os
+import pkgutil
 import platform
 import statistics
 import sys
 import time
+import warnings
 from types import SimpleNamespace
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
@@ -101,7 +103,9 @@ def use_tree(modules):
 def load_tree(path):
     """(dispatcher class, package folder, its modules) of the package tree at ``path`` (None:
     the installed one), imported afresh beside any tree loaded before, with the CUDA path
-    forced on CPU tensors and the launch cache's fast path on."""
+    forced on CPU tensors and the launch cache's fast path on. Every module of the tree that
+    imports here is imported now (the registry imports backends lazily: later, ``sys.path``
+    no longer leads to this tree)."""
     for name in _ours():
         del sys.modules[name]
     if path:
@@ -110,13 +114,26 @@ def load_tree(path):
         kernels = importlib.import_module("moe_dispatch.kernels")
         launch = importlib.import_module("moe_dispatch.kernels._launch")
         cls = importlib.import_module("token_dispatcher").MoETokenDispatcher
+        for top in ("moe_dispatch", "token_dispatcher"):
+            pkg = importlib.import_module(top)
+            for info in pkgutil.walk_packages(pkg.__path__, top + "."):
+                try:
+                    with warnings.catch_warnings():  # optional libraries' import notes
+                        warnings.simplefilter("ignore")
+                        importlib.import_module(info.name)
+                except Exception:  # an optional backend's library is missing here
+                    pass
     finally:
         if path:
             sys.path.remove(path)
     kernels.use_triton = lambda t: isinstance(t, torch.Tensor)
     launch._enabled = lambda: True  # the key runs; every launch misses and replays
-    importlib.import_module("moe_dispatch.kernels._triton")  # before the snapshot
-    return cls, os.path.dirname(kernels.__file__), _ours()
+    modules = _ours()
+    bad = [m for m, mod in modules.items() if path and not os.path.realpath(
+        getattr(mod, "__file__", None) or path).startswith(os.path.realpath(path))]
+    if bad:
+        raise RuntimeError(f"modules of {path} loaded from elsewhere: {bad[:5]}")
+    return cls, os.path.dirname(kernels.__file__), modules
 
 
 def _inputs(hidden):
