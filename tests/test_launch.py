@@ -281,3 +281,13 @@ def test_binder_refuses_names_it_uses():
             pass
     with pytest.raises(ValueError, match="_dev"):
         _launch._binder(K)
+
+
+def test_host_int_helpers_equal_tritons():
+    # The kernels size their grids with these instead of Triton's (constexpr functions since
+    # Triton 3.5, ~5 µs per host call): same values, zero and powers of two included.
+    for n in [*range(-3, 2100), 2**31 - 1, 2**31, 2**31 + 1, 2**40 + 3]:
+        assert _launch.next_power_of_2(n) == triton.next_power_of_2(n), n
+        if n >= 0:
+            for d in (1, 3, 16, 64, 128, 1000):
+                assert _launch.cdiv(n, d) == triton.cdiv(n, d), (n, d)
