@@ -2,7 +2,8 @@
 kernel, on any machine (no GPU needed): what our own code costs the host between launches.
 
     python3 benchmarks/scripts/host_python_cpu.py [--backends alltoall,allgather]
-        [--modes exact,budget] [--iters 60] [--hidden 256] [--trees OLD,NEW] [--json OUT]
+        [--modes exact,budget] [--iters 60] [--hidden 256] [--trees OLD,NEW] [--sections]
+        [--json OUT]
 
 The CUDA code path is forced onto CPU tensors (``kernels.use_triton`` patched, as
 ``budget_launches_cpu.py`` does). One warm-up call per case runs every Triton kernel under
@@ -19,7 +20,8 @@ on a GPU host). 128 tokens, top-8 of 256 experts, one process (EP1), no autograd
 ``--trees``: source trees (folders holding ``moe_dispatch`` and ``token_dispatcher``) to
 compare in one process, their calls interleaved call by call, so a shared CPU's noise falls
 on both alike (default: the installed package alone). Medians over ``--iters`` calls with
-the 10th / 90th percentiles.
+the 10th / 90th percentiles. ``--sections``: the steps of ``alltoall``'s exact dispatch timed
+apart as well (``time_sections``).
 """
 from __future__ import annotations
 
@@ -183,6 +185,37 @@ def measure(trees, backend, mode, hidden, iters, rep) -> dict:
             for tree, r in res.items()}
 
 
+# --sections: the steps of alltoall's exact dispatch, timed apart (names in its module).
+_A2A_STEPS = ("route_message", "read_tables", "expert_counts", "pack_rows", "exact_receive_plan")
+_A2A_METHODS = ("_exchange_routing", "_send_rows", "_receive_rows")
+
+
+def time_sections(modules, rep: Replay, acc: dict) -> None:
+    """Wrap the steps of one tree's ``alltoall`` exact dispatch with timers that leave the
+    replays out; each replayed call appends its µs to ``acc[step]``. The timers cost host
+    time too: read the steps against each other, not against a run without them."""
+    mod = modules["moe_dispatch.backends.alltoall"]
+
+    def wrap(owner, name, label):
+        fn = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            i0, t0 = rep.inside_s, time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if rep.case in rep.replaying:
+                    acc.setdefault(label, []).append(
+                        (time.perf_counter() - t0 - (rep.inside_s - i0)) * 1e6)
+        setattr(owner, name, timed)
+    for name in _A2A_STEPS:
+        if hasattr(mod, name):
+            wrap(mod, name, name)
+    for name in _A2A_METHODS:
+        wrap(mod.AllToAllBackend, name, "AllToAllBackend." + name)
+    wrap(mod.AllToAllBackend, "dispatch", "AllToAllBackend.dispatch (all)")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--backends", default="alltoall,allgather")
@@ -190,11 +223,17 @@ def main():
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--iters", type=int, default=60)
     ap.add_argument("--trees", default="", help="comma-separated source trees to compare")
+    ap.add_argument("--sections", action="store_true",
+                    help="also time the steps of alltoall's exact dispatch (time_sections)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     rep = Replay()
     torch.cuda.current_device = lambda: 0  # the launch cache asks; nothing else uses it
-    trees = {t or "installed": load_tree(t or None) for t in (a.trees.split(",") or [""])}
+    trees = {t or "installed": load_tree(t or None) for t in a.trees.split(",")}
+    sections = {t: {} for t in trees}
+    if a.sections:
+        for t, (_, _, modules) in trees.items():
+            time_sections(modules, rep, sections[t])
     results = {}
     for backend in a.backends.split(","):
         for mode in a.modes.split(","):
@@ -206,12 +245,17 @@ def main():
                     f"{v[k]['p90']:.1f})" for k in ("dispatch", "combine")) + f"  {tree}",
                     flush=True)
     torch.cuda.current_device = _DEVICE
+    steps = {t: {k: _stats(v) for k, v in acc.items()} for t, acc in sections.items() if acc}
+    for t, acc in steps.items():
+        for k, v in acc.items():
+            print(f"  step {k:36s} {v['median']:7.1f} us (p10 {v['p10']:.1f}, p90 "
+                  f"{v['p90']:.1f})  {t}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                        "python": platform.python_version(), "torch": torch.__version__,
                        "packages": {t: v[1] for t, v in trees.items()}, "argv": sys.argv,
-                       "results": results}, f, indent=1)
+                       "results": results, "alltoall_exact_steps": steps}, f, indent=1)
 
 
 if __name__ == "__main__":
