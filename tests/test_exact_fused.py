@@ -271,3 +271,39 @@ def test_gather_meta_fused_matches_torch(T, rows, K):
     assert torch.equal(outs[0][0], outs[1][0]), (seed, outs[0][0], outs[1][0])
     assert torch.equal(outs[0][1], outs[1][1]), seed
     assert not outs[0][0][T:].any(), seed
+
+
+@needs_triton
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "torch"])
+@pytest.mark.parametrize("masked_token", [False, True], ids=["every_token_sent", "one_unsent"])
+def test_group_of_one_sends_the_tokens_themselves(monkeypatch, fused, masked_token):
+    """``alltoall`` in a group of one that sends every token uses the tokens as its send
+    buffer and skips combine's final sum (both identities there); with a token that goes
+    nowhere the send permute runs. Either way: the dense reference, forward and backward."""
+    from moe_dispatch.testing import local_experts, reference_dispatch, reference_moe, rel_err
+    from token_dispatcher import MoETokenDispatcher
+    seed = _seed()
+    case = make_case(1, [23], 32, 8, 3, seed=seed, mask_frac=0.2)
+    if masked_token:
+        case.idxs[0][5] = -1
+    with monkeypatch.context() as mp:
+        force_paths(mp, fused)
+        d = MoETokenDispatcher(8, backend="alltoall")
+        x = case.xs[0].to(DEV).clone().requires_grad_(True)
+        p = case.probs[0].to(DEV).clone().requires_grad_(True)
+        out = d.dispatch(x, topk_idx=case.idxs[0].to(DEV), topk_probs=p)
+        y = d.combine(local_experts(case.W.to(DEV), 0)(out.tokens, out.tokens_per_expert,
+                                                       out.probs), out.handle)
+        (y * case.gouts[0].to(DEV)).sum().backward()
+    assert out.handle.backend_handle.send_identity is not masked_token, seed
+    tokens, tpe, probs = reference_dispatch(case, 0)
+    assert torch.equal(out.tokens.detach().cpu(), tokens), seed
+    assert torch.equal(out.tokens_per_expert.cpu(), tpe), seed
+    assert torch.equal(out.probs.detach().cpu(), probs), seed
+    ys, gxs, gps = reference_moe(case)
+    assert rel_err(y.detach(), ys[0]) < 1e-5, seed
+    assert rel_err(x.grad, gxs[0]) < 1e-5, seed
+    gp_ref = torch.where(case.idxs[0] >= 0, gps[0], torch.zeros_like(gps[0]))
+    assert rel_err(torch.where(case.idxs[0].to(DEV) >= 0, p.grad, 0), gp_ref) < 1e-5, seed
+    if masked_token:
+        assert torch.all(y.detach()[5] == 0) and torch.all(x.grad[5] == 0), seed

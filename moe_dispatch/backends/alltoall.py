@@ -59,6 +59,9 @@ class AllToAllHandle:
     send_splits: rows sent to each rank (host ints), len R.
     recv_splits: rows received from each rank (host ints), len R.
     plan:        grouping of the received rows by local expert.
+    send_identity: True when the send buffer was the tokens themselves (a group of one
+                 that sends every token: row t is token t, one row each), so neither the
+                 send permute nor combine's final sum ran (each is an identity there).
     Both plans are ``BudgetPlan``s on the fused path (budget = the exact row count) and
     ``GroupPlan``s on the torch path (``exact.py``); they map the same rows.
     """
@@ -67,6 +70,7 @@ class AllToAllHandle:
     send_splits: Tuple[int, ...]
     recv_splits: Tuple[int, ...]
     plan: Union[GroupPlan, BudgetPlan]
+    send_identity: bool = False
 
 
 @dataclass(frozen=True)
@@ -109,13 +113,18 @@ class AllToAllBackend(comm.CollectiveBackendBase):
         # The send buffer groups the tokens by destination rank (rank-major, token
         # ascending); each row's metadata [id + 1, probs] travels in a second collective.
         send_plan, meta_SW = pack_rows(idx_TK, probs_TK, E, L, send_splits, fused)
-        recv_x = self._send_rows(x_TH, send_plan, send_splits, recv_splits)
+        # A group of one sending every token: the send buffer would be x itself, row for row.
+        identity = self.R == 1 and send_splits[0] == x_TH.shape[0] and \
+            self.cfg.wire_dtype is None
+        recv_x = x_TH if identity else self._send_rows(x_TH, send_plan, send_splits,
+                                                        recv_splits)
         recv_meta = comm.all_to_all(meta_SW, recv_splits, send_splits, self.group)
         plan, probs_NK = exact_receive_plan(recv_meta, K, self.rank * L, L, tokens_per_expert,
                                             self.cfg.pad_multiple, fused)
         tokens, probs, fp8_rows = self._receive_rows(x_TH, recv_x, probs_NK, plan,
                                                      send_plan, send_splits, recv_splits)
-        handle = AllToAllHandle(send_plan, tuple(send_splits), tuple(recv_splits), plan)
+        handle = AllToAllHandle(send_plan, tuple(send_splits), tuple(recv_splits), plan,
+                                identity)
         # Host ints (a CPU tensor), so the caller's grouped GEMM sizes itself without a sync.
         return DispatchResult(tokens, tpe_L, probs, handle, fp8=fp8_rows)
 
@@ -183,6 +192,8 @@ class AllToAllBackend(comm.CollectiveBackendBase):
         per_row = unpermute(y_NH, handle.plan)
         back = comm.all_to_all(per_row, list(handle.send_splits), list(handle.recv_splits),
                                self.group)
+        if handle.send_identity:  # one row per token, in token order: the sum is the row
+            return back
         # Each token's rows from its destination ranks, summed in float32.
         return unpermute(back, handle.send_plan)
 
