@@ -216,6 +216,21 @@ def time_sections(modules, rep: Replay, acc: dict) -> None:
     wrap(mod.AllToAllBackend, "dispatch", "AllToAllBackend.dispatch (all)")
 
 
+def write_json(path: str, **fields) -> None:
+    """``fields`` with the machine's facts (CPU, cores, Python, torch, the command) as JSON."""
+    with open(path, "w") as f:
+        json.dump({"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                   "python": platform.python_version(), "torch": torch.__version__,
+                   "argv": sys.argv, **fields}, f, indent=1)
+
+
+def _print_case(backend, mode, runs: dict) -> None:
+    for tree, v in runs.items():
+        print(f"{backend:10s} {mode:6s} launches {v['launches']:2d}  " + "  ".join(
+            f"{k} {v[k]['median']:6.1f} us (p10 {v[k]['p10']:.1f}, p90 {v[k]['p90']:.1f})"
+            for k in ("dispatch", "combine")) + f"  {tree}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--backends", default="alltoall,allgather")
@@ -237,13 +252,8 @@ def main():
     results = {}
     for backend in a.backends.split(","):
         for mode in a.modes.split(","):
-            r = results[f"{backend}-{mode}"] = measure(trees, backend, mode, a.hidden, a.iters,
-                                                       rep)
-            for tree, v in r.items():
-                print(f"{backend:10s} {mode:6s} launches {v['launches']:2d}  " + "  ".join(
-                    f"{k} {v[k]['median']:6.1f} us (p10 {v[k]['p10']:.1f}, p90 "
-                    f"{v[k]['p90']:.1f})" for k in ("dispatch", "combine")) + f"  {tree}",
-                    flush=True)
+            results[f"{backend}-{mode}"] = measure(trees, backend, mode, a.hidden, a.iters, rep)
+            _print_case(backend, mode, results[f"{backend}-{mode}"])
     torch.cuda.current_device = _DEVICE
     steps = {t: {k: _stats(v) for k, v in acc.items()} for t, acc in sections.items() if acc}
     for t, acc in steps.items():
@@ -251,11 +261,8 @@ def main():
             print(f"  step {k:36s} {v['median']:7.1f} us (p10 {v['p10']:.1f}, p90 "
                   f"{v['p90']:.1f})  {t}")
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                       "python": platform.python_version(), "torch": torch.__version__,
-                       "packages": {t: v[1] for t, v in trees.items()}, "argv": sys.argv,
-                       "results": results, "alltoall_exact_steps": steps}, f, indent=1)
+        write_json(a.json, packages={t: v[1] for t, v in trees.items()}, results=results,
+                   alltoall_exact_steps=steps)
 
 
 if __name__ == "__main__":

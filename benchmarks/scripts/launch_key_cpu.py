@@ -13,9 +13,7 @@ grid) plus the stand-in's empty ``[grid]`` call. Trees are loaded side by side a
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import timeit
@@ -83,10 +81,7 @@ def main():
         print(f"{v['median']:6.2f} us per cached launch (rounds {v['min']:.2f}-{v['max']:.2f})"
               f"  {t}")
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                       "python": platform.python_version(), "torch": torch.__version__,
-                       "argv": sys.argv, "per_launch_us": out}, f, indent=1)
+        hp.write_json(a.json, per_launch_us=out)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv, launch, next_power_of_2
+from ._launch import launch, next_power_of_2
 from ._triton import _launch_lock
 
 
