@@ -283,7 +283,10 @@ def test_group_of_one_sends_the_tokens_themselves(monkeypatch, fused, masked_tok
     from moe_dispatch.testing import local_experts, reference_dispatch, reference_moe, rel_err
     from token_dispatcher import MoETokenDispatcher
     seed = _seed()
-    case = make_case(1, [23], 32, 8, 3, seed=seed, mask_frac=0.2)
+    case = make_case(1, [23], 32, 8, 3, seed=seed)
+    # -1 slots, but never a whole token (slot 0 kept) unless ``masked_token`` says so.
+    g = torch.Generator().manual_seed(seed)
+    case.idxs[0][:, 1:][torch.rand(23, 2, generator=g) < 0.3] = -1
     if masked_token:
         case.idxs[0][5] = -1
     with monkeypatch.context() as mp:
