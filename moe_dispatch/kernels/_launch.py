@@ -69,8 +69,8 @@ def _binder(kernel) -> Callable:
     ``(key, full)``: the specialization key (module doc; the same tuple ``_spec`` gives per
     argument, after the kernel's id, the device and the launch options) and every argument
     in order, constexprs included, for the launcher. Python binds the call itself and each
-    tensor / int's key part is computed inline, not by a call per argument: ~3x cheaper than
-    a loop over ``_spec``. An unknown keyword (another launch option) returns ``(None,
+    tensor / int's key part is computed inline, not by a call per argument (module doc for
+    what that saves). An unknown keyword (another launch option) returns ``(None,
     None)``: the launch then goes through ``kernel[grid]`` as given."""
     params = list(inspect.signature(kernel.fn).parameters.values())
     const = _constexpr_params(kernel, params)
