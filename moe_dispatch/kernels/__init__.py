@@ -191,9 +191,10 @@ class _PackMeta(torch.autograd.Function):
     reference's permute backward computes it."""
 
     @staticmethod
-    def forward(ctx, probs_TK, *args):
-        meta = _pack_meta_rows(probs_TK, *args)
-        plan_out = args[7]
+    def forward(ctx, probs_TK, idx_TK, code, clipped, num_experts, num_local, num_blocks,
+                rows, plan_out, tiles, packed_rows):
+        meta = _pack_meta_rows(probs_TK, idx_TK, code, clipped, num_experts, num_local,
+                               num_blocks, rows, plan_out, tiles, packed_rows)
         ctx.pos_TR = None if plan_out is None else plan_out[0]
         ctx.probs_like = (probs_TK.shape, probs_TK.dtype)
         return meta
